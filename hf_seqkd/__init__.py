@@ -1,5 +1,14 @@
-"""hf_seqkd: knowledge distillation for sequence-to-sequence models on HuggingFace Transformers."""
+"""hf_seqkd: knowledge distillation for sequence-to-sequence models on HuggingFace Transformers.
 
+Word-level KD (Hinton et al. 2015; Kim & Rush 2016), sequence-level KD and Seq-Inter (Kim & Rush 2016),
+combinatorial intermediate-layer KD (Wu et al. 2020) and hybrid token/sentence KD (Wei et al. 2024), as a
+``Seq2SeqTrainer`` subclass and ``datasets``-based corpus building.
+"""
+
+from .config import DistillationTrainingArguments
+from .data import DataError, DistillationDataCollator, load_parallel_data, prepare_distillation_dataset, read_lines
+from .evaluation import corpus_scores, evaluate_translation, make_compute_metrics, translate
+from .losses import distillation_loss, sequence_cross_entropy
 from .students import (
     count_parameters,
     layers_to_copy,
@@ -9,5 +18,6 @@ from .students import (
     train_tokenizer,
 )
 from .toy import make_toy_corpus
+from .trainer import DistillationTrainer, check_shared_vocabulary
 
 __version__ = "0.1.0"

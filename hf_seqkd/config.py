@@ -1,0 +1,143 @@
+"""``DistillationTrainingArguments``: ``Seq2SeqTrainingArguments`` plus every knowledge-distillation field."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Optional
+
+from transformers import Seq2SeqTrainingArguments
+
+from .losses import DIVERGENCES
+
+__all__ = ["DistillationTrainingArguments", "KD_TARGETS", "INTERMEDIATE_LAYERS"]
+
+KD_TARGETS = ("target", "teacher_target", "seq_inter_target")
+INTERMEDIATE_LAYERS = ("encoder", "decoder", "both")
+
+
+@dataclass
+class DistillationTrainingArguments(Seq2SeqTrainingArguments):
+    r"""
+    Configuration for [`DistillationTrainer`]. Every field of `Seq2SeqTrainingArguments` applies; the fields below
+    add knowledge distillation.
+
+    The loss of one batch is
+
+        (1 - alpha - intermediate_loss_weight) * CE(labels)                       # label_smoothing_factor applies
+        + alpha * T^2 * D(p_teacher^T || p_student^T)                              # word-level KD, Kim & Rush 2016 Sec. 3.1
+        + intermediate_loss_weight * L_ckd                                          # Wu et al. 2020
+
+    and with `hybrid_gate` set, the CE and word-level terms are replaced by the hybrid objective of Wei et al. 2024,
+    g * L_token + (1 - g) * L_sentence.
+
+    Parameters:
+        > Word-level distillation
+
+        teacher_model_name_or_path (`str` or `None`, *optional*, defaults to `None`):
+            Teacher to load with `AutoModelForSeq2SeqLM.from_pretrained` when no `teacher_model` instance is given to
+            the trainer.
+        alpha (`float`, *optional*, defaults to `0.5`):
+            Weight of the word-level distillation term. `0` trains exactly as a `Seq2SeqTrainer` would (the teacher is
+            not run at all); `1` is pure distillation. Kim & Rush 2016 found 0.5 better than 0.9.
+        temperature (`float`, *optional*, defaults to `1.0`):
+            Softmax temperature applied to both teacher and student logits; the term is multiplied by its square.
+        divergence (`str`, *optional*, defaults to `"forward_kl"`):
+            One of `"forward_kl"` (KL(teacher || student), Kim & Rush's word-level KD), `"reverse_kl"`, `"jsd"`
+            (generalised Jensen-Shannon with `jsd_beta`) or `"tvd"` (total variation distance).
+        jsd_beta (`float`, *optional*, defaults to `0.5`):
+            Teacher weight `beta` of the generalised JSD mixture `m = beta * p_t + (1 - beta) * p_s`; `0 < beta < 1`.
+        teacher_dtype (`str` or `None`, *optional*, defaults to `None`):
+            Run the teacher in `"bfloat16"`, `"float16"` or `"float32"`; `None` keeps the dtype it was loaded in.
+        kd_chunk_size (`int`, *optional*, defaults to `1024`):
+            Number of target positions whose vocabulary distributions are processed at once in the KD loss (memory).
+
+        > Sequence-level distillation
+
+        kd_target (`str`, *optional*, defaults to `"target"`):
+            Column to train on: `"target"` (gold references, the baseline), `"teacher_target"` (Seq-KD, Kim & Rush
+            2016 Sec. 3.2) or `"seq_inter_target"` (Seq-Inter, Sec. 3.3). Used by the recipes and
+            [`prepare_distillation_dataset`] when tokenizing.
+        gold_mix_ratio (`float`, *optional*, defaults to `0.0`):
+            Fraction of training pairs whose target is replaced by the gold reference when `kd_target` is not
+            `"target"` (chosen once, reproducibly from `seed`).
+
+        > Intermediate-layer distillation (CKD, Wu et al. 2020)
+
+        intermediate_loss_weight (`float`, *optional*, defaults to `0.0`):
+            Weight `beta` of the hidden-state loss; `0` disables it.
+        layer_mapping (`str`, *optional*, defaults to `"regular_comb"`):
+            A strategy name (`"skip"`, `"regular_comb"`, `"overlap_comb"`, `"skip_middle"`, `"cross_comb"`,
+            `"skip_comb"`) or an explicit JSON mapping of 1-based student layers to lists of 1-based teacher
+            layers, e.g. `'{"1": [1, 2, 3], "2": [4, 5, 6]}'`.
+        intermediate_layers (`str`, *optional*, defaults to `"encoder"`):
+            Which stack to distil: `"encoder"`, `"decoder"` or `"both"`.
+
+        > Hybrid token/sentence distillation (Wei et al. 2024)
+
+        hybrid_gate (`str` or `None`, *optional*, defaults to `None`):
+            `None` disables the hybrid objective; `"scalar"` learns one gate `g = sigmoid(w)`; `"input"` computes `g`
+            per sentence from the student's mean-pooled encoder output; a number (e.g. `"0.5"`) fixes `g`.
+        hybrid_gate_init (`float`, *optional*, defaults to `0.5`):
+            Initial gate value for the learned gates.
+        hybrid_gate_learning_rate (`float` or `None`, *optional*, defaults to `None`):
+            Learning rate of the gate's parameters; `None` uses `learning_rate`.
+        hybrid_gate_bounds (`str`, *optional*, defaults to `"0.0,1.0"`):
+            The learned gate is `lo + (hi - lo) * sigmoid(.)`; bounds keep it from collapsing onto one term.
+    """
+
+    teacher_model_name_or_path: Optional[str] = field(default=None, metadata={"help": "Teacher to load when none is passed."})
+    alpha: float = field(default=0.5, metadata={"help": "Weight of the word-level KD term (0 = plain Seq2SeqTrainer)."})
+    temperature: float = field(default=1.0, metadata={"help": "Softmax temperature for word-level KD."})
+    divergence: str = field(default="forward_kl", metadata={"help": f"One of {DIVERGENCES}."})
+    jsd_beta: float = field(default=0.5, metadata={"help": "Teacher weight of the generalised JSD mixture."})
+    teacher_dtype: Optional[str] = field(default=None, metadata={"help": "bfloat16, float16 or float32 for the teacher."})
+    kd_chunk_size: int = field(default=1024, metadata={"help": "Positions per chunk in the KD loss."})
+    kd_target: str = field(default="target", metadata={"help": f"Training target column, one of {KD_TARGETS}."})
+    gold_mix_ratio: float = field(default=0.0, metadata={"help": "Fraction of pairs kept with the gold target."})
+    intermediate_loss_weight: float = field(default=0.0, metadata={"help": "Weight of the CKD hidden-state loss."})
+    layer_mapping: str = field(default="regular_comb", metadata={"help": "CKD mapping strategy or JSON mapping."})
+    intermediate_layers: str = field(default="encoder", metadata={"help": "encoder, decoder or both."})
+    hybrid_gate: Optional[str] = field(default=None, metadata={"help": "None, 'scalar', 'input' or a fixed float."})
+    hybrid_gate_init: float = field(default=0.5, metadata={"help": "Initial value of a learned hybrid gate."})
+    hybrid_gate_learning_rate: Optional[float] = field(default=None, metadata={"help": "Learning rate of the gate."})
+    hybrid_gate_bounds: str = field(default="0.0,1.0", metadata={"help": "lo,hi range of a learned gate."})
+
+    def __post_init__(self):
+        super().__post_init__()
+        if self.divergence not in DIVERGENCES:
+            raise ValueError(f"divergence={self.divergence!r} is not one of {DIVERGENCES}")
+        if not 0.0 <= self.alpha <= 1.0:
+            raise ValueError(f"alpha must be in [0, 1], got {self.alpha}")
+        if self.temperature <= 0:
+            raise ValueError(f"temperature must be > 0, got {self.temperature}")
+        if self.divergence == "jsd" and not 0.0 < self.jsd_beta < 1.0:
+            raise ValueError(f"jsd_beta must be in (0, 1), got {self.jsd_beta}")
+        if self.kd_target not in KD_TARGETS:
+            raise ValueError(f"kd_target={self.kd_target!r} is not one of {KD_TARGETS}")
+        if not 0.0 <= self.gold_mix_ratio <= 1.0:
+            raise ValueError(f"gold_mix_ratio must be in [0, 1], got {self.gold_mix_ratio}")
+        if self.intermediate_loss_weight < 0 or self.alpha + self.intermediate_loss_weight > 1.0 + 1e-9:
+            raise ValueError(f"need intermediate_loss_weight >= 0 and alpha + intermediate_loss_weight <= 1, got "
+                             f"alpha={self.alpha}, intermediate_loss_weight={self.intermediate_loss_weight}")
+        if self.intermediate_layers not in INTERMEDIATE_LAYERS:
+            raise ValueError(f"intermediate_layers={self.intermediate_layers!r} is not one of {INTERMEDIATE_LAYERS}")
+        if self.teacher_dtype not in (None, "bfloat16", "float16", "float32"):
+            raise ValueError(f"teacher_dtype={self.teacher_dtype!r}: use bfloat16, float16, float32 or None")
+        if self.hybrid_gate is not None and self.hybrid_gate not in ("scalar", "input"):
+            try:
+                g = float(self.hybrid_gate)
+            except ValueError:
+                raise ValueError(f"hybrid_gate={self.hybrid_gate!r}: use 'scalar', 'input' or a number in [0, 1]")
+            if not 0.0 <= g <= 1.0:
+                raise ValueError(f"a fixed hybrid_gate must be in [0, 1], got {g}")
+        lo, hi = self.gate_bounds
+        if not 0.0 <= lo < hi <= 1.0:
+            raise ValueError(f"hybrid_gate_bounds={self.hybrid_gate_bounds!r}: need 0 <= lo < hi <= 1")
+
+    @property
+    def gate_bounds(self) -> tuple[float, float]:
+        try:
+            lo, hi = (float(x) for x in str(self.hybrid_gate_bounds).split(","))
+        except ValueError:
+            raise ValueError(f"hybrid_gate_bounds={self.hybrid_gate_bounds!r}: expected 'lo,hi', e.g. '0.1,0.9'")
+        return lo, hi

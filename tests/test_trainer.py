@@ -1,0 +1,183 @@
+"""DistillationTrainer: exactness of alpha=0, gradient accumulation, checkpoints, vocabulary checks, logging."""
+
+import copy
+import os
+
+import pytest
+import torch
+from safetensors.torch import load_file
+from torch.utils.data import SequentialSampler
+from transformers import Seq2SeqTrainer, Seq2SeqTrainingArguments
+
+from hf_seqkd import (
+    DistillationDataCollator,
+    DistillationTrainer,
+    DistillationTrainingArguments,
+    distillation_loss,
+    prepare_distillation_dataset,
+    tiny_seq2seq_model,
+)
+from hf_seqkd.losses import sequence_cross_entropy
+
+
+class _Sequential:
+    """Feed batches in dataset order so that two runs see the same examples."""
+
+    def _get_train_sampler(self, *args, **kwargs):
+        return SequentialSampler(self.train_dataset)
+
+
+class SeqDistillationTrainer(_Sequential, DistillationTrainer):
+    pass
+
+
+class SeqSeq2SeqTrainer(_Sequential, Seq2SeqTrainer):
+    pass
+
+
+def _args(tmp_path, cls=DistillationTrainingArguments, **kw):
+    base = dict(output_dir=str(tmp_path), per_device_train_batch_size=4, learning_rate=1e-2, max_steps=1,
+                report_to=[], save_strategy="no", logging_steps=1, seed=0, optim="sgd", lr_scheduler_type="constant",
+                warmup_steps=0, disable_tqdm=True, dataloader_num_workers=0, use_cpu=True)
+    base.update(kw)
+    return cls(**base)
+
+
+@pytest.fixture
+def train_set(toy_corpus, tokenizer):
+    return prepare_distillation_dataset(toy_corpus["train"].select(range(16)), tokenizer)
+
+
+@pytest.fixture
+def teacher(tokenizer):
+    return tiny_seq2seq_model(tokenizer, "marian", d_model=48, encoder_layers=2, decoder_layers=2, seed=1)
+
+
+def _batch(train_set, tokenizer, model, n=4):
+    collator = DistillationDataCollator(tokenizer, model=model)
+    return collator([train_set[i] for i in range(n)])
+
+
+class _ExplodingTeacher(torch.nn.Module):
+    def forward(self, *a, **k):
+        raise AssertionError("the teacher must not run with alpha=0")
+
+
+def test_alpha_zero_is_exactly_seq2seq_trainer(tmp_path, tokenizer, train_set, tiny_marian):
+    plain_model = copy.deepcopy(tiny_marian)
+    kd_model = copy.deepcopy(tiny_marian)
+    collator = DistillationDataCollator(tokenizer, model=tiny_marian)
+    plain = SeqSeq2SeqTrainer(model=plain_model, args=_args(tmp_path / "a", Seq2SeqTrainingArguments,
+                                                             label_smoothing_factor=0.1),
+                              train_dataset=train_set, data_collator=collator)
+    kd = SeqDistillationTrainer(model=kd_model, teacher_model=_ExplodingTeacher(),
+                                args=_args(tmp_path / "b", alpha=0.0, label_smoothing_factor=0.1),
+                                train_dataset=train_set, data_collator=collator)
+    assert kd.teacher_model is None
+    batch = _batch(train_set, tokenizer, tiny_marian)
+    assert kd.compute_loss(kd_model, batch).item() == pytest.approx(plain.compute_loss(plain_model, batch).item(),
+                                                                     rel=1e-6)
+    plain.train()
+    kd.train()
+    for (name, p), q in zip(plain_model.named_parameters(), kd_model.parameters()):
+        torch.testing.assert_close(p, q, msg=name)
+    assert not torch.equal(next(plain_model.parameters()), next(tiny_marian.parameters()))
+
+
+def test_loss_is_the_documented_mixture(tmp_path, tokenizer, train_set, tiny_marian, teacher):
+    alpha, temperature, eps = 0.3, 2.0, 0.1
+    trainer = DistillationTrainer(model=tiny_marian, teacher_model=teacher,
+                                  args=_args(tmp_path, alpha=alpha, temperature=temperature,
+                                             label_smoothing_factor=eps, divergence="jsd", jsd_beta=0.4),
+                                  train_dataset=train_set, data_collator=DistillationDataCollator(tokenizer, tiny_marian))
+    batch = _batch(train_set, tokenizer, tiny_marian)
+    loss = trainer.compute_loss(tiny_marian, dict(batch))
+    with torch.no_grad():
+        inputs = {k: batch[k] for k in ("input_ids", "attention_mask", "decoder_input_ids")}
+        s = tiny_marian(**inputs).logits
+        t = teacher(**inputs).logits
+    ce = sequence_cross_entropy(s, batch["labels"], label_smoothing=eps)
+    kd = distillation_loss(s, t, batch["labels"], divergence="jsd", beta=0.4, temperature=temperature)
+    assert loss.item() == pytest.approx(((1 - alpha) * ce + alpha * kd).item(), rel=1e-5)
+
+
+@pytest.mark.parametrize("alpha", [0.5, 1.0])
+def test_gradient_accumulation_equals_one_big_batch(tmp_path, tokenizer, train_set, tiny_marian, teacher, alpha):
+    a, b = copy.deepcopy(tiny_marian), copy.deepcopy(tiny_marian)
+    collator = DistillationDataCollator(tokenizer, model=tiny_marian)
+    accumulated = SeqDistillationTrainer(model=a, teacher_model=teacher, train_dataset=train_set, data_collator=collator,
+                                         args=_args(tmp_path / "ga", alpha=alpha, per_device_train_batch_size=4,
+                                                    gradient_accumulation_steps=2))
+    big = SeqDistillationTrainer(model=b, teacher_model=teacher, train_dataset=train_set, data_collator=collator,
+                                 args=_args(tmp_path / "big", alpha=alpha, per_device_train_batch_size=8))
+    accumulated.train()
+    big.train()
+    moved = 0.0
+    for (name, p), q, r in zip(a.named_parameters(), b.parameters(), tiny_marian.parameters()):
+        torch.testing.assert_close(p, q, rtol=1e-4, atol=1e-6, msg=name)
+        moved += (p - r).abs().sum().item()
+    assert moved > 0
+
+
+def test_teacher_receives_no_gradient_and_is_not_saved(tmp_path, tokenizer, train_set, tiny_marian, teacher):
+    before = copy.deepcopy(teacher.state_dict())
+    trainer = DistillationTrainer(model=tiny_marian, teacher_model=teacher, train_dataset=train_set,
+                                  data_collator=DistillationDataCollator(tokenizer, tiny_marian),
+                                  args=_args(tmp_path, alpha=0.5, max_steps=2, save_strategy="steps", save_steps=2))
+    trainer.train()
+    assert not teacher.training
+    assert all(not p.requires_grad and p.grad is None for p in teacher.parameters())
+    for k, v in teacher.state_dict().items():
+        torch.testing.assert_close(v, before[k])
+    saved = load_file(os.path.join(tmp_path, "checkpoint-2", "model.safetensors"))
+    student_keys = set(tiny_marian.state_dict())
+    assert set(saved) <= student_keys
+    # the teacher (width 48) left no tensor in the checkpoint
+    assert all(48 not in v.shape for v in saved.values())
+    trainer.save_model(str(tmp_path / "final"))
+    assert all(48 not in v.shape for v in load_file(str(tmp_path / "final" / "model.safetensors")).values())
+
+
+def test_logs_ce_and_kd_separately(tmp_path, tokenizer, train_set, tiny_marian, teacher):
+    trainer = DistillationTrainer(model=tiny_marian, teacher_model=teacher, train_dataset=train_set,
+                                  data_collator=DistillationDataCollator(tokenizer, tiny_marian),
+                                  args=_args(tmp_path, alpha=0.5, max_steps=2))
+    trainer.train()
+    logged = [h for h in trainer.state.log_history if "loss" in h]
+    assert logged and all("loss_ce" in h and "loss_kd" in h for h in logged)
+    assert all(h["loss_kd"] > 0 and h["loss_ce"] > 0 for h in logged)
+
+
+def test_vocabulary_mismatch_is_a_named_error(tmp_path, tokenizer, train_set, tiny_marian):
+    from transformers import MarianConfig, MarianMTModel
+
+    other = MarianMTModel(MarianConfig(vocab_size=len(tokenizer) + 20, d_model=16, encoder_layers=1, decoder_layers=1,
+                                       encoder_attention_heads=2, decoder_attention_heads=2, encoder_ffn_dim=32,
+                                       decoder_ffn_dim=32, pad_token_id=len(tokenizer) + 19))
+    with pytest.raises(ValueError, match=rf"teacher vocabulary {len(tokenizer) + 20} != student vocabulary "
+                                         rf"{len(tokenizer)}"):
+        DistillationTrainer(model=tiny_marian, teacher_model=other, args=_args(tmp_path), train_dataset=train_set)
+
+
+def test_missing_teacher_is_a_named_error(tmp_path, train_set, tiny_marian):
+    with pytest.raises(ValueError, match="needs a teacher"):
+        DistillationTrainer(model=tiny_marian, args=_args(tmp_path, alpha=0.5), train_dataset=train_set)
+
+
+def test_teacher_loaded_from_path_and_cast(tmp_path, tokenizer, train_set, tiny_marian, teacher):
+    teacher.save_pretrained(tmp_path / "teacher")
+    trainer = DistillationTrainer(model=tiny_marian, train_dataset=train_set,
+                                  data_collator=DistillationDataCollator(tokenizer, tiny_marian),
+                                  args=_args(tmp_path / "run", alpha=0.5, teacher_dtype="bfloat16",
+                                             teacher_model_name_or_path=str(tmp_path / "teacher")))
+    assert next(trainer.teacher_model.parameters()).dtype == torch.bfloat16
+    trainer.train()  # the KD loss accepts bf16 teacher logits next to a float32 student
+
+
+def test_bad_arguments_are_named(tmp_path):
+    with pytest.raises(ValueError, match="divergence"):
+        DistillationTrainingArguments(output_dir=str(tmp_path), divergence="kl", report_to=[])
+    with pytest.raises(ValueError, match="kd_target"):
+        DistillationTrainingArguments(output_dir=str(tmp_path), kd_target="beam", report_to=[])
+    with pytest.raises(ValueError, match="alpha"):
+        DistillationTrainingArguments(output_dir=str(tmp_path), alpha=1.5, report_to=[])
