@@ -27,7 +27,8 @@ import math
 import torch
 import torch.nn.functional as F
 
-__all__ = ["DIVERGENCES", "distillation_loss", "token_divergence", "sequence_cross_entropy"]
+__all__ = ["DIVERGENCES", "distillation_loss", "fused_ce_and_distillation_loss", "token_divergence",
+           "sequence_cross_entropy"]
 
 DIVERGENCES = ("forward_kl", "reverse_kl", "jsd", "tvd")
 
@@ -72,58 +73,94 @@ def _check(student_logits, teacher_logits, labels, divergence, temperature, beta
     return vocab_size
 
 
-class _ChunkedDivergence(torch.autograd.Function):
-    """Per-position divergence with the gradient computed chunk by chunk in the forward pass."""
+def _default_chunk_size(vocab_size: int) -> int:
+    # about 2M float32 values (8 MB) per chunk tensor: bounded memory, still large enough to be fast
+    return max(1, (1 << 21) // max(vocab_size, 1))
+
+
+class _ChunkedLoss(torch.autograd.Function):
+    """Per-position ``kd_weight * KD + ce_weight * CE`` with the gradient computed chunk by chunk in forward.
+
+    Returns the combined per-position loss (differentiable) and the two terms' per-position values (detached,
+    for logging).
+    """
 
     @staticmethod
-    def forward(ctx, student_logits, teacher_logits, positions, divergence, temperature, beta, vocab_size,
-                chunk_size, overwrite_teacher_logits):
+    def forward(ctx, student_logits, teacher_logits, labels, positions, divergence, temperature, beta, vocab_size,
+                chunk_size, overwrite_teacher_logits, kd_weight, ce_weight, label_smoothing):
         shape = student_logits.shape
         flat_s = student_logits.reshape(-1, shape[-1])
         flat_t = teacher_logits.reshape(-1, teacher_logits.shape[-1])
-        per_token = torch.zeros(flat_s.shape[0], dtype=torch.float32, device=student_logits.device)
+        flat_labels = labels.reshape(-1)
+        n = flat_s.shape[0]
+        total = torch.zeros(n, dtype=torch.float32, device=student_logits.device)
+        kd_values, ce_values = torch.zeros_like(total), torch.zeros_like(total)
         needs_grad = ctx.needs_input_grad[0]
         grad = None
         if needs_grad:
             if overwrite_teacher_logits and teacher_logits.dtype == student_logits.dtype and \
                     teacher_logits.shape == student_logits.shape and teacher_logits.is_contiguous():
-                grad = flat_t  # reuse the teacher logits' memory, chunk by chunk after reading them
+                grad = flat_t  # reuse the teacher logits' memory: each chunk is read before it is overwritten
             else:
                 grad = torch.empty_like(flat_s)
+        grad_real = None if grad is None else (grad if vocab_size == grad.shape[-1] else grad[:, :vocab_size])
+
+        def chunk_loss(s, t, chunk_labels):
+            kd = torch.zeros(s.shape[0], device=s.device)
+            if kd_weight:
+                t_logp = F.log_softmax(t if temperature == 1 else t / temperature, dim=-1)
+                s_logp = F.log_softmax(s if temperature == 1 else s / temperature, dim=-1)
+                kd = token_divergence(s_logp, t_logp, divergence, beta) * temperature**2
+            ce = torch.zeros_like(kd)
+            if ce_weight:
+                ce = F.cross_entropy(s, chunk_labels, label_smoothing=label_smoothing, reduction="none")
+            return kd, ce
+
         for idx in positions.split(chunk_size):
             s = flat_s.index_select(0, idx)[:, :vocab_size].float()
-            t = flat_t.index_select(0, idx)[:, :vocab_size].float()
-            t_logp = F.log_softmax(t / temperature, dim=-1)
+            t = flat_t.index_select(0, idx)[:, :vocab_size].float() if kd_weight else None
+            chunk_labels = flat_labels.index_select(0, idx)
             if needs_grad:
                 with torch.enable_grad():
-                    s = s.detach().requires_grad_(True)
-                    loss = token_divergence(F.log_softmax(s / temperature, dim=-1), t_logp, divergence, beta)
-                    loss = loss * temperature**2
-                    (g,) = torch.autograd.grad(loss.sum(), s)
-                rows = torch.zeros(idx.numel(), flat_s.shape[-1], dtype=grad.dtype, device=grad.device)
-                rows[:, :vocab_size] = g.to(grad.dtype)
-                grad.index_copy_(0, idx, rows)
-                loss = loss.detach()
+                    s.requires_grad_(True)
+                    kd, ce = chunk_loss(s, t, chunk_labels)
+                    combined = kd_weight * kd + ce_weight * ce
+                    (g,) = torch.autograd.grad(combined.sum(), s)
+                grad_real.index_copy_(0, idx, g.to(grad.dtype))
+                kd, ce, combined = kd.detach(), ce.detach(), combined.detach()
             else:
-                loss = token_divergence(F.log_softmax(s / temperature, dim=-1), t_logp, divergence, beta)
-                loss = loss * temperature**2
-            per_token.index_copy_(0, idx, loss)
+                kd, ce = chunk_loss(s, t, chunk_labels)
+                combined = kd_weight * kd + ce_weight * ce
+            total.index_copy_(0, idx, combined)
+            kd_values.index_copy_(0, idx, kd)
+            ce_values.index_copy_(0, idx, ce)
         if needs_grad:
-            # positions that carry no loss get no gradient
-            keep = torch.zeros(flat_s.shape[0], dtype=torch.bool, device=flat_s.device)
+            keep = torch.zeros(n, dtype=torch.bool, device=flat_s.device)
             keep[positions] = True
-            grad.masked_fill_(~keep.unsqueeze(-1), 0)
+            grad.masked_fill_(~keep.unsqueeze(-1), 0)  # positions without a loss get no gradient
+            if grad_real is not grad:
+                grad[:, vocab_size:] = 0  # padded vocabulary entries get none either
             ctx.save_for_backward(grad)
             ctx.shape = shape
-        return per_token.view(shape[:-1])
+        ctx.mark_non_differentiable(kd_values, ce_values)
+        view = shape[:-1]
+        return total.view(view), kd_values.view(view), ce_values.view(view)
 
     @staticmethod
     @torch.autograd.function.once_differentiable
-    def backward(ctx, grad_output):
+    def backward(ctx, grad_total, grad_kd=None, grad_ce=None):
         (grad,) = ctx.saved_tensors
         # dL/dlogits = dL/dloss_i * dloss_i/dlogits_i, scaled in place (the buffer is used once)
-        grad.mul_(grad_output.reshape(-1, 1).to(grad.dtype))
-        return grad.view(ctx.shape), None, None, None, None, None, None, None, None
+        grad.mul_(grad_total.reshape(-1, 1).to(grad.dtype))
+        return (grad.view(ctx.shape),) + (None,) * 12
+
+
+def _reduce(per_token, mask, reduction):
+    if reduction == "none":
+        return per_token
+    if reduction == "sum":
+        return per_token.sum()
+    return per_token.sum() / mask.sum().clamp(min=1)
 
 
 def distillation_loss(
@@ -137,7 +174,7 @@ def distillation_loss(
     ignore_index: int = -100,
     reduction: str = "mean",
     vocab_size: int | None = None,
-    chunk_size: int = 1024,
+    chunk_size: int | None = None,
     overwrite_teacher_logits: bool = False,
 ) -> torch.Tensor:
     """Word-level KD loss between teacher and student next-token distributions.
@@ -156,24 +193,58 @@ def distillation_loss(
             ignored positions).
         vocab_size: compare only the first ``vocab_size`` entries (the shared real vocabulary when a model's
             vocabulary is padded). ``None``: the vocabularies must be equal.
-        chunk_size: number of positions processed at once.
+        chunk_size: number of positions processed at once (default: about 2M logits per chunk).
         overwrite_teacher_logits: let the loss store its gradient in ``teacher_logits``' memory (same shape and
             dtype only); the caller must not use ``teacher_logits`` afterwards.
     """
     vocab_size = _check(student_logits, teacher_logits, labels, divergence, temperature, beta, vocab_size)
     if reduction not in ("mean", "sum", "none"):
         raise ValueError(f"unknown reduction {reduction!r}; use 'mean', 'sum' or 'none'")
-    teacher_logits = teacher_logits.detach()
     mask = labels.ne(ignore_index)
     positions = mask.reshape(-1).nonzero().squeeze(-1)
-    per_token = _ChunkedDivergence.apply(student_logits, teacher_logits, positions, divergence, float(temperature),
-                                         float(beta), int(vocab_size), int(chunk_size), overwrite_teacher_logits)
-    if reduction == "none":
-        return per_token
-    total = per_token.sum()
-    if reduction == "sum":
-        return total
-    return total / mask.sum().clamp(min=1)
+    per_token, _, _ = _ChunkedLoss.apply(
+        student_logits, teacher_logits.detach(), labels.clamp(min=0), positions, divergence, float(temperature),
+        float(beta), int(vocab_size), int(chunk_size or _default_chunk_size(vocab_size)), overwrite_teacher_logits,
+        1.0, 0.0, 0.0)
+    return _reduce(per_token, mask, reduction)
+
+
+def fused_ce_and_distillation_loss(
+    student_logits: torch.Tensor,
+    teacher_logits: torch.Tensor,
+    labels: torch.Tensor,
+    *,
+    ce_weight: float,
+    kd_weight: float,
+    label_smoothing: float = 0.0,
+    divergence: str = "forward_kl",
+    temperature: float = 1.0,
+    beta: float = 0.5,
+    ignore_index: int = -100,
+    reduction: str = "mean",
+    vocab_size: int | None = None,
+    chunk_size: int | None = None,
+    overwrite_teacher_logits: bool = False,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``ce_weight * CE + kd_weight * distillation_loss`` in one chunked pass (Kim & Rush 2016, Eq. 4 mixture).
+
+    Same value and gradient as computing :func:`sequence_cross_entropy` and :func:`distillation_loss` separately
+    and adding them, but the cross-entropy's (tokens x vocab) log-probabilities are never kept for backward: the
+    combined gradient is computed chunk by chunk and stored once (in the teacher logits' memory with
+    ``overwrite_teacher_logits``). Returns ``(combined, ce, kd)``; only ``combined`` carries gradients, the two
+    terms are detached values for logging, reduced the same way. Arguments as in :func:`distillation_loss`;
+    ``ce_weight``/``kd_weight`` are fixed numbers.
+    """
+    vocab_size = _check(student_logits, teacher_logits, labels, divergence, temperature, beta, vocab_size)
+    if reduction not in ("mean", "sum", "none"):
+        raise ValueError(f"unknown reduction {reduction!r}; use 'mean', 'sum' or 'none'")
+    mask = labels.ne(ignore_index)
+    positions = mask.reshape(-1).nonzero().squeeze(-1)
+    combined, kd, ce = _ChunkedLoss.apply(
+        student_logits, teacher_logits.detach(), labels.clamp(min=0), positions, divergence, float(temperature),
+        float(beta), int(vocab_size), int(chunk_size or _default_chunk_size(vocab_size)), overwrite_teacher_logits,
+        float(kd_weight), float(ce_weight), float(label_smoothing))
+    return _reduce(combined, mask, reduction), _reduce(ce.detach(), mask, reduction), _reduce(kd.detach(), mask, reduction)
 
 
 def sequence_cross_entropy(logits: torch.Tensor, labels: torch.Tensor, *, label_smoothing: float = 0.0,

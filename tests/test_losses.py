@@ -161,3 +161,24 @@ def test_sequence_cross_entropy_matches_trainer_label_smoother():
         else:
             ref = LabelSmoother(epsilon=eps)({"logits": student}, labels)
         assert ours.item() == pytest.approx(ref.item(), rel=1e-5)
+
+
+@pytest.mark.parametrize("divergence", ["forward_kl", "jsd"])
+def test_fused_ce_and_kd_equals_the_separate_terms(divergence):
+    from hf_seqkd.losses import fused_ce_and_distillation_loss
+
+    student, teacher, labels = _inputs(11)
+    a = student.clone().requires_grad_(True)
+    b = student.clone().requires_grad_(True)
+    combined, ce, kd = fused_ce_and_distillation_loss(a, teacher.clone(), labels, ce_weight=0.3, kd_weight=0.7,
+                                                      label_smoothing=0.1, divergence=divergence, temperature=2.0,
+                                                      chunk_size=3, overwrite_teacher_logits=True)
+    ref_ce = sequence_cross_entropy(b, labels, label_smoothing=0.1)
+    ref_kd = distillation_loss(b, teacher, labels, divergence=divergence, temperature=2.0)
+    ref = 0.3 * ref_ce + 0.7 * ref_kd
+    assert combined.item() == pytest.approx(ref.item(), rel=1e-5)
+    assert ce.item() == pytest.approx(ref_ce.item(), rel=1e-5) and kd.item() == pytest.approx(ref_kd.item(), rel=1e-5)
+    assert not ce.requires_grad and not kd.requires_grad
+    combined.backward()
+    ref.backward()
+    torch.testing.assert_close(a.grad, b.grad, rtol=1e-4, atol=1e-7)

@@ -1,0 +1,177 @@
+"""What the recipes share: their argument dataclasses, ``--config file.yaml`` parsing, student creation, tables.
+
+The recipes in ``recipes/`` stay readable top-to-bottom scripts; the pieces they have in common live here.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import sys
+from dataclasses import dataclass, field
+from typing import Optional
+
+import yaml
+from transformers import HfArgumentParser
+
+__all__ = ["ModelArguments", "DataArguments", "EvalArguments", "parse_args", "load_or_make_student",
+           "markdown_table"]
+
+
+@dataclass
+class ModelArguments:
+    """The student (the teacher is `teacher_model_name_or_path` in the training arguments).
+
+    Parameters:
+        tokenizer_name_or_path (`str` or `None`): tokenizer; defaults to the teacher's.
+        init_student_from (`str` or `None`): continue from this saved student (or checkpoint) instead of making one.
+        student_init (`str`): `"copy"` copies teacher layers (`make_student`, Shleifer & Rush 2020); `"config"`
+            builds a randomly initialised student of the sizes below (`make_student_from_config`).
+        student_encoder_layers, student_decoder_layers (`int` or `None`): student depth (`None` keeps the teacher's).
+        student_encoder_layer_ids, student_decoder_layer_ids (`list[int]` or `None`): explicit teacher layers to copy.
+        student_d_model, student_ffn_dim, student_attention_heads (`int` or `None`): from-config student width.
+        seed_student (`int`): seed of a from-config student's initialisation.
+    """
+
+    tokenizer_name_or_path: Optional[str] = field(default=None, metadata={"help": "Tokenizer (default: the teacher's)."})
+    init_student_from: Optional[str] = field(default=None, metadata={"help": "Continue from this saved student."})
+    student_init: str = field(default="copy", metadata={"help": "copy (teacher layers) or config (random init)."})
+    student_encoder_layers: Optional[int] = field(default=None, metadata={"help": "Student encoder depth."})
+    student_decoder_layers: Optional[int] = field(default=None, metadata={"help": "Student decoder depth."})
+    student_encoder_layer_ids: Optional[list[int]] = field(default=None, metadata={"help": "Teacher encoder layers to copy."})
+    student_decoder_layer_ids: Optional[list[int]] = field(default=None, metadata={"help": "Teacher decoder layers to copy."})
+    student_d_model: Optional[int] = field(default=None, metadata={"help": "From-config student width."})
+    student_ffn_dim: Optional[int] = field(default=None, metadata={"help": "From-config student feed-forward size."})
+    student_attention_heads: Optional[int] = field(default=None, metadata={"help": "From-config student heads."})
+    seed_student: int = field(default=0, metadata={"help": "Seed of a from-config student."})
+
+    def __post_init__(self):
+        if self.student_init not in ("copy", "config"):
+            raise ValueError(f"student_init={self.student_init!r}: use 'copy' or 'config'")
+
+
+@dataclass
+class DataArguments:
+    """The corpus.
+
+    Parameters:
+        dataset (`str`): a Hub dataset name, a folder of `SPLIT.LANG[.gz]` files, a `.tsv` or a `.jsonl` file.
+        dataset_config (`str` or `None`): the Hub dataset's configuration.
+        source_lang, target_lang (`str`): language codes.
+        train_split, eval_split, test_split (`str`): split names (`eval_split` may be empty to skip evaluation during
+            training).
+        max_train_samples, max_eval_samples, max_test_samples (`int` or `None`): subsample the splits.
+        max_source_length, max_target_length (`int`): truncation lengths in tokens.
+        source_prefix (`str`): T5-style task prefix, e.g. `"translate German to English: "`.
+    """
+
+    dataset: str = field(default="", metadata={"help": "Hub dataset, folder of SPLIT.LANG files, .tsv or .jsonl."})
+    dataset_config: Optional[str] = field(default=None, metadata={"help": "Hub dataset configuration."})
+    source_lang: Optional[str] = field(default=None, metadata={"help": "Source language code."})
+    target_lang: Optional[str] = field(default=None, metadata={"help": "Target language code."})
+    train_split: str = field(default="train", metadata={"help": "Training split."})
+    eval_split: str = field(default="validation", metadata={"help": "Validation split ('' to skip)."})
+    test_split: str = field(default="test", metadata={"help": "Test split for the final evaluation."})
+    max_train_samples: Optional[int] = field(default=None, metadata={"help": "Subsample the training split."})
+    max_eval_samples: Optional[int] = field(default=None, metadata={"help": "Subsample the validation split."})
+    max_test_samples: Optional[int] = field(default=None, metadata={"help": "Subsample the test split."})
+    max_source_length: int = field(default=256, metadata={"help": "Source truncation length (tokens)."})
+    max_target_length: int = field(default=256, metadata={"help": "Target truncation length (tokens)."})
+    source_prefix: str = field(default="", metadata={"help": "T5-style source prefix."})
+
+
+@dataclass
+class EvalArguments:
+    """The final evaluation on the test split.
+
+    Parameters:
+        eval_num_beams (`list[int]`): beam sizes to evaluate (1 = greedy).
+        eval_batch_size (`int`): sentences per `generate` call.
+        max_new_tokens (`int`): generation length limit.
+        evaluate_teacher (`bool`): also evaluate the teacher (for the speed-up and the comparison table).
+    """
+
+    eval_num_beams: list[int] = field(default_factory=lambda: [1, 5], metadata={"help": "Beam sizes to evaluate."})
+    eval_batch_size: int = field(default=32, metadata={"help": "Sentences per generate call."})
+    max_new_tokens: int = field(default=128, metadata={"help": "Generation length limit."})
+    evaluate_teacher: bool = field(default=True, metadata={"help": "Also evaluate the teacher."})
+
+
+def _yaml_to_argv(path: str) -> list[str]:
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"--config {path}: no such file")
+    with open(path) as f:
+        values = yaml.safe_load(f) or {}
+    if not isinstance(values, dict):
+        raise ValueError(f"--config {path}: expected a mapping of argument names to values")
+    argv = []
+    for key, value in values.items():
+        if value is None:
+            continue
+        if isinstance(value, (list, tuple)):
+            argv += [f"--{key}", *[str(v) for v in value]]
+        elif isinstance(value, dict):
+            argv += [f"--{key}", json.dumps(value)]
+        else:
+            argv += [f"--{key}", str(value)]
+    return argv
+
+
+def parse_args(dataclass_types, argv: list[str] | None = None):
+    """Parse ``dataclass_types`` from the command line, with ``--config file.yaml`` giving defaults.
+
+    Values on the command line win over the YAML file. Unknown names (in the file or on the command line) are
+    an error that names them.
+    """
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if "--config" in argv:
+        i = argv.index("--config")
+        if i + 1 >= len(argv):
+            raise ValueError("--config needs a file name")
+        argv = _yaml_to_argv(argv[i + 1]) + argv[:i] + argv[i + 2:]
+    parser = HfArgumentParser(dataclass_types)
+    *parsed, unknown = parser.parse_args_into_dataclasses(args=argv, return_remaining_strings=True)
+    if unknown:
+        raise ValueError(f"unknown option(s): {unknown}; see --help for the accepted arguments")
+    return tuple(parsed)
+
+
+def load_or_make_student(model_args: ModelArguments, teacher):
+    """The student the recipes train: a saved one (``init_student_from``) or one made from ``teacher``."""
+    from transformers import AutoModelForSeq2SeqLM
+
+    from .students import make_student, make_student_from_config
+
+    if model_args.init_student_from:
+        return AutoModelForSeq2SeqLM.from_pretrained(model_args.init_student_from)
+    if model_args.student_init == "config":
+        return make_student_from_config(
+            teacher, d_model=model_args.student_d_model, encoder_layers=model_args.student_encoder_layers,
+            decoder_layers=model_args.student_decoder_layers, ffn_dim=model_args.student_ffn_dim,
+            attention_heads=model_args.student_attention_heads, seed=model_args.seed_student)
+    return make_student(teacher, encoder_layers=model_args.student_encoder_layer_ids or model_args.student_encoder_layers,
+                        decoder_layers=model_args.student_decoder_layer_ids or model_args.student_decoder_layers)
+
+
+def markdown_table(rows: list[dict], columns: list[str] | None = None, floatfmt: str = ".2f") -> str:
+    """A Markdown table of ``rows`` (dicts); missing cells are blank."""
+    if not rows:
+        return ""
+    columns = columns or list(dict.fromkeys(k for row in rows for k in row))
+
+    def cell(value):
+        if isinstance(value, float):
+            return format(value, floatfmt)
+        if isinstance(value, int) and not isinstance(value, bool) and abs(value) >= 10000:
+            return f"{value:,}"
+        return "" if value is None else str(value)
+
+    lines = ["| " + " | ".join(columns) + " |", "|" + "|".join(" --- " for _ in columns) + "|"]
+    lines += ["| " + " | ".join(cell(row.get(c)) for c in columns) + " |" for row in rows]
+    return "\n".join(lines)
+
+
+def dataclass_to_dict(obj) -> dict:
+    """The fields of a dataclass instance (for saving a run's settings)."""
+    return {f.name: getattr(obj, f.name) for f in dataclasses.fields(obj)}

@@ -1,0 +1,101 @@
+"""Train a student with word-level knowledge distillation (Kim & Rush 2016, Sec. 3.1; Hinton et al. 2015).
+
+    accelerate launch recipes/train_student.py --config recipes/configs/train_student_opus_mt_de_en.yaml
+    python recipes/train_student.py --teacher_model_name_or_path PATH --dataset DATA --source_lang de \
+        --target_lang en --output_dir out/student --alpha 0.5
+
+`--alpha 0` trains the no-KD baseline (the teacher is then only used to shape the student). Every option of
+`DistillationTrainingArguments` (and of transformers' `Seq2SeqTrainingArguments`) is accepted, plus those of
+`hf_seqkd.cli.ModelArguments`, `DataArguments` and `EvalArguments`. A YAML file given with `--config` supplies
+defaults; flags on the command line win.
+"""
+
+import json
+import os
+
+from transformers import AutoModelForSeq2SeqLM, AutoTokenizer, set_seed
+
+from hf_seqkd import (
+    DistillationDataCollator,
+    DistillationTrainer,
+    DistillationTrainingArguments,
+    evaluate_translation,
+    load_parallel_data,
+    make_compute_metrics,
+    prepare_distillation_dataset,
+)
+from hf_seqkd.cli import DataArguments, EvalArguments, ModelArguments, load_or_make_student, markdown_table, parse_args
+
+
+def main(argv=None):
+    model_args, data_args, eval_args, training_args = parse_args(
+        (ModelArguments, DataArguments, EvalArguments, DistillationTrainingArguments), argv)
+    if not training_args.teacher_model_name_or_path:
+        raise ValueError("--teacher_model_name_or_path is required (the teacher, or the model whose shape the "
+                         "student copies)")
+    if not data_args.dataset:
+        raise ValueError("--dataset is required: a Hub dataset, a folder of SPLIT.LANG files, a .tsv or a .jsonl")
+    set_seed(training_args.seed)
+
+    # 1. Teacher and tokenizer
+    teacher = AutoModelForSeq2SeqLM.from_pretrained(training_args.teacher_model_name_or_path)
+    tokenizer = AutoTokenizer.from_pretrained(model_args.tokenizer_name_or_path
+                                              or training_args.teacher_model_name_or_path)
+
+    # 2. Data: DatasetDict(source, target) -> token ids of the chosen target column
+    raw = load_parallel_data(data_args.dataset, source_lang=data_args.source_lang, target_lang=data_args.target_lang,
+                             config_name=data_args.dataset_config)
+    tokenize = dict(tokenizer=tokenizer, max_source_length=data_args.max_source_length,
+                    max_target_length=data_args.max_target_length, source_prefix=data_args.source_prefix)
+    train_raw = raw[data_args.train_split]
+    if data_args.max_train_samples:
+        train_raw = train_raw.select(range(min(data_args.max_train_samples, len(train_raw))))
+    train_set = prepare_distillation_dataset(train_raw, target_column=training_args.kd_target,
+                                             gold_mix_ratio=training_args.gold_mix_ratio, seed=training_args.seed,
+                                             **tokenize)
+    eval_set = None
+    if data_args.eval_split and data_args.eval_split in raw:
+        eval_raw = raw[data_args.eval_split]
+        if data_args.max_eval_samples:
+            eval_raw = eval_raw.select(range(min(data_args.max_eval_samples, len(eval_raw))))
+        eval_set = prepare_distillation_dataset(eval_raw, **tokenize)
+
+    # 3. Student: copied teacher layers, a from-config model, or a saved student to continue
+    student = load_or_make_student(model_args, teacher)
+
+    # 4. Train
+    trainer = DistillationTrainer(
+        model=student, teacher_model=teacher, args=training_args, train_dataset=train_set, eval_dataset=eval_set,
+        data_collator=DistillationDataCollator(tokenizer, model=student), processing_class=tokenizer,
+        compute_metrics=make_compute_metrics(tokenizer) if training_args.predict_with_generate else None)
+    trainer.train(resume_from_checkpoint=training_args.resume_from_checkpoint)
+    trainer.save_model(training_args.output_dir)
+    tokenizer.save_pretrained(training_args.output_dir)
+
+    # 5. Evaluate teacher and student on the test split
+    if not trainer.is_world_process_zero():
+        return None
+    test = raw[data_args.test_split] if data_args.test_split in raw else None
+    rows = []
+    if test is not None:
+        if data_args.max_test_samples:
+            test = test.select(range(min(data_args.max_test_samples, len(test))))
+        device = trainer.args.device
+        models = [("student", trainer.model)] + ([("teacher", teacher.to(device))] if eval_args.evaluate_teacher else [])
+        for name, model in models:
+            for beams in eval_args.eval_num_beams:
+                result = evaluate_translation(model, tokenizer, test["source"], test["target"], num_beams=beams,
+                                              batch_size=eval_args.eval_batch_size,
+                                              max_new_tokens=eval_args.max_new_tokens,
+                                              source_prefix=data_args.source_prefix)
+                rows.append({"model": name, "beams": beams, "BLEU": result["bleu"], "chrF": result["chrf"],
+                             "sent/s": result["sentences_per_second"], "params": result["num_parameters"]})
+        print(markdown_table(rows))
+        with open(os.path.join(training_args.output_dir, "results.json"), "w") as f:
+            json.dump(rows, f, indent=2)
+    print(f"Saved the student and its tokenizer to {training_args.output_dir}")
+    return rows
+
+
+if __name__ == "__main__":
+    main()
