@@ -8,7 +8,8 @@ combinatorial intermediate-layer KD (Wu et al. 2020) and hybrid token/sentence K
 from .config import DistillationTrainingArguments
 from .data import DataError, DistillationDataCollator, load_parallel_data, prepare_distillation_dataset, read_lines
 from .evaluation import corpus_scores, evaluate_translation, make_compute_metrics, translate
-from .losses import distillation_loss, sequence_cross_entropy
+from .losses import distillation_loss, fused_ce_and_distillation_loss, sequence_cross_entropy
+from .seqkd import build_seqkd_dataset, make_length_batches, model_fingerprint, select_seq_inter
 from .students import (
     count_parameters,
     layers_to_copy,

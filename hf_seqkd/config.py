@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass, field
 from typing import Optional
 
 from transformers import Seq2SeqTrainingArguments
 
+from .hybrid import parse_hybrid_gate
+from .intermediate import LAYER_MAPPING_STRATEGIES
 from .losses import DIVERGENCES
 
 __all__ = ["DistillationTrainingArguments", "KD_TARGETS", "INTERMEDIATE_LAYERS"]
@@ -25,10 +28,19 @@ class DistillationTrainingArguments(Seq2SeqTrainingArguments):
 
         (1 - alpha - intermediate_loss_weight) * CE(labels)                       # label_smoothing_factor applies
         + alpha * T^2 * D(p_teacher^T || p_student^T)                              # word-level KD, Kim & Rush 2016 Sec. 3.1
-        + intermediate_loss_weight * L_ckd                                          # Wu et al. 2020
+        + intermediate_loss_weight * L_ckd                                          # CKD, Wu et al. 2020
 
-    and with `hybrid_gate` set, the CE and word-level terms are replaced by the hybrid objective of Wei et al. 2024,
-    g * L_token + (1 - g) * L_sentence.
+    With `hybrid_gate` set, the word-level term is replaced by the hybrid objective of Wei et al. 2024 (still weighted
+    by `alpha`; `alpha=1` is the paper's objective, a smaller `alpha` keeps some gold cross-entropy):
+
+        alpha * [g * L_token + (1 - g) * L_sentence]
+
+    where `L_token` is the word-level KD term above (on the gold prefix) and `L_sentence` the student's cross-entropy
+    on the teacher's argmax output sequence (see `hf_seqkd.hybrid`).
+
+    Every term is a sum over tokens divided by a token count of the whole (accumulated, all-process) batch: target
+    tokens for CE, word-level KD, `L_token` and decoder CKD, source tokens for encoder CKD, teacher-sequence tokens for
+    `L_sentence`; so gradient accumulation gives the gradient of one big batch.
 
     Parameters:
         > Word-level distillation
@@ -64,25 +76,34 @@ class DistillationTrainingArguments(Seq2SeqTrainingArguments):
         > Intermediate-layer distillation (CKD, Wu et al. 2020)
 
         intermediate_loss_weight (`float`, *optional*, defaults to `0.0`):
-            Weight `beta` of the hidden-state loss; `0` disables it.
+            Weight `beta` of the hidden-state loss; `0` disables it (the paper's example run: `alpha=0.2`,
+            `beta=0.7`). The projections it trains are saved in checkpoints (`distillation_modules.safetensors`) but
+            not in the exported student.
         layer_mapping (`str`, *optional*, defaults to `"regular_comb"`):
             A strategy name (`"skip"`, `"regular_comb"`, `"overlap_comb"`, `"skip_middle"`, `"cross_comb"`,
-            `"skip_comb"`) or an explicit JSON mapping of 1-based student layers to lists of 1-based teacher
-            layers, e.g. `'{"1": [1, 2, 3], "2": [4, 5, 6]}'`.
+            `"skip_comb"`; their rule for any teacher/student depth is in `hf_seqkd.intermediate`) or an explicit JSON
+            mapping of 1-based student layers to lists of 1-based teacher layers, e.g.
+            `'{"1": [1, 2, 3], "2": [4, 5, 6]}'` (per stack: `'{"encoder": {...}, "decoder": {...}}'`).
         intermediate_layers (`str`, *optional*, defaults to `"encoder"`):
-            Which stack to distil: `"encoder"`, `"decoder"` or `"both"`.
+            Which stack to distil: `"encoder"` (the paper's choice), `"decoder"` or `"both"`.
 
         > Hybrid token/sentence distillation (Wei et al. 2024)
 
         hybrid_gate (`str` or `None`, *optional*, defaults to `None`):
-            `None` disables the hybrid objective; `"scalar"` learns one gate `g = sigmoid(w)`; `"input"` computes `g`
-            per sentence from the student's mean-pooled encoder output; a number (e.g. `"0.5"`) fixes `g`.
+            `None` disables the hybrid objective; `"scalar"` learns one gate `g`; `"input"` computes `g` per sentence
+            from the student's mean-pooled encoder output (a learned `Linear(d_s, 1)`); a number (e.g. `"0.5"`)
+            fixes `g`. Needs `alpha > 0` (the hybrid term's weight). The teacher's output sequences come from the
+            `teacher_labels` column when present, else from greedy decoding (cached per source sentence; its
+            length limit is `generation_max_length`, or twice the source length plus 10).
         hybrid_gate_init (`float`, *optional*, defaults to `0.5`):
-            Initial gate value for the learned gates.
+            Initial gate value for the learned gates; strictly inside `hybrid_gate_bounds`.
         hybrid_gate_learning_rate (`float` or `None`, *optional*, defaults to `None`):
-            Learning rate of the gate's parameters; `None` uses `learning_rate`.
-        hybrid_gate_bounds (`str`, *optional*, defaults to `"0.0,1.0"`):
-            The learned gate is `lo + (hi - lo) * sigmoid(.)`; bounds keep it from collapsing onto one term.
+            Learning rate of a learned gate's parameters (same schedule as the student's); `None` uses a tenth of
+            `learning_rate`. At the full rate an input gate reached its bound within ~300 steps on the toy corpus.
+        hybrid_gate_bounds (`str`, *optional*, defaults to `"0.1,0.9"`):
+            A learned gate is `lo + (hi - lo) * sigmoid(.)`. A gate trained on the loss it weights moves towards the
+            currently smaller term (its gradient is `L_token - L_sentence`) and, given enough steps, ends at a
+            bound; the bounds keep both terms in the objective. Measurements: `docs/hybrid_gate.md`.
     """
 
     teacher_model_name_or_path: Optional[str] = field(default=None, metadata={"help": "Teacher to load when none is passed."})
@@ -99,8 +120,8 @@ class DistillationTrainingArguments(Seq2SeqTrainingArguments):
     intermediate_layers: str = field(default="encoder", metadata={"help": "encoder, decoder or both."})
     hybrid_gate: Optional[str] = field(default=None, metadata={"help": "None, 'scalar', 'input' or a fixed float."})
     hybrid_gate_init: float = field(default=0.5, metadata={"help": "Initial value of a learned hybrid gate."})
-    hybrid_gate_learning_rate: Optional[float] = field(default=None, metadata={"help": "Learning rate of the gate."})
-    hybrid_gate_bounds: str = field(default="0.0,1.0", metadata={"help": "lo,hi range of a learned gate."})
+    hybrid_gate_learning_rate: Optional[float] = field(default=None, metadata={"help": "Learning rate of a learned gate (None: learning_rate / 10)."})
+    hybrid_gate_bounds: str = field(default="0.1,0.9", metadata={"help": "lo,hi range of a learned gate."})
 
     def __post_init__(self):
         super().__post_init__()
@@ -123,16 +144,25 @@ class DistillationTrainingArguments(Seq2SeqTrainingArguments):
             raise ValueError(f"intermediate_layers={self.intermediate_layers!r} is not one of {INTERMEDIATE_LAYERS}")
         if self.teacher_dtype not in (None, "bfloat16", "float16", "float32"):
             raise ValueError(f"teacher_dtype={self.teacher_dtype!r}: use bfloat16, float16, float32 or None")
-        if self.hybrid_gate is not None and self.hybrid_gate not in ("scalar", "input"):
-            try:
-                g = float(self.hybrid_gate)
-            except ValueError:
-                raise ValueError(f"hybrid_gate={self.hybrid_gate!r}: use 'scalar', 'input' or a number in [0, 1]")
-            if not 0.0 <= g <= 1.0:
-                raise ValueError(f"a fixed hybrid_gate must be in [0, 1], got {g}")
+        gate = parse_hybrid_gate(self.hybrid_gate)  # raises on a bad value
+        if gate is not None and self.alpha <= 0:
+            raise ValueError(f"hybrid_gate={self.hybrid_gate!r} needs alpha > 0: alpha is the weight of the hybrid "
+                             "term (alpha=1 is Wei et al.'s objective)")
         lo, hi = self.gate_bounds
         if not 0.0 <= lo < hi <= 1.0:
             raise ValueError(f"hybrid_gate_bounds={self.hybrid_gate_bounds!r}: need 0 <= lo < hi <= 1")
+        if gate in ("scalar", "input") and not lo < self.hybrid_gate_init < hi:
+            raise ValueError(f"hybrid_gate_init={self.hybrid_gate_init} must lie strictly inside "
+                             f"hybrid_gate_bounds ({lo}, {hi})")
+        if self.hybrid_gate_learning_rate is not None and self.hybrid_gate_learning_rate < 0:
+            raise ValueError(f"hybrid_gate_learning_rate must be >= 0, got {self.hybrid_gate_learning_rate}")
+        mapping = str(self.layer_mapping).strip()
+        if mapping not in LAYER_MAPPING_STRATEGIES:
+            try:
+                json.loads(mapping)
+            except json.JSONDecodeError as e:
+                raise ValueError(f"layer_mapping={self.layer_mapping!r} is neither a strategy "
+                                 f"({', '.join(LAYER_MAPPING_STRATEGIES)}) nor valid JSON ({e.msg})") from None
 
     @property
     def gate_bounds(self) -> tuple[float, float]:

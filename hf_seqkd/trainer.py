@@ -2,28 +2,53 @@
 
 The trainer owns the wiring, the losses live in :mod:`hf_seqkd.losses` (word level), :mod:`hf_seqkd.intermediate`
 (CKD) and :mod:`hf_seqkd.hybrid` (the gated token/sentence objective).
+
+Auxiliary modules. CKD's projections and the hybrid objective's gate are trainable but belong to neither model:
+they live in one ``nn.ModuleDict``, ``trainer.distillation_modules`` (keys ``"ckd"`` -> ``{"encoder", "decoder"}``
+and ``"hybrid_gate"``), and the trainer
+
+* adds their parameters to the optimizer as extra parameter groups (:meth:`DistillationTrainer.create_optimizer`;
+  the gate with ``hybrid_gate_learning_rate``), so they follow the student's learning-rate schedule;
+* clips their gradients together with the student's (one global norm, ``max_grad_norm``);
+* under multi-process training (DDP, FSDP) broadcasts their values from process 0 when training starts and
+  averages their gradients over processes before every optimizer step (they are not inside the DDP-wrapped
+  model, so nothing else would; :meth:`training_step`), so every process holds the same modules;
+* saves them into every checkpoint folder as ``distillation_modules.safetensors`` and restores them on
+  ``train(resume_from_checkpoint=...)`` (their optimizer state is in ``optimizer.pt`` with the student's);
+* never writes them into the exported model: ``save_model`` saves the student alone, which loads with plain
+  ``AutoModelForSeq2SeqLM.from_pretrained``.
+
+DeepSpeed builds its own optimizer from the model's parameters and is not supported together with these modules.
 """
 
 from __future__ import annotations
 
+import os
 from collections import defaultdict
 
 import torch
 from torch import nn
 from transformers import AutoModelForSeq2SeqLM, PreTrainedModel, Seq2SeqTrainer
+from transformers.modeling_outputs import Seq2SeqLMOutput
+from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 from transformers.utils import logging
 
 from .config import DistillationTrainingArguments
-from .losses import distillation_loss, sequence_cross_entropy
+from .hybrid import DEFAULT_GATE_LR_FACTOR, TeacherSequenceCache, hybrid_loss, make_hybrid_gate, parse_hybrid_gate
+from .intermediate import build_ckd_modules, hidden_size
+from .losses import distillation_loss, fused_ce_and_distillation_loss, sequence_cross_entropy
 
 logger = logging.get_logger(__name__)
 
-__all__ = ["DistillationTrainer", "check_shared_vocabulary"]
+__all__ = ["DistillationTrainer", "check_shared_vocabulary", "DISTILLATION_MODULES_NAME"]
 
 _DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
 
 # Columns the trainer consumes itself: kept by `remove_unused_columns`, removed before the student's forward.
 EXTRA_LABEL_COLUMNS = ("teacher_labels",)
+
+# File of the auxiliary modules (CKD projections, hybrid gate) inside a checkpoint folder.
+DISTILLATION_MODULES_NAME = "distillation_modules.safetensors"
 
 
 def _vocab_rows(model: PreTrainedModel) -> int:
@@ -51,10 +76,19 @@ def check_shared_vocabulary(teacher: PreTrainedModel, student: PreTrainedModel, 
     )
 
 
-class DistillationTrainer(Seq2SeqTrainer):
-    """A ``Seq2SeqTrainer`` whose loss adds word-level distillation from a teacher.
+def _pad_to(tensor: torch.Tensor, length: int, value: int) -> torch.Tensor:
+    """Right-pad ``(batch, l)`` to ``(batch, length)`` with ``value``."""
+    if tensor.shape[1] >= length:
+        return tensor
+    return torch.nn.functional.pad(tensor, (0, length - tensor.shape[1]), value=value)
 
-    ``loss = (1 - alpha - beta) * CE + alpha * T^2 * D(p_teacher || p_student) + beta * L_ckd``
+
+class DistillationTrainer(Seq2SeqTrainer):
+    """A ``Seq2SeqTrainer`` whose loss adds distillation from a teacher.
+
+    ``loss = (1 - alpha - beta) * CE + alpha * T^2 * D(p_teacher || p_student) + beta * L_ckd``, and with
+    ``hybrid_gate`` set the word-level term becomes ``alpha * [g * L_token + (1 - g) * L_sentence]`` (see
+    [`DistillationTrainingArguments`] and the module docstring for the auxiliary modules).
 
     Args:
         model: the student.
@@ -64,6 +98,12 @@ class DistillationTrainer(Seq2SeqTrainer):
             saved in checkpoints.
         args: [`DistillationTrainingArguments`].
         **kwargs: everything ``Seq2SeqTrainer`` takes (datasets, ``data_collator``, ``processing_class``, ...).
+
+    Attributes:
+        teacher_model: the prepared teacher (``None`` when ``alpha == 0`` and nothing else needs it).
+        distillation_modules: ``nn.ModuleDict`` of the auxiliary trainable modules (may be empty).
+        teacher_sequences: the :class:`~hf_seqkd.hybrid.TeacherSequenceCache` of greedy teacher outputs
+            (hybrid objective without a ``teacher_labels`` column).
     """
 
     _tag_names = ["hf_seqkd", "knowledge-distillation"]
@@ -83,8 +123,12 @@ class DistillationTrainer(Seq2SeqTrainer):
         if self.uses_teacher:
             self.kd_vocab_size = check_shared_vocabulary(teacher_model, model, kwargs.get("processing_class"))
         self._kd_metrics = {"train": defaultdict(list), "eval": defaultdict(list)}
+        self._batch_counts = None  # token counts of the current accumulated batch (see get_batch_samples)
+        self.hybrid_gate_kind = parse_hybrid_gate(args.hybrid_gate)
+        self.teacher_sequences = TeacherSequenceCache(max_new_tokens=args.generation_max_length)
         super().__init__(model=model, args=args, **kwargs)
         self.teacher_model = self._prepare_teacher(teacher_model) if self.uses_teacher else None
+        self.distillation_modules = self._build_distillation_modules()
 
     # ----------------------------------------------------------------------------------------------- set-up
     @staticmethod
@@ -98,11 +142,201 @@ class DistillationTrainer(Seq2SeqTrainer):
             teacher.to(_DTYPES[self.args.teacher_dtype])
         return teacher.to(self.accelerator.device)
 
+    def _build_distillation_modules(self) -> nn.ModuleDict:
+        """CKD projections (Wu et al. 2020) and the hybrid gate (Wei et al. 2024), on the training device."""
+        args = self.args
+        modules = nn.ModuleDict()
+        if not self.uses_teacher:
+            return modules
+        student_config = self.accelerator.unwrap_model(self.model).config
+        if args.intermediate_loss_weight > 0:
+            modules["ckd"] = build_ckd_modules(student_config, self.teacher_model.config, args.layer_mapping,
+                                               args.intermediate_layers)
+            for stack, module in modules["ckd"].items():
+                logger.info(f"CKD {stack} mapping (student layer -> teacher layers): {module.mapping}")
+        if self.hybrid_gate_kind is not None:
+            modules["hybrid_gate"] = make_hybrid_gate(self.hybrid_gate_kind, hidden_size(student_config),
+                                                      args.hybrid_gate_init, args.gate_bounds)
+        if any(True for _ in modules.parameters()) and self.is_deepspeed_enabled:
+            raise ValueError("CKD projections / a learned hybrid gate are not supported with DeepSpeed (it builds "
+                             "its own optimizer from the model's parameters); use DDP or FSDP")
+        return modules.to(args.device)
+
     def _set_signature_columns_if_needed(self):
         super()._set_signature_columns_if_needed()
         for name in EXTRA_LABEL_COLUMNS:
             if name not in self._signature_columns:
                 self._signature_columns.append(name)
+
+    # ---------------------------------------------------------------------------------- auxiliary parameters
+    def _auxiliary_param_groups(self) -> list[dict]:
+        """Optimizer parameter groups for :attr:`distillation_modules` (empty when they have no parameters)."""
+        args, groups = self.args, []
+        if "ckd" in self.distillation_modules:
+            decay, no_decay = [], []
+            for name, p in self.distillation_modules["ckd"].named_parameters():
+                if p.requires_grad:
+                    (no_decay if name.endswith("bias") else decay).append(p)
+            groups += [{"params": decay, "weight_decay": args.weight_decay, "lr": args.learning_rate},
+                       {"params": no_decay, "weight_decay": 0.0, "lr": args.learning_rate}]
+        if "hybrid_gate" in self.distillation_modules:
+            lr = args.hybrid_gate_learning_rate
+            if lr is None:
+                lr = DEFAULT_GATE_LR_FACTOR * args.learning_rate
+            params = [p for p in self.distillation_modules["hybrid_gate"].parameters() if p.requires_grad]
+            groups.append({"params": params, "weight_decay": 0.0, "lr": lr})
+        return [g for g in groups if g["params"]]
+
+    def _auxiliary_parameters(self) -> list[nn.Parameter]:
+        return [p for p in self.distillation_modules.parameters() if p.requires_grad]
+
+    def create_optimizer(self, model=None):
+        """The student's optimizer (``Seq2SeqTrainer.create_optimizer``) plus parameter groups for the CKD
+        projections and the hybrid gate (``hybrid_gate_learning_rate``, default a tenth of
+        ``learning_rate``). They are also added to an optimizer passed in through ``optimizers=``."""
+        optimizer = super().create_optimizer(model)
+        # called once per train(), after a checkpoint was loaded: the last moment before training where every
+        # process holds its own modules; make them all process 0's (DDP does the same for the student)
+        self._broadcast_auxiliary_modules()
+        present = {id(p) for group in optimizer.param_groups for p in group["params"]}
+        for group in self._auxiliary_param_groups():
+            params = [p for p in group["params"] if id(p) not in present]
+            if params:
+                optimizer.add_param_group({**group, "params": params})
+        return optimizer
+
+    def training_step(self, model, inputs, num_items_in_batch=None):
+        """``Trainer.training_step``; on the last micro-batch of an accumulation window, also averages the
+        auxiliary modules' gradients over processes (DDP only synchronises the wrapped student)."""
+        loss = super().training_step(model, inputs, num_items_in_batch)
+        if self.accelerator.sync_gradients:
+            self._all_reduce_auxiliary_gradients()
+        return loss
+
+    def _broadcast_auxiliary_modules(self):
+        if self.accelerator.num_processes <= 1 or not len(self.distillation_modules.state_dict()):
+            return
+        if torch.distributed.is_available() and torch.distributed.is_initialized():
+            for tensor in self.distillation_modules.state_dict().values():
+                torch.distributed.broadcast(tensor, src=0)
+
+    def _all_reduce_auxiliary_gradients(self):
+        params = self._auxiliary_parameters()
+        if not params or self.accelerator.num_processes <= 1:
+            return
+        if not (torch.distributed.is_available() and torch.distributed.is_initialized()):
+            return
+        grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in params]
+        flat = torch._utils._flatten_dense_tensors(grads)
+        torch.distributed.all_reduce(flat)
+        flat /= self.accelerator.num_processes  # the mean, as DDP does for the student
+        for p, g in zip(params, torch._utils._unflatten_dense_tensors(flat, grads)):
+            p.grad = g.contiguous()
+
+    def _clip_grad_norm(self, model):
+        """Clip the student's and the auxiliary modules' gradients by one global norm (a separate norm for the
+        auxiliary modules under FSDP / XLA, whose clipping only takes the wrapped model's parameters)."""
+        from accelerate.utils import DistributedType
+
+        params = self._auxiliary_parameters()
+        if not params:
+            return super()._clip_grad_norm(model)
+        special = (self.accelerator.distributed_type in (DistributedType.FSDP, DistributedType.XLA,
+                                                         DistributedType.DEEPSPEED)
+                   or self._has_mixed_mesh_grads(model))
+        if not special:
+            return self.accelerator.clip_grad_norm_(list(model.parameters()) + params, self.args.max_grad_norm)
+        norm = super()._clip_grad_norm(model)
+        torch.nn.utils.clip_grad_norm_(params, self.args.max_grad_norm)
+        return norm
+
+    # ------------------------------------------------------------------------------ checkpoints of the modules
+    def save_distillation_modules(self, output_dir: str) -> str | None:
+        """Write :attr:`distillation_modules` to ``output_dir/distillation_modules.safetensors``.
+
+        Args:
+            output_dir: the folder (created if needed).
+
+        Returns the file's path, or ``None`` when there is nothing to save.
+        """
+        from safetensors.torch import save_file
+
+        state = {k: v.detach().cpu().contiguous() for k, v in self.distillation_modules.state_dict().items()}
+        if not state:
+            return None
+        os.makedirs(output_dir, exist_ok=True)
+        path = os.path.join(output_dir, DISTILLATION_MODULES_NAME)
+        save_file(state, path, metadata={"format": "pt"})
+        return path
+
+    def load_distillation_modules(self, checkpoint_dir: str) -> None:
+        """Restore :attr:`distillation_modules` from a checkpoint folder (strict: every key must match).
+
+        Args:
+            checkpoint_dir: a folder written by :meth:`save_distillation_modules` (a ``checkpoint-N`` folder).
+        """
+        from safetensors.torch import load_file
+
+        path = os.path.join(checkpoint_dir, DISTILLATION_MODULES_NAME)
+        state = load_file(path, device="cpu")
+        try:
+            self.distillation_modules.load_state_dict(state, strict=True)
+        except RuntimeError as e:
+            raise ValueError(f"{path} does not match this run's CKD projections / hybrid gate (different "
+                             f"layer_mapping, intermediate_layers, hybrid_gate or model sizes?): {e}") from None
+
+    def _save_checkpoint(self, model, trial):
+        # the modules go into the checkpoint folder first, so a folder with trainer_state.json always has them
+        if len(self.distillation_modules.state_dict()) and self.args.should_save:
+            folder = os.path.join(self._get_output_dir(trial=trial),
+                                  f"{PREFIX_CHECKPOINT_DIR}-{self.state.global_step}")
+            self.save_distillation_modules(folder)
+        super()._save_checkpoint(model, trial)
+
+    def _load_from_checkpoint(self, resume_from_checkpoint, model=None):
+        super()._load_from_checkpoint(resume_from_checkpoint, model)
+        if not len(self.distillation_modules.state_dict()):
+            return
+        if os.path.isfile(os.path.join(resume_from_checkpoint, DISTILLATION_MODULES_NAME)):
+            self.load_distillation_modules(resume_from_checkpoint)
+            logger.info(f"restored the CKD projections / hybrid gate from {resume_from_checkpoint}")
+        else:
+            logger.warning(f"{resume_from_checkpoint} has no {DISTILLATION_MODULES_NAME}: the CKD projections / hybrid "
+                           "gate start from their initial values")
+
+    # ---------------------------------------------------------------------------------- batches and token counts
+    def get_batch_samples(self, epoch_iterator, num_batches, device):
+        """``Trainer.get_batch_samples``, plus: the teacher's greedy outputs for hybrid batches without a
+        ``teacher_labels`` column, and the accumulated batch's source and teacher-sequence token counts (summed
+        over processes like ``num_items_in_batch``) that normalise encoder CKD and ``L_sentence`` exactly."""
+        batch_samples, num_items_in_batch = super().get_batch_samples(epoch_iterator, num_batches, device)
+        self._batch_counts = None
+        if not self.uses_teacher or num_items_in_batch is None or not batch_samples:
+            return batch_samples, num_items_in_batch
+        if self.hybrid_gate_kind is not None:
+            for batch in batch_samples:
+                if "teacher_labels" not in batch:
+                    batch["teacher_labels"] = self._teacher_labels(batch)
+        counts = {"source": sum(self._source_mask(b).sum() for b in batch_samples)}
+        if self.hybrid_gate_kind is not None:
+            counts["teacher"] = sum(b["teacher_labels"].ne(-100).sum() for b in batch_samples)
+        for name, value in counts.items():
+            value = value.to(device)
+            if self.args.average_tokens_across_devices and self.args.world_size > 1:
+                value = self.accelerator.gather(value).sum()
+            counts[name] = value / (self.get_tp_size() * self.get_cp_size() * self.get_sp_size())
+        self._batch_counts = counts
+        return batch_samples, num_items_in_batch
+
+    def _source_mask(self, inputs) -> torch.Tensor:
+        if inputs.get("attention_mask") is not None:
+            return inputs["attention_mask"].bool()
+        pad = self.accelerator.unwrap_model(self.model).config.pad_token_id
+        return inputs["input_ids"].ne(pad)
+
+    def _teacher_labels(self, inputs) -> torch.Tensor:
+        """The teacher's greedy output for each source of the batch as labels (-100 padded), cached."""
+        return self.teacher_sequences.labels(self.teacher_model, inputs["input_ids"], inputs.get("attention_mask"))
 
     # ------------------------------------------------------------------------------------------------ loss
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
@@ -114,46 +348,142 @@ class DistillationTrainer(Seq2SeqTrainer):
         inputs = dict(inputs)
         labels = inputs.pop("labels")
         extras = {k: inputs.pop(k) for k in EXTRA_LABEL_COLUMNS if k in inputs}
+        student = self.accelerator.unwrap_model(model)
         if "decoder_input_ids" not in inputs:
-            inputs["decoder_input_ids"] = self.accelerator.unwrap_model(model).prepare_decoder_input_ids_from_labels(
-                labels=labels)
-        outputs = model(**inputs, output_hidden_states=self._wants_hidden_states())
-        teacher_outputs = self._teacher_forward(inputs)
-        num_tokens = labels.ne(-100).sum()
-        denominator = num_items_in_batch if num_items_in_batch is not None else num_tokens.clamp(min=1)
+            inputs["decoder_input_ids"] = student.prepare_decoder_input_ids_from_labels(labels=labels)
+        batch_size, gold_length = labels.shape
+        hybrid = self.hybrid_gate_kind is not None
 
-        terms = self._loss_terms(outputs, teacher_outputs, labels, inputs, extras)  # name -> (sum, weight)
-        loss = sum(weight * value for value, weight in terms.values()) / denominator
+        # Token counts that normalise the terms: of this micro-batch, or of the whole accumulated (and, with
+        # average_tokens_across_devices, all-process) batch during training, for exact gradient accumulation.
+        num_tokens = labels.ne(-100).sum()
+        source_mask = self._source_mask(inputs)
+        global_counts = num_items_in_batch is not None and self._batch_counts is not None and model.training
+        n_target = num_items_in_batch if num_items_in_batch is not None else num_tokens.clamp(min=1)
+        n_source = self._batch_counts["source"] if global_counts else source_mask.sum().clamp(min=1)
+
+        student_inputs = inputs
+        if hybrid:
+            # L_sentence needs the student on the teacher's sequence: one forward pass over [gold; teacher] decoder
+            # inputs (source repeated), so a DDP-wrapped student runs forward once per backward.
+            teacher_labels = extras.get("teacher_labels")
+            if teacher_labels is None:
+                teacher_labels = self._teacher_labels(inputs)
+            teacher_labels = teacher_labels.to(labels.device)
+            length = max(labels.shape[1], teacher_labels.shape[1])
+            pad_id = student.config.pad_token_id if student.config.pad_token_id is not None else 0
+            labels = _pad_to(labels, length, -100)
+            teacher_labels = _pad_to(teacher_labels, length, -100)
+            inputs["decoder_input_ids"] = _pad_to(inputs["decoder_input_ids"], length, pad_id)
+            if "decoder_attention_mask" in inputs:
+                inputs["decoder_attention_mask"] = _pad_to(inputs["decoder_attention_mask"], length, 0)
+            student_inputs = self._stack_hybrid_inputs(inputs, teacher_labels, student)
+            n_teacher = (self._batch_counts["teacher"] if global_counts and "teacher" in self._batch_counts
+                         else teacher_labels.ne(-100).sum().clamp(min=1))
+
+        wants_hidden = self._wants_hidden_states()
+        outputs = model(**student_inputs, output_hidden_states=wants_hidden)
+        logits = outputs.logits[:batch_size]  # the gold-prefix half (the whole output without hybrid)
+        teacher_outputs = self._teacher_forward(inputs)
+
+        terms = {}  # name -> (value already divided by its token count, weight)
+        ce_weight = 1.0 - args.alpha - args.intermediate_loss_weight
+        kd_kwargs = dict(divergence=args.divergence, temperature=args.temperature, beta=args.jsd_beta,
+                         vocab_size=self.kd_vocab_size, chunk_size=args.kd_chunk_size, overwrite_teacher_logits=True)
+        if not hybrid:
+            # (1 - alpha - beta) * CE + alpha * KD in one chunked pass (Kim & Rush 2016, Eq. 4 mixture)
+            combined, ce_sum, kd_sum = fused_ce_and_distillation_loss(
+                logits, teacher_outputs.logits, labels, ce_weight=ce_weight, kd_weight=args.alpha,
+                label_smoothing=args.label_smoothing_factor, reduction="sum", **kd_kwargs)
+            terms["ce+kd"] = (combined / n_target, 1.0)
+            self._record("loss_ce", ce_sum / num_tokens.clamp(min=1))
+            self._record("loss_kd", kd_sum / num_tokens.clamp(min=1))
+        else:
+            # Wei et al. 2024: g * L_token + (1 - g) * L_sentence, per sentence so that an input gate can weight
+            # them; the gold CE keeps the weight 1 - alpha - beta
+            ce_sum = sequence_cross_entropy(logits, labels, label_smoothing=args.label_smoothing_factor,
+                                            reduction="sum")
+            terms["ce"] = (ce_sum / n_target, ce_weight)
+            self._record("loss_ce", ce_sum / num_tokens.clamp(min=1))
+            token = distillation_loss(logits, teacher_outputs.logits, labels, reduction="none", **kd_kwargs).sum(-1)
+            sentence = sequence_cross_entropy(outputs.logits[batch_size:], teacher_labels,
+                                              label_smoothing=args.label_smoothing_factor, reduction="none").sum(-1)
+            gate = self.distillation_modules["hybrid_gate"](outputs.encoder_last_hidden_state[:batch_size],
+                                                            source_mask)
+            terms["hybrid"] = (hybrid_loss(token, sentence, gate, n_target, n_teacher), args.alpha)
+            self._record("loss_token", token.sum() / num_tokens.clamp(min=1))
+            self._record("loss_sentence", sentence.sum() / teacher_labels.ne(-100).sum().clamp(min=1))
+            self._record("hybrid_gate", gate.mean())
+        if args.intermediate_loss_weight > 0:
+            ckd, ckd_logged = self._ckd_loss(outputs, teacher_outputs, source_mask, labels, batch_size,
+                                             n_source, n_target, num_tokens)
+            terms["ckd"] = (ckd, args.intermediate_loss_weight)
+            self._record("loss_ckd", ckd_logged)
+
+        loss = sum(weight * value for value, weight in terms.values())
         if args.average_tokens_across_devices and num_items_in_batch is not None and self.model.training:
             loss = loss * self.accelerator.num_processes  # DDP averages gradients over processes
-        self._log_terms(terms, num_tokens)
-        return (loss, outputs) if return_outputs else loss
+        if not return_outputs:
+            return loss
+        return loss, Seq2SeqLMOutput(loss=loss, logits=logits[:, :gold_length],
+                                     encoder_last_hidden_state=outputs.encoder_last_hidden_state[:batch_size])
+
+    @staticmethod
+    def _stack_hybrid_inputs(inputs: dict, teacher_labels: torch.Tensor, student) -> dict:
+        """Student inputs for ``2 * batch`` rows: the gold decoder inputs, then the teacher sequence's."""
+        batch_size = teacher_labels.shape[0]
+        teacher_decoder = student.prepare_decoder_input_ids_from_labels(labels=teacher_labels)
+        stacked = {}
+        for key, value in inputs.items():
+            if key == "decoder_input_ids":
+                stacked[key] = torch.cat([value, teacher_decoder])
+            elif key == "decoder_attention_mask":
+                mask = torch.ones_like(teacher_labels)
+                mask[:, 1:] = teacher_labels[:, :-1].ne(-100)
+                stacked[key] = torch.cat([value, mask.to(value.dtype)])
+            elif torch.is_tensor(value) and value.dim() > 0 and value.shape[0] == batch_size:
+                stacked[key] = torch.cat([value, value])
+            else:
+                stacked[key] = value
+        return stacked
+
+    def _ckd_loss(self, outputs, teacher_outputs, source_mask, labels, batch_size, n_source, n_target, num_tokens):
+        """CKD (Wu et al. 2020): sums over tokens, the encoder's divided by source tokens, the decoder's by
+        target tokens, added over stacks. Returns (the loss term, its per-token value on this batch for logs)."""
+        total, logged = 0.0, 0.0
+        for stack, module in self.distillation_modules["ckd"].items():
+            student_states = getattr(outputs, f"{stack}_hidden_states")
+            teacher_states = getattr(teacher_outputs, f"{stack}_hidden_states")
+            student_states = [h[:batch_size] for h in student_states]
+            if stack == "encoder":
+                mask, count, local = source_mask, n_source, source_mask.sum()
+            else:
+                mask, count, local = labels.ne(-100), n_target, num_tokens
+            value = module(student_states, teacher_states, mask, reduction="sum")
+            total = total + value / count
+            logged = logged + value.detach() / local.clamp(min=1)
+        return total, logged
+
+    def prediction_step(self, model, inputs, prediction_loss_only, ignore_keys=None, **gen_kwargs):
+        """``Seq2SeqTrainer.prediction_step``; with ``predict_with_generate`` (which calls the student and
+        ``generate`` directly) the trainer's own columns (``teacher_labels``) are removed first."""
+        if self.args.predict_with_generate and not prediction_loss_only:
+            inputs = {k: v for k, v in inputs.items() if k not in EXTRA_LABEL_COLUMNS}
+        return super().prediction_step(model, inputs, prediction_loss_only, ignore_keys=ignore_keys, **gen_kwargs)
 
     def _wants_hidden_states(self) -> bool:
         return self.args.intermediate_loss_weight > 0
 
     @torch.no_grad()
     def _teacher_forward(self, inputs):
-        teacher_inputs = {k: inputs[k] for k in ("input_ids", "attention_mask", "decoder_input_ids") if k in inputs}
+        teacher_inputs = {k: inputs[k] for k in ("input_ids", "attention_mask", "decoder_input_ids",
+                                                 "decoder_attention_mask") if k in inputs}
         return self.teacher_model(**teacher_inputs, output_hidden_states=self._wants_hidden_states())
 
-    def _loss_terms(self, outputs, teacher_outputs, labels, inputs, extras) -> dict:
-        """Each term as (sum over target tokens, weight); the total is their weighted sum / tokens."""
-        args = self.args
-        ce = sequence_cross_entropy(outputs.logits, labels, label_smoothing=args.label_smoothing_factor,
-                                    reduction="sum")
-        kd = distillation_loss(outputs.logits, teacher_outputs.logits, labels, divergence=args.divergence,
-                               temperature=args.temperature, beta=args.jsd_beta, reduction="sum",
-                               vocab_size=self.kd_vocab_size, chunk_size=args.kd_chunk_size,
-                               overwrite_teacher_logits=True)
-        ce_weight = 1.0 - args.alpha - args.intermediate_loss_weight
-        return {"ce": (ce, ce_weight), "kd": (kd, args.alpha)}
-
-    def _log_terms(self, terms: dict, num_tokens: torch.Tensor):
+    # --------------------------------------------------------------------------------------------- logging
+    def _record(self, name: str, value) -> None:
         mode = "train" if self.model.training else "eval"
-        n = num_tokens.clamp(min=1)
-        for name, (value, _) in terms.items():
-            self._kd_metrics[mode][f"loss_{name}"].append((value.detach() / n).item())
+        self._kd_metrics[mode][name].append(float(value.detach().float()) if torch.is_tensor(value) else float(value))
 
     def log(self, logs: dict, *args, **kwargs) -> None:
         mode = "eval" if any(k.startswith("eval_") for k in logs) else "train"

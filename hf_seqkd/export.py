@@ -1,0 +1,318 @@
+"""Export a (distilled, possibly pruned) student to CTranslate2 for fast CPU/GPU inference.
+
+Kim & Rush (2016) report the decoding speed of their distilled students on CPU and GPU; the
+usual way to serve a Transformers translation model fast today is CTranslate2 (int8 weights on CPU).
+
+* :func:`to_ctranslate2` converts a saved model folder with CTranslate2's own converter
+  (``ctranslate2.converters.TransformersConverter``).
+* :func:`translate_ctranslate2` / :class:`CTranslate2Translator` translate detokenized text with the
+  converted model and the model's Hugging Face tokenizer, and time it (sentences per second).
+
+Marian models and the ``<pad>`` row
+-----------------------------------
+CTranslate2's stock Marian loader (``MarianMTLoader`` in ``ctranslate2/converters/transformers.py``) assumes
+an opus-mt model: it drops the last vocabulary entry (expected to be ``<pad>``) with its embedding and output
+rows, and makes the decoder start from a *zero* embedding. Transformers' Marian decoder starts from the
+``<pad>`` embedding instead, which is zero in the converted opus-mt checkpoints but *not* in a Marian trained
+with Transformers: the embedding is tied to the output projection, and the softmax gradient of the pad logit
+moves the pad row away from zero during training even though ``nn.Embedding(padding_idx=...)`` freezes it on
+the input side. The stock conversion of a student trained here therefore translates differently (a toy Marian
+trained for 150 steps: 0 of 37 greedy translations identical to Transformers' after the stock conversion, 37
+of 37 after this one; with the pad row zeroed, both conversions match).
+
+:func:`to_ctranslate2` therefore converts Marian models with a small adapter loader,
+:class:`_HFMarianLoader`, which keeps the whole vocabulary (``<pad>`` included, so token ids are those of the
+Hugging Face tokenizer), starts the decoder from the real ``<pad>`` embedding (``decoder_start_token`` =
+``<pad>``, ``start_from_zero_embedding=False``, exactly what Transformers computes) and adds a large negative
+output bias to ``<pad>`` so it is never generated (the stock converter achieves the same by removing the
+token; opus-mt generation configs ban it with ``bad_words_ids``). For an opus-mt model, whose pad row is zero,
+the result computes the same as the stock conversion. BART, mBART and Pegasus use the stock loaders with
+``config.normalize_before`` supplied (Transformers 5 no longer has it; CTranslate2 4.x still reads it) and a
+``bos_token`` when the tokenizer has none; T5 and the other families use the stock loaders unchanged.
+The tokenizer files must be saved beside the model (``tokenizer.save_pretrained(model_dir)``): the converter
+reads the vocabulary with ``AutoTokenizer``; a ``PreTrainedTokenizerFast`` from
+:func:`hf_seqkd.train_tokenizer` (``tokenizer.json``) is all it needs, no SentencePiece ``source.spm``.
+"""
+
+from __future__ import annotations
+
+import os
+import threading
+import time
+from pathlib import Path
+from typing import Iterable, Sequence
+
+__all__ = ["to_ctranslate2", "translate_ctranslate2", "CTranslate2Translator", "TimedTranslations"]
+
+_INSTALL_HINT = (
+    'CTranslate2 export needs the optional dependency ctranslate2: pip install "hf_seqkd[ct2]" '
+    '(or pip install ctranslate2)'
+)
+# The output bias that keeps a converted Marian model from generating <pad>. Large enough to make its
+# probability exactly 0 after softmax in float32, small enough for float16 compute types (max 65504).
+_PAD_LOGIT_BIAS = -1.0e4
+_REGISTRY_LOCK = threading.Lock()
+
+
+def _import_ctranslate2():
+    try:
+        import ctranslate2  # noqa: F401
+        import ctranslate2.converters  # noqa: F401
+    except ImportError as err:  # pragma: no cover - exercised only without the extra
+        raise ImportError(_INSTALL_HINT) from err
+    return ctranslate2
+
+
+def _hf_marian_loader_class():
+    """Build the adapter loader lazily (it subclasses a class of the optional ctranslate2 package)."""
+    import torch
+    from ctranslate2.converters.transformers import BartLoader, MarianMTLoader
+
+    class _HFMarianLoader(MarianMTLoader):
+        """MarianMTLoader that computes what Transformers' MarianMTModel computes (see the module docstring)."""
+
+        def get_model_spec(self, model):
+            model.config.normalize_before = False
+            model.config.normalize_embedding = False
+            spec = BartLoader.get_model_spec(self, model)  # keeps the <pad> rows (no _remove_pad_weights)
+            pad_id = model.config.pad_token_id
+            if pad_id is not None:
+                projection = spec.decoder.projection
+                vocab = projection.weight.shape[0]
+                bias = getattr(projection, "bias", None)
+                if isinstance(bias, torch.Tensor) and bias.numel() == vocab:
+                    bias = bias.detach().clone().float().reshape(vocab)
+                else:
+                    bias = torch.zeros(vocab, dtype=torch.float32)
+                bias[pad_id] = _PAD_LOGIT_BIAS
+                projection.bias = bias
+            return spec
+
+        def set_decoder(self, spec, decoder):
+            BartLoader.set_decoder(self, spec, decoder)
+            spec.start_from_zero_embedding = False  # Transformers starts from the real <pad> embedding
+
+        def get_vocabulary(self, model, tokenizer):
+            return BartLoader.get_vocabulary(self, model, tokenizer)  # <pad> kept: ids as in the tokenizer
+
+        def set_config(self, config, model, tokenizer):
+            config.eos_token = tokenizer.eos_token
+            config.unk_token = tokenizer.unk_token
+            start_id = model.config.decoder_start_token_id
+            if start_id is None:
+                start_id = model.config.pad_token_id
+            config.decoder_start_token = tokenizer.convert_ids_to_tokens(start_id)
+
+    return _HFMarianLoader
+
+
+# Transformers 5 dropped ``normalize_before`` from these configs; CTranslate2's BartLoader still reads it.
+# BART is post-norm, mBART and Pegasus pre-norm (their Transformers implementations).
+_NORMALIZE_BEFORE = {"BartConfig": False, "MBartConfig": True, "PegasusConfig": True}
+
+
+def _with_normalize_before(loader_class, pre_norm: bool):
+    """``loader_class`` whose ``get_model_spec`` supplies a missing ``config.normalize_before`` and whose
+    ``set_config`` supplies a missing ``bos_token`` (tokenizers from :func:`hf_seqkd.train_tokenizer` have none;
+    CTranslate2 cannot load a config with ``"bos_token": null``)."""
+
+    def get_model_spec(self, model):
+        if not hasattr(model.config, "normalize_before"):
+            model.config.normalize_before = pre_norm
+        return loader_class.get_model_spec(self, model)
+
+    def set_config(self, config, model, tokenizer):
+        loader_class.set_config(self, config, model, tokenizer)
+        if getattr(config, "bos_token", "") is None:
+            bos_id = getattr(model.config, "bos_token_id", None)
+            config.bos_token = (tokenizer.convert_ids_to_tokens(bos_id) if bos_id is not None
+                                else tokenizer.eos_token)
+
+    return type(f"_HFSeqKD{loader_class.__name__}", (loader_class,),
+                {"get_model_spec": get_model_spec, "set_config": set_config})
+
+
+def to_ctranslate2(
+    model_dir: str | os.PathLike,
+    out_dir: str | os.PathLike,
+    quantization: str | None = "int8",
+    force: bool = False,
+) -> str:
+    """Convert a saved Transformers seq2seq model to a CTranslate2 model folder.
+
+    Args:
+        model_dir: a folder written by ``model.save_pretrained`` *and* ``tokenizer.save_pretrained`` (the
+            converter reads the vocabulary with ``AutoTokenizer``). A pruned model must be folded first
+            (:func:`hf_seqkd.pruning.fold_pruning`; the pruning module's ``save_pretrained`` handling does
+            this) so that the folder holds plain weights.
+        out_dir: the CTranslate2 output folder (``model.bin``, ``shared_vocabulary.json``, ``config.json``).
+        quantization: the weight type: ``"int8"`` (default; CPU-friendly), ``"int8_float32"``,
+            ``"int8_float16"``, ``"int8_bfloat16"``, ``"int16"``, ``"float16"``, ``"bfloat16"``, ``"float32"``
+            or ``None`` (keep the checkpoint's type).
+        force: overwrite ``out_dir`` if it exists (CTranslate2 refuses otherwise).
+
+    Returns:
+        ``out_dir`` as a string.
+
+    Raises:
+        ImportError: ctranslate2 is not installed (``pip install "hf_seqkd[ct2]"``).
+        FileNotFoundError: ``model_dir`` has no ``config.json`` or no tokenizer files.
+    """
+    _import_ctranslate2()
+    from ctranslate2.converters import TransformersConverter
+    from ctranslate2.converters import transformers as ct2_transformers
+
+    model_dir = Path(model_dir)
+    if not (model_dir / "config.json").is_file():
+        raise FileNotFoundError(f"to_ctranslate2: {model_dir} has no config.json; save the model there first")
+    tokenizer_files = ("tokenizer.json", "tokenizer_config.json", "vocab.json", "source.spm", "spiece.model")
+    if not any((model_dir / name).is_file() for name in tokenizer_files):
+        raise FileNotFoundError(
+            f"to_ctranslate2: {model_dir} has no tokenizer files; the CTranslate2 converter reads the vocabulary "
+            "with AutoTokenizer, so call tokenizer.save_pretrained(model_dir) too"
+        )
+
+    converter = TransformersConverter(str(model_dir))
+    # Swap in the adapters for the duration of this conversion only (the registry is module state).
+    with _REGISTRY_LOCK:
+        registry = ct2_transformers._MODEL_LOADERS
+        originals = dict(registry)
+        registry["MarianConfig"] = _hf_marian_loader_class()()
+        for config_name, pre_norm in _NORMALIZE_BEFORE.items():
+            if config_name in registry:
+                registry[config_name] = _with_normalize_before(type(registry[config_name]), pre_norm)()
+        try:
+            out = converter.convert(str(out_dir), quantization=quantization, force=force)
+        finally:
+            registry.clear()
+            registry.update(originals)
+    return str(out)
+
+
+class TimedTranslations(list):
+    """A list of hypotheses (``str``) that also carries its timing.
+
+    Attributes:
+        seconds: wall-clock seconds of the whole call (tokenization, translation, detokenization).
+        num_sentences: number of source sentences.
+        num_tokens: number of generated target tokens (``</s>`` excluded).
+        sentences_per_second: ``num_sentences / seconds``.
+    """
+
+    def __init__(self, hypotheses: Iterable[str] = (), seconds: float = 0.0, num_tokens: int = 0):
+        super().__init__(hypotheses)
+        self.seconds = float(seconds)
+        self.num_sentences = len(self)
+        self.num_tokens = int(num_tokens)
+
+    @property
+    def sentences_per_second(self) -> float:
+        return self.num_sentences / self.seconds if self.seconds > 0 else float("inf")
+
+    @property
+    def timing(self) -> dict:
+        """``seconds``, ``num_sentences``, ``num_tokens`` and ``sentences_per_second`` as a dict."""
+        return {"seconds": self.seconds, "num_sentences": self.num_sentences, "num_tokens": self.num_tokens,
+                "sentences_per_second": self.sentences_per_second}
+
+
+class CTranslate2Translator:
+    """A converted model plus its Hugging Face tokenizer: text in, text out.
+
+    Args:
+        ct2_dir: a folder written by :func:`to_ctranslate2`.
+        tokenizer: the model's tokenizer (an object, or a folder/name for ``AutoTokenizer.from_pretrained``).
+        device: ``"cpu"``, ``"cuda"`` or ``"auto"``.
+        compute_type: CTranslate2 compute type (``"default"`` = the saved weight type where supported).
+        intra_threads: threads per translation (0 = CTranslate2's default).
+        inter_threads: parallel translations.
+    """
+
+    def __init__(self, ct2_dir, tokenizer, device: str = "cpu", compute_type: str = "default",
+                 intra_threads: int = 0, inter_threads: int = 1):
+        ctranslate2 = _import_ctranslate2()
+        if isinstance(tokenizer, (str, os.PathLike)):
+            from transformers import AutoTokenizer
+
+            tokenizer = AutoTokenizer.from_pretrained(tokenizer)
+        self.tokenizer = tokenizer
+        self.ct2_dir = str(ct2_dir)
+        self.translator = ctranslate2.Translator(self.ct2_dir, device=device, compute_type=compute_type,
+                                                 intra_threads=intra_threads, inter_threads=inter_threads)
+        self.last_timing: dict | None = None
+
+    def translate(
+        self,
+        sources: Sequence[str],
+        num_beams: int = 1,
+        batch_size: int = 32,
+        max_new_tokens: int = 128,
+        length_penalty: float = 1.0,
+        max_input_length: int = 1024,
+    ) -> TimedTranslations:
+        """Translate ``sources``; returns the detokenized hypotheses with timing (also in ``last_timing``).
+
+        Args:
+            sources: source sentences (already carrying any task prefix the model expects).
+            num_beams: beam size (1 = greedy).
+            batch_size: sentences per batch (CTranslate2 sorts by length within the call).
+            max_new_tokens: the most target tokens generated (``max_decoding_length``).
+            length_penalty: CTranslate2's exponential length penalty for beam search.
+            max_input_length: source tokens kept (0 = no truncation).
+        """
+        tok = self.tokenizer
+        start = time.perf_counter()
+        sources = list(sources)
+        ids = tok(sources, add_special_tokens=True)["input_ids"] if sources else []
+        tokens = [tok.convert_ids_to_tokens(x) for x in ids]
+        results = self.translator.translate_batch(
+            tokens, max_batch_size=max(1, int(batch_size)), beam_size=max(1, int(num_beams)),
+            max_decoding_length=int(max_new_tokens), length_penalty=length_penalty,
+            max_input_length=max_input_length,
+        ) if tokens else []
+        hyp_ids = [tok.convert_tokens_to_ids(r.hypotheses[0]) for r in results]
+        hypotheses = tok.batch_decode(hyp_ids, skip_special_tokens=True) if hyp_ids else []
+        seconds = time.perf_counter() - start
+        out = TimedTranslations(hypotheses, seconds=seconds, num_tokens=sum(len(h) for h in hyp_ids))
+        self.last_timing = out.timing
+        return out
+
+    __call__ = translate
+
+
+def translate_ctranslate2(
+    ct2_dir,
+    tokenizer,
+    sources: Sequence[str],
+    num_beams: int = 1,
+    batch_size: int = 32,
+    max_new_tokens: int = 128,
+    device: str = "cpu",
+    compute_type: str = "default",
+    intra_threads: int = 0,
+) -> TimedTranslations:
+    """Translate ``sources`` with a CTranslate2 model folder and the model's Hugging Face tokenizer.
+
+    Sources are tokenized with the tokenizer (its ``</s>`` included, as ``generate`` sees them), turned into
+    token strings with ``convert_ids_to_tokens``, translated with ``Translator.translate_batch`` and
+    detokenized with ``batch_decode(..., skip_special_tokens=True)``, as Transformers outputs usually are.
+
+    Args:
+        ct2_dir: a folder written by :func:`to_ctranslate2` (or a ready ``CTranslate2Translator``).
+        tokenizer: the model's tokenizer, or a folder to load it from.
+        sources: source sentences.
+        num_beams: beam size (1 = greedy).
+        batch_size: sentences per batch.
+        max_new_tokens: the most target tokens generated.
+        device: ``"cpu"``, ``"cuda"`` or ``"auto"``.
+        compute_type: CTranslate2 compute type (``"default"``, ``"int8"``, ``"float32"``, ...).
+        intra_threads: CPU threads per translation (0 = CTranslate2's default; when timing against
+            Transformers, use the same number of threads as ``torch.get_num_threads()``).
+
+    Returns:
+        :class:`TimedTranslations`: a list of hypotheses with ``seconds`` and ``sentences_per_second``
+        (the timing covers tokenization, translation and detokenization, not loading the model).
+    """
+    translator = ct2_dir if isinstance(ct2_dir, CTranslate2Translator) else CTranslate2Translator(
+        ct2_dir, tokenizer, device=device, compute_type=compute_type, intra_threads=intra_threads)
+    return translator.translate(sources, num_beams=num_beams, batch_size=batch_size, max_new_tokens=max_new_tokens)

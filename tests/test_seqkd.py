@@ -1,0 +1,363 @@
+"""Sequence-level KD data (Kim & Rush 2016, Sec. 3.2-3.3): build_seqkd_dataset and select_seq_inter."""
+
+import copy
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+from types import SimpleNamespace
+
+import pytest
+import sacrebleu
+import torch
+from datasets import Dataset
+
+from hf_seqkd import tiny_seq2seq_model
+from hf_seqkd.seqkd import build_seqkd_dataset, make_length_batches, select_seq_inter
+
+MAX_NEW = 24
+BEAM = dict(num_beams=4, max_new_tokens=MAX_NEW, show_progress=False)
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    """One intra-op thread: as fast for these tiny models, and immune to the many-fold slowdown two OpenMP
+    threads suffer when another process keeps the (2) cores busy."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def _train(model, tokenizer, corpus, steps=300, batch_size=32, lr=3e-3, seed=0):
+    """A plain torch loop: a few hundred steps give the tiny Marian source-dependent, varied beams."""
+    sources, targets = list(corpus["source"]), list(corpus["target"])
+    g = torch.Generator().manual_seed(seed)
+    opt = torch.optim.AdamW(model.parameters(), lr=lr)
+    model.train()
+    for _ in range(steps):
+        idx = torch.randint(0, len(sources), (batch_size,), generator=g).tolist()
+        enc = tokenizer([sources[i] for i in idx], text_target=[targets[i] for i in idx], return_tensors="pt",
+                        padding=True)
+        labels = enc["labels"].masked_fill(enc["labels"] == tokenizer.pad_token_id, -100)
+        loss = model(input_ids=enc["input_ids"], attention_mask=enc["attention_mask"], labels=labels).loss
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    return model.eval()
+
+
+@pytest.fixture(scope="module")
+def teacher(tokenizer, toy_corpus):
+    model = tiny_seq2seq_model(tokenizer, "marian", d_model=32, encoder_layers=2, decoder_layers=2, seed=0)
+    return _train(model, tokenizer, toy_corpus["train"])
+
+
+@pytest.fixture(scope="module")
+def data(toy_corpus):
+    """40 unseen sources of varied length (3..~25 tokens) with references."""
+    return toy_corpus["validation"]
+
+
+def _count_calls(model, monkeypatch, fail_on_call=None):
+    """Wrap model.generate: record each call's source lengths; raise on call number ``fail_on_call``."""
+    calls = []
+    original = model.generate
+
+    def wrapper(*args, **kwargs):
+        if fail_on_call is not None and len(calls) + 1 == fail_on_call:
+            raise RuntimeError("injected failure")
+        calls.append(kwargs["attention_mask"].sum(dim=1).tolist())
+        return original(*args, **kwargs)
+
+    monkeypatch.setattr(model, "generate", wrapper)
+    return calls
+
+
+def _direct(model, tokenizer, sources, num_beams=4, k=1):
+    """Reference: one unpadded ``generate`` per sentence; returns (texts, scores, sequences) per sentence."""
+    out = []
+    with torch.inference_mode():
+        for s in sources:
+            o = model.generate(**tokenizer([s], return_tensors="pt"), num_beams=num_beams, num_return_sequences=k,
+                               max_new_tokens=MAX_NEW, do_sample=False, length_penalty=1.0,
+                               output_scores=True, return_dict_in_generate=True)
+            texts = tokenizer.batch_decode(o.sequences, skip_special_tokens=True)
+            scores = o.sequences_scores.tolist() if num_beams > 1 else None
+            out.append((texts, scores, o.sequences))
+    return out
+
+
+def _teacher_forced_mean_logprob(model, tokenizer, source, sequence, eos_id):
+    """Mean log p of the generated tokens up to and including the first </s>, by a plain forward pass."""
+    generated = sequence[1:].tolist()  # drop the decoder start token
+    generated = generated[: generated.index(eos_id) + 1]
+    with torch.inference_mode():
+        logits = model(**tokenizer([source], return_tensors="pt"),
+                       decoder_input_ids=sequence[None, : len(generated)]).logits[0]
+    logp = torch.log_softmax(logits.float(), dim=-1)
+    return logp[torch.arange(len(generated)), torch.tensor(generated)].mean().item()
+
+
+# ---------------------------------------------------------------------------------------------- correctness
+
+
+@pytest.mark.parametrize("sort_by_length", [True, False])
+def test_matches_direct_generate_in_original_order(teacher, tokenizer, data, sort_by_length):
+    out = build_seqkd_dataset(data, teacher, tokenizer, batch_size=8, shard_size=16, sort_by_length=sort_by_length,
+                              **BEAM)
+    direct = _direct(teacher, tokenizer, data["source"])
+    assert out["source"] == data["source"] and out["target"] == data["target"]
+    assert out["teacher_target"] == [texts[0] for texts, _, _ in direct]
+    assert out["teacher_score"] == pytest.approx([scores[0] for _, scores, _ in direct], abs=1e-5)
+    # the outputs depend on the source (an order bug cannot hide behind identical translations)
+    assert len(set(out["teacher_target"])) > 30
+    # one padded, unsorted batch gives the same translations too: with attention masks padding changes the
+    # floats only in the last bits (scores differ by ~1e-7 here), not the beams' choices
+    enc = tokenizer(list(data["source"]), return_tensors="pt", padding=True)
+    with torch.inference_mode():
+        batch = teacher.generate(**enc, num_beams=4, max_new_tokens=MAX_NEW, length_penalty=1.0)
+    assert tokenizer.batch_decode(batch, skip_special_tokens=True) == out["teacher_target"]
+
+
+@pytest.mark.parametrize("num_beams", [4, 1])
+def test_teacher_score_is_length_normalised_logprob(teacher, tokenizer, data, num_beams):
+    rows = data.select(range(12))
+    out = build_seqkd_dataset(rows, teacher, tokenizer, num_beams=num_beams, max_new_tokens=MAX_NEW,
+                              batch_size=5, show_progress=False)
+    direct = _direct(teacher, tokenizer, rows["source"], num_beams=num_beams)
+    eos = tokenizer.eos_token_id
+    for source, got_text, got_score, (texts, _, seqs) in zip(rows["source"], out["teacher_target"],
+                                                             out["teacher_score"], direct):
+        assert got_text == texts[0]
+        assert eos in seqs[0, 1:].tolist(), "the teacher should finish before max_new_tokens"
+        expected = _teacher_forced_mean_logprob(teacher, tokenizer, source, seqs[0], eos)
+        assert got_score == pytest.approx(expected, abs=1e-4)
+
+
+def test_nbest_and_seq_inter(teacher, tokenizer, data):
+    k = 3
+    out = build_seqkd_dataset(data, teacher, tokenizer, num_return_sequences=k, seq_inter=True, batch_size=8,
+                              shard_size=16, **BEAM)
+    direct = _direct(teacher, tokenizer, data["source"], k=k)
+    assert out["teacher_nbest"] == [texts for texts, _, _ in direct]
+    for got, (_, scores, _) in zip(out["teacher_nbest_scores"], direct):
+        assert got == pytest.approx(scores, abs=1e-5)
+        assert got == sorted(got, reverse=True)
+    assert out["teacher_target"] == [n[0] for n in out["teacher_nbest"]]
+    assert out["teacher_score"] == [s[0] for s in out["teacher_nbest_scores"]]
+    # Seq-Inter: the K-best candidate with the highest smoothed sentence BLEU against the reference
+    for nbest, ref, chosen in zip(out["teacher_nbest"], out["target"], out["seq_inter_target"]):
+        bleu = [sacrebleu.sentence_bleu(c, [ref], smooth_method="exp").score for c in nbest]
+        assert chosen in nbest and sacrebleu.sentence_bleu(chosen, [ref], smooth_method="exp").score == max(bleu)
+    assert out["seq_inter_target"] != out["teacher_target"], "Seq-Inter should not always keep the 1-best"
+    chrf = build_seqkd_dataset(data.select(range(10)), teacher, tokenizer, num_return_sequences=k, seq_inter=True,
+                               seq_inter_metric="chrf", **BEAM)
+    for nbest, ref, chosen, scores in zip(chrf["teacher_nbest"], chrf["target"], chrf["seq_inter_target"],
+                                          chrf["teacher_nbest_scores"]):
+        assert chosen == select_seq_inter(nbest, ref, "chrf", scores)
+
+
+def test_length_sorted_batches_and_token_budget(teacher, tokenizer, data, monkeypatch):
+    calls = _count_calls(teacher, monkeypatch)
+    unsorted = build_seqkd_dataset(data, teacher, tokenizer, batch_size=8, shard_size=40, sort_by_length=False,
+                                   **BEAM)
+    unsorted_calls = list(calls)
+    calls.clear()
+    sorted_ = build_seqkd_dataset(data, teacher, tokenizer, batch_size=8, shard_size=40, **BEAM)
+    flat = [n for call in calls for n in call]
+    assert flat == sorted(flat, reverse=True), "batches are formed longest first"
+    assert all(len(call) <= 8 for call in calls)
+    padded = lambda cs: sum(len(c) * max(c) for c in cs)  # noqa: E731
+    assert padded(calls) < padded(unsorted_calls)
+    assert sorted_["teacher_target"] == unsorted["teacher_target"]
+
+    calls.clear()
+    budget = 4 * 4 * 12  # 4 beams x 12 tokens x 4 sentences
+    budgeted = build_seqkd_dataset(data, teacher, tokenizer, batch_size=40, shard_size=40,
+                                   max_tokens_per_batch=budget, **BEAM)
+    assert all(len(c) * max(c) * 4 <= budget or len(c) == 1 for c in calls)
+    assert max(len(c) for c in calls) > 4, "short sentences fill bigger batches"
+    assert budgeted["teacher_target"] == unsorted["teacher_target"]
+
+
+def test_make_length_batches():
+    lengths = [3, 9, 5, 9, 1, 4]
+    assert make_length_batches(lengths, batch_size=2) == [[1, 3], [2, 5], [0, 4]]
+    assert make_length_batches(lengths, batch_size=4, sort_by_length=False) == [[0, 1, 2, 3], [4, 5]]
+    # budget 20 with 2 beams: 9*2=18 fits one sentence; then 5,4 -> 2*5*2=20; then 3,1
+    assert make_length_batches(lengths, batch_size=10, max_tokens_per_batch=20, num_beams=2) == [[1], [3], [2, 5],
+                                                                                                  [0, 4]]
+    assert make_length_batches([50], batch_size=4, max_tokens_per_batch=10) == [[0]]
+
+
+def test_caller_teacher_left_as_it_was(teacher, tokenizer, data):
+    model = copy.deepcopy(teacher).train()
+    out = build_seqkd_dataset(data.select(range(4)), model, tokenizer, num_beams=1, max_new_tokens=8,
+                              dtype="float64", show_progress=False)
+    assert len(out) == 4
+    assert model.training and next(model.parameters()).dtype == torch.float32
+
+
+# ---------------------------------------------------------------------------------------------- cache / resume
+
+
+def test_cache_is_reused_and_keyed_by_inputs(teacher, tokenizer, data, tmp_path, monkeypatch):
+    rows = data.select(range(12))
+    changed = copy.deepcopy(teacher)
+    with torch.no_grad():
+        changed.model.decoder.layers[1].fc2.bias[0] += 1e-3  # one value, deep inside
+    calls = _count_calls(teacher, monkeypatch)
+    first = build_seqkd_dataset(rows, teacher, tokenizer, cache_dir=tmp_path, shard_size=5, **BEAM)
+    assert len(calls) == 3
+    (entry,) = os.listdir(tmp_path)
+    assert len(entry) == 64 and (tmp_path / entry / "result.parquet").exists()
+
+    calls.clear()
+    again = build_seqkd_dataset(rows, teacher, tokenizer, cache_dir=tmp_path, shard_size=5, **BEAM)
+    assert calls == [] and again.to_dict() == first.to_dict()
+    # batching settings are not part of the key: still cached
+    build_seqkd_dataset(rows, teacher, tokenizer, cache_dir=tmp_path, shard_size=7, batch_size=2, **BEAM)
+    assert calls == []
+
+    # every input that changes the output is: settings, sources, the teacher's weights
+    build_seqkd_dataset(rows, teacher, tokenizer, cache_dir=tmp_path, num_beams=3, max_new_tokens=MAX_NEW,
+                        show_progress=False)
+    assert len(calls) == 1
+    build_seqkd_dataset(rows, teacher, tokenizer, cache_dir=tmp_path, source_prefix="ka ", **BEAM)
+    assert len(calls) == 2
+    build_seqkd_dataset(data.select(range(1, 13)), teacher, tokenizer, cache_dir=tmp_path, **BEAM)
+    assert len(calls) == 3
+    changed_calls = _count_calls(changed, monkeypatch)
+    build_seqkd_dataset(rows, changed, tokenizer, cache_dir=tmp_path, **BEAM)
+    assert len(changed_calls) == 1
+    assert len(os.listdir(tmp_path)) == 5
+    # an explicit teacher fingerprint replaces hashing the weights
+    changed_calls.clear()
+    build_seqkd_dataset(rows, changed, tokenizer, cache_dir=tmp_path, teacher_fingerprint="teacher-v1", **BEAM)
+    build_seqkd_dataset(rows, teacher, tokenizer, cache_dir=tmp_path, teacher_fingerprint="teacher-v1", **BEAM)
+    assert len(changed_calls) == 1 and len(calls) == 3
+
+
+def test_interrupted_run_resumes_from_finished_shards(teacher, tokenizer, data, tmp_path, monkeypatch):
+    kwargs = dict(cache_dir=tmp_path, shard_size=16, batch_size=16, **BEAM)  # shards 0-16, 16-32, 32-40
+    expected = build_seqkd_dataset(data, teacher, tokenizer, shard_size=16, batch_size=16, **BEAM)
+
+    _count_calls(teacher, monkeypatch, fail_on_call=3)  # one generate call per shard: dies in the third
+    with pytest.raises(RuntimeError, match="injected failure"):
+        build_seqkd_dataset(data, teacher, tokenizer, **kwargs)
+    (entry,) = tmp_path.iterdir()
+    assert sorted(p.name for p in entry.glob("shard-*")) == ["shard-000000000-000000016.parquet",
+                                                               "shard-000000016-000000032.parquet"]
+    assert not (entry / "result.parquet").exists()
+
+    monkeypatch.undo()
+    calls = _count_calls(teacher, monkeypatch)
+    resumed = build_seqkd_dataset(data, teacher, tokenizer, **kwargs)
+    assert len(calls) == 1 and len(calls[0]) == 8, "only the missing shard is generated"
+    assert resumed.to_dict() == expected.to_dict()
+    assert (entry / "result.parquet").exists()
+
+
+def test_two_processes_with_torchrun_equal_one_process(teacher, tokenizer, data, tmp_path):
+    model_dir, out_dir, cache = tmp_path / "teacher", tmp_path / "out", tmp_path / "cache"
+    out_dir.mkdir()
+    tokenizer.save_pretrained(model_dir)
+    teacher.save_pretrained(model_dir)
+    rows = data.select(range(30))
+    kwargs = dict(num_beams=4, num_return_sequences=2, max_new_tokens=MAX_NEW, shard_size=5, batch_size=4,
+                  seq_inter=True)
+    (tmp_path / "data.json").write_text(json.dumps({"columns": rows.to_dict(), "kwargs": kwargs}))
+    worker = Path(__file__).with_name("_seqkd_torchrun_worker.py")
+    env = dict(os.environ, OMP_NUM_THREADS="1", CUDA_VISIBLE_DEVICES="")
+    proc = subprocess.run(
+        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", str(worker),
+         str(model_dir), str(tmp_path / "data.json"), str(cache), str(out_dir)],
+        capture_output=True, text=True, timeout=240, env=env)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+
+    single = build_seqkd_dataset(rows, teacher, tokenizer, show_progress=False, **kwargs).to_dict()
+    for rank in (0, 1):
+        got = json.loads((out_dir / f"result-{rank}.json").read_text())
+        assert list(got) == list(single)
+        for column in ("source", "target", "teacher_target", "teacher_nbest", "seq_inter_target"):
+            assert got[column] == single[column], column
+        assert got["teacher_score"] == pytest.approx(single["teacher_score"], abs=1e-5)
+    # shard i (5 rows) went to process i % 2, and no row was translated twice
+    roundtrip = tokenizer.batch_decode(tokenizer(list(rows["source"]))["input_ids"], skip_special_tokens=True)
+    for rank in (0, 1):
+        done = json.loads((out_dir / f"rows-{rank}.json").read_text())
+        mine = [s for i, s in enumerate(roundtrip) if (i // 5) % 2 == rank]
+        assert sorted(done) == sorted(mine)
+    (entry,) = cache.iterdir()
+    assert len(list(entry.glob("shard-*.parquet"))) == 6 and (entry / "result.parquet").exists()
+
+
+# ---------------------------------------------------------------------------------------------- select_seq_inter
+
+
+def test_select_seq_inter_picks_highest_sentence_bleu():
+    ref = "the cat sat on the mat"
+    nbest = ["a dog ran away", "the cat sat on a mat", "the cat sat on the mat", "cat mat"]
+    assert select_seq_inter(nbest, ref) == "the cat sat on the mat"
+    assert select_seq_inter(nbest, ref, return_index=True) == 2
+    nbest = ["the cat sat", "a cat sat on the mat today", "the dog sat on the mat", "on the mat"]
+    bleu = [sacrebleu.sentence_bleu(c, [ref], smooth_method="exp").score for c in nbest]
+    assert select_seq_inter(nbest, ref, return_index=True) == bleu.index(max(bleu))
+
+
+def test_select_seq_inter_ties_and_empty_candidates():
+    ref = "a b c d"
+    tied = ["a b x", "a b y", "a b z"]  # the same sentence BLEU
+    assert select_seq_inter(tied, ref, return_index=True) == 0  # no scores: the beam's own order
+    assert select_seq_inter(tied, ref, scores=[-1.5, -0.5, -0.9]) == "a b y"
+    assert select_seq_inter(tied, ref, scores=[-0.5, -1.5, -0.5], return_index=True) == 0
+    assert select_seq_inter(["", "a b"], ref) == "a b"
+    assert select_seq_inter(["", ""], ref, scores=[-2.0, -1.0], return_index=True) == 1
+    assert select_seq_inter(["x", ""], "", return_index=True) == 0
+    with pytest.raises(ValueError, match="empty"):
+        select_seq_inter([], ref)
+    with pytest.raises(ValueError, match="metric"):
+        select_seq_inter(["a"], ref, metric="ter")
+    with pytest.raises(ValueError, match="scores"):
+        select_seq_inter(["a", "b"], ref, scores=[0.0])
+
+
+def test_select_seq_inter_chrf():
+    ref = "unbelievable"
+    nbest = ["xyz", "unbelievably"]  # no shared word: BLEU ties at 0, chrF sees the shared characters
+    assert select_seq_inter(nbest, ref, "bleu") == "xyz"
+    assert select_seq_inter(nbest, ref, "chrf") == "unbelievably"
+    chrf = [sacrebleu.sentence_chrf(c, [ref]).score for c in nbest]
+    assert chrf[1] > chrf[0]
+
+
+# ---------------------------------------------------------------------------------------------- errors
+
+
+def test_clear_errors(tiny_marian, tokenizer, data):
+    with pytest.raises(ValueError, match=r"'src'.*\['source', 'target'\]"):
+        build_seqkd_dataset(data, tiny_marian, tokenizer, source_column="src")
+    with pytest.raises(ValueError, match="num_return_sequences > 1"):
+        build_seqkd_dataset(data, tiny_marian, tokenizer, seq_inter=True)
+    with pytest.raises(ValueError, match=r"target column 'ref'.*\['source', 'target'\]"):
+        build_seqkd_dataset(data, tiny_marian, tokenizer, seq_inter=True, num_return_sequences=2, target_column="ref")
+    with pytest.raises(ValueError, match="seq_inter_metric"):
+        build_seqkd_dataset(data, tiny_marian, tokenizer, seq_inter=True, num_return_sequences=2,
+                            seq_inter_metric="ter")
+    with pytest.raises(ValueError, match="empty"):
+        build_seqkd_dataset(data.select([]), tiny_marian, tokenizer)
+    with pytest.raises(ValueError, match="between 1 and num_beams=2"):
+        build_seqkd_dataset(data, tiny_marian, tokenizer, num_beams=2, num_return_sequences=3)
+    with pytest.raises(ValueError, match="batch_size"):
+        build_seqkd_dataset(data, tiny_marian, tokenizer, batch_size=0)
+    with pytest.raises(ValueError, match="max_tokens_per_batch"):
+        build_seqkd_dataset(data, tiny_marian, tokenizer, max_tokens_per_batch=0)
+    with pytest.raises(TypeError, match="dataset\\['train'\\]"):
+        build_seqkd_dataset({"train": data}, tiny_marian, tokenizer)
+    with pytest.raises(ValueError, match="row 1 of column 'source'"):
+        build_seqkd_dataset(Dataset.from_dict({"source": ["a", None]}), tiny_marian, tokenizer)
+    two_processes = SimpleNamespace(num_processes=2, process_index=0, device=torch.device("cpu"))
+    with pytest.raises(ValueError, match="cache_dir"):
+        build_seqkd_dataset(data, tiny_marian, tokenizer, accelerator=two_processes)
