@@ -16,7 +16,7 @@ import yaml
 from transformers import HfArgumentParser
 
 __all__ = ["ModelArguments", "DataArguments", "EvalArguments", "parse_args", "load_or_make_student",
-           "markdown_table"]
+           "markdown_table", "evaluate_models", "kd_method_name", "save_and_publish_student"]
 
 
 @dataclass
@@ -154,6 +154,31 @@ def load_or_make_student(model_args: ModelArguments, teacher):
                         decoder_layers=model_args.student_decoder_layer_ids or model_args.student_decoder_layers)
 
 
+def evaluate_models(models, tokenizer, test, eval_args: EvalArguments, data_args: DataArguments) -> list[dict]:
+    """The recipes' results table: every ``(name, role, model)`` at every beam size of ``eval_args``, BLEU, chrF,
+    sentences/s and parameters; ``speedup`` is each model's greedy speed over the first model's (the teacher's)
+    beam-search speed, as Kim & Rush compare them."""
+    from .evaluation import evaluate_translation
+
+    rows = []
+    for name, role, model in models:
+        row = {"model": name, "role": role}
+        for beams in eval_args.eval_num_beams:
+            r = evaluate_translation(model, tokenizer, test["source"], test["target"], num_beams=beams,
+                                     batch_size=eval_args.eval_batch_size, max_new_tokens=eval_args.max_new_tokens,
+                                     source_prefix=data_args.source_prefix)
+            key = "greedy" if beams == 1 else "beam"
+            row.update({f"bleu_{key}": r["bleu"], f"chrf_{key}": r["chrf"], f"sent_per_s_{key}": r["sentences_per_second"]})
+            row["params"] = r["num_parameters"]
+        row["chrf"] = row.get("chrf_greedy", row.get("chrf_beam"))
+        row["sentences_per_second"] = row.get("sent_per_s_greedy", row.get("sent_per_s_beam"))
+        rows.append(row)
+    first_speed = rows[0].get("sent_per_s_beam") or rows[0]["sentences_per_second"] if rows else None
+    for row in rows:
+        row["speedup"] = row["sentences_per_second"] / first_speed
+    return rows
+
+
 def markdown_table(rows: list[dict], columns: list[str] | None = None, floatfmt: str = ".2f") -> str:
     """A Markdown table of ``rows`` (dicts); missing cells are blank."""
     if not rows:
@@ -175,3 +200,43 @@ def markdown_table(rows: list[dict], columns: list[str] | None = None, floatfmt:
 def dataclass_to_dict(obj) -> dict:
     """The fields of a dataclass instance (for saving a run's settings)."""
     return {f.name: getattr(obj, f.name) for f in dataclasses.fields(obj)}
+
+
+def kd_method_name(training_args) -> str:
+    """A short name of the distillation method of a run, for model cards: e.g. ``seq-kd+word-kd``."""
+    method = {"target": "baseline", "teacher_target": "seq-kd", "seq_inter_target": "seq-inter"}[training_args.kd_target]
+    if training_args.hybrid_gate is not None:
+        return method + "+hybrid-kd"
+    if training_args.alpha > 0:
+        method += "+word-kd"
+    if training_args.intermediate_loss_weight > 0:
+        method += "+ckd"
+    return method
+
+
+def save_and_publish_student(model, tokenizer, training_args, data_args, *, method: str, hyperparameters: dict,
+                             results: list[dict] | None, license: str | None = None) -> str:
+    """What every recipe does last: save the student, its tokenizer, a model card (README.md) and results.json to
+    ``training_args.output_dir``, and push the folder with ``--push_to_hub --hub_model_id``.
+
+    Returns the output folder.
+    """
+    from .hub import make_model_card, push_student, save_student
+
+    if training_args.push_to_hub and not training_args.hub_model_id:
+        raise ValueError("--push_to_hub needs --hub_model_id (e.g. your-name/opus-mt-de-en-seqkd-student)")
+    hyperparameters = {k: v for k, v in hyperparameters.items() if v is not None}
+    card = make_model_card(teacher_name=training_args.teacher_model_name_or_path, method=method,
+                           hyperparameters=hyperparameters, results=results or None,
+                           source_lang=data_args.source_lang or "src", target_lang=data_args.target_lang or "tgt",
+                           datasets=data_args.dataset, license=license, eval_split=data_args.test_split,
+                           hub_model_id=training_args.hub_model_id)
+    out = training_args.output_dir
+    save_student(model, tokenizer, out, card)
+    with open(os.path.join(out, "results.json"), "w") as f:
+        json.dump(results or [], f, indent=2)
+    if training_args.push_to_hub:
+        push_student(out, training_args.hub_model_id, private=bool(training_args.hub_private_repo),
+                     token=training_args.hub_token)
+        print(f"Pushed {out} to https://huggingface.co/{training_args.hub_model_id}")
+    return out

@@ -10,21 +10,18 @@
 defaults; flags on the command line win.
 """
 
-import json
-import os
-
 from transformers import AutoModelForSeq2SeqLM, AutoTokenizer, set_seed
 
 from hf_seqkd import (
     DistillationDataCollator,
     DistillationTrainer,
     DistillationTrainingArguments,
-    evaluate_translation,
     load_parallel_data,
     make_compute_metrics,
     prepare_distillation_dataset,
 )
-from hf_seqkd.cli import DataArguments, EvalArguments, ModelArguments, load_or_make_student, markdown_table, parse_args
+from hf_seqkd.cli import (DataArguments, EvalArguments, ModelArguments, evaluate_models, kd_method_name,
+                          load_or_make_student, markdown_table, parse_args, save_and_publish_student)
 
 
 def main(argv=None):
@@ -69,31 +66,30 @@ def main(argv=None):
         data_collator=DistillationDataCollator(tokenizer, model=student), processing_class=tokenizer,
         compute_metrics=make_compute_metrics(tokenizer) if training_args.predict_with_generate else None)
     trainer.train(resume_from_checkpoint=training_args.resume_from_checkpoint)
-    trainer.save_model(training_args.output_dir)
-    tokenizer.save_pretrained(training_args.output_dir)
-
-    # 5. Evaluate teacher and student on the test split
     if not trainer.is_world_process_zero():
         return None
-    test = raw[data_args.test_split] if data_args.test_split in raw else None
+
+    # 5. Evaluate student and teacher on the test split
     rows = []
-    if test is not None:
+    if data_args.test_split in raw:
+        test = raw[data_args.test_split]
         if data_args.max_test_samples:
             test = test.select(range(min(data_args.max_test_samples, len(test))))
         device = trainer.args.device
-        models = [("student", trainer.model)] + ([("teacher", teacher.to(device))] if eval_args.evaluate_teacher else [])
-        for name, model in models:
-            for beams in eval_args.eval_num_beams:
-                result = evaluate_translation(model, tokenizer, test["source"], test["target"], num_beams=beams,
-                                              batch_size=eval_args.eval_batch_size,
-                                              max_new_tokens=eval_args.max_new_tokens,
-                                              source_prefix=data_args.source_prefix)
-                rows.append({"model": name, "beams": beams, "BLEU": result["bleu"], "chrF": result["chrf"],
-                             "sent/s": result["sentences_per_second"], "params": result["num_parameters"]})
-        print(markdown_table(rows))
-        with open(os.path.join(training_args.output_dir, "results.json"), "w") as f:
-            json.dump(rows, f, indent=2)
-    print(f"Saved the student and its tokenizer to {training_args.output_dir}")
+        models = ([("teacher", "teacher", teacher.to(device))] if eval_args.evaluate_teacher else []) + \
+            [("student", "student", trainer.model)]
+        rows = evaluate_models(models, tokenizer, test, eval_args, data_args)
+        print(markdown_table(rows, ["model", "params", "bleu_greedy", "bleu_beam", "chrf", "sentences_per_second",
+                                    "speedup"]))
+
+    # 6. Save the student with its tokenizer, a model card and results.json; push with --push_to_hub
+    hyperparameters = {"alpha": training_args.alpha, "temperature": training_args.temperature,
+                       "divergence": training_args.divergence, "kd_target": training_args.kd_target,
+                       "learning_rate": training_args.learning_rate, "num_train_epochs": training_args.num_train_epochs,
+                       "max_steps": training_args.max_steps if training_args.max_steps > 0 else None}
+    save_and_publish_student(trainer.model, tokenizer, training_args, data_args, method=kd_method_name(training_args),
+                             hyperparameters=hyperparameters, results=rows)
+    print(f"Student, tokenizer, model card (README.md) and results.json saved to {training_args.output_dir}")
     return rows
 
 

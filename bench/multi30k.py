@@ -1,0 +1,359 @@
+"""The Multi30k study: reproduce the distillation papers' findings on real German->English data.
+
+    python bench/multi30k.py --preset cpu                 # <= 2 hours on a 2-core CPU (smaller models, fewer epochs)
+    accelerate launch bench/multi30k.py --preset gpu      # Transformer-base teacher, one GPU, ~20 minutes
+    python bench/multi30k.py --preset smoke               # minutes: every stage on tiny models and 2,000 pairs
+    python bench/multi30k.py --preset cpu --list          # the stages and whether they are done
+
+Everything runs through the project's own recipes (``recipes/train_student.py``, ``recipes/seq_kd.py``,
+``recipes/prune.py``, ``recipes/evaluate.py``) and library (``train_tokenizer``, ``build_seqkd_dataset``,
+``to_ctranslate2``), on the corpus in ``../shared/data/multi30k`` (read from there, never copied into the repo):
+
+ 1. ``tokenizer``     a shared 8k BPE vocabulary trained on the training sources and targets;
+ 2. ``teacher``       a Marian Transformer trained from scratch on the gold pairs (``train_student.py --alpha 0``);
+ 3. ``seqkd_corpus``  the teacher's beam search over all training sources, with its K-best list and the
+                      Seq-Inter choice (``build_seqkd_dataset``; every later stage reuses this cache);
+ 4. students of the same family, fewer layers and narrower, one stage each:
+    ``baseline`` (no KD), ``word_kd``, ``seq_kd``, ``seq_kd_word_kd``, ``baseline_seq_inter`` (the baseline
+    fine-tuned on Seq-Inter targets), ``seq_kd_seq_inter_word_kd`` (Kim & Rush's best: Seq-KD, then a Seq-Inter
+    fine-tune with Word-KD), ``ckd_<mapping>`` (Wu et al. 2020; the PKD ``skip`` map against combinations) and
+    ``hybrid`` (Wei et al. 2024, learned gate);
+ 5. ``prune``         the staged best student (chosen in advance: the paper's pruned model) pruned at 50/80/90%
+                      and retrained on its Seq-KD data;
+ 6. ``ctranslate2``   that student and the teacher exported to CTranslate2 int8;
+ 7. ``evaluate``      every model on test_2016_flickr (``recipes/evaluate.py``): BLEU greedy and beam 5, chrF,
+                      parameters, sentences/s at batch 1 and batched, speed-up over the teacher, and the plot.
+
+Each stage writes ``<work_dir>/stages/<stage>.json`` (its wall time and result) when it finishes, and a rerun skips
+finished stages, so a study cut off (end of a session, a crash) continues where it stopped; training stages also
+keep their latest checkpoint and resume from it. ``--report`` writes the results table of a finished (or partial)
+study as Markdown: that is what goes into ``bench/RESULTS.md``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import glob
+import importlib.util
+import json
+import os
+import platform
+import shutil
+import sys
+import time
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+DEFAULT_DATA = os.path.join(os.path.dirname(REPO), "shared", "data", "multi30k")
+
+# Model sizes: (d_model, layers, ffn_dim, attention_heads); students have the same depth in encoder and decoder.
+PRESETS = {
+    # The reference setup of shared/PAPERS.md (teacher 3 x 256, students 2 x 128) with fewer student epochs so
+    # that the whole study fits in two hours on the 2-core CPU.
+    "cpu": dict(
+        train_samples=None, vocab_size=8000,
+        teacher=(256, 3, 1024, 4), teacher_epochs=5, teacher_lr=1e-3,
+        student=(128, 2, 512, 4), student_epochs=3, student_lr=1e-3,
+        finetune_epochs=1, finetune_lr=3e-4,
+        batch_size=64, warmup_steps=300, num_beams=5, nbest_size=5, generation_batch_size=64,
+        max_tokens_per_batch=6000, ckd_mappings=("skip", "regular_comb", "overlap_comb"),
+        sparsities=(0.5, 0.8, 0.9), prune_epochs=1, batch1_samples=200, bf16=False,
+    ),
+    # Transformer-base teacher (6+6 x 512) and 2+2 x 256 students, trained to convergence on one GPU in bf16.
+    "gpu": dict(
+        train_samples=None, vocab_size=8000,
+        teacher=(512, 6, 2048, 8), teacher_epochs=25, teacher_lr=7e-4,
+        student=(256, 2, 1024, 4), student_epochs=15, student_lr=1e-3,
+        finetune_epochs=3, finetune_lr=3e-4,
+        batch_size=128, warmup_steps=1000, num_beams=5, nbest_size=35, generation_batch_size=256,
+        max_tokens_per_batch=None, ckd_mappings=("skip", "regular_comb", "overlap_comb", "cross_comb"),
+        sparsities=(0.5, 0.8, 0.9), prune_epochs=3, batch1_samples=500, bf16=True,
+    ),
+    # A check that every stage runs end to end (minutes on a CPU); its numbers mean nothing.
+    "smoke": dict(
+        train_samples=2000, vocab_size=2000,
+        teacher=(64, 2, 128, 4), teacher_epochs=1, teacher_lr=2e-3,
+        student=(32, 1, 64, 4), student_epochs=1, student_lr=2e-3,
+        finetune_epochs=1, finetune_lr=1e-3,
+        batch_size=64, warmup_steps=10, num_beams=3, nbest_size=3, generation_batch_size=64,
+        max_tokens_per_batch=None, ckd_mappings=("skip", "regular_comb"),
+        sparsities=(0.5, 0.8), prune_epochs=1, batch1_samples=20, bf16=False, test_samples=100,
+    ),
+}
+
+SOURCE_LANG, TARGET_LANG, TEST_SPLIT = "de", "en", "test_2016_flickr"
+
+
+def load_recipe(name: str):
+    """A recipe script of ``recipes/`` as a module (they are scripts, not a package)."""
+    path = os.path.join(REPO, "recipes", f"{name}.py")
+    spec = importlib.util.spec_from_file_location(f"recipe_{name}", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+class Study:
+    def __init__(self, preset: str, work_dir: str, data_dir: str):
+        self.preset_name, self.p = preset, PRESETS[preset]
+        self.work_dir, self.data_dir = os.path.abspath(work_dir), data_dir
+        self.stage_dir = os.path.join(self.work_dir, "stages")
+        os.makedirs(self.stage_dir, exist_ok=True)
+        self.tokenizer_dir = os.path.join(self.work_dir, "tokenizer")
+        self.teacher_dir = os.path.join(self.work_dir, "teacher")
+        self.cache_dir = os.path.join(self.work_dir, "seqkd_cache")
+
+    # ------------------------------------------------------------------------------------------ bookkeeping
+    def marker(self, stage: str) -> str:
+        return os.path.join(self.stage_dir, f"{stage}.json")
+
+    def done(self, stage: str) -> bool:
+        return os.path.exists(self.marker(stage))
+
+    def run_stage(self, stage: str, fn):
+        if self.done(stage):
+            print(f"[multi30k] {stage}: done earlier, skipped", flush=True)
+            return
+        print(f"\n[multi30k] ===== stage {stage} =====", flush=True)
+        start = time.perf_counter()
+        result = fn()
+        record = {"stage": stage, "seconds": time.perf_counter() - start, "result": result,
+                  "finished": time.strftime("%Y-%m-%d %H:%M:%S"), "machine": machine()}
+        tmp = self.marker(stage) + ".tmp"
+        with open(tmp, "w") as f:
+            json.dump(record, f, indent=2, default=str)
+        os.replace(tmp, self.marker(stage))
+        print(f"[multi30k] {stage}: finished in {record['seconds'] / 60:.1f} min", flush=True)
+
+    # --------------------------------------------------------------------------------------------- stages
+    def stages(self) -> list[tuple[str, callable]]:
+        p = self.p
+        stages = [("tokenizer", self.train_tokenizer), ("teacher", self.train_teacher),
+                  ("seqkd_corpus", self.build_corpus)]
+        students = [
+            ("baseline", dict(kd_target="target", alpha=0.0)),
+            ("word_kd", dict(kd_target="target", alpha=0.5)),
+            ("seq_kd", dict(kd_target="teacher_target", alpha=0.0)),
+            ("seq_kd_word_kd", dict(kd_target="teacher_target", alpha=0.5)),
+            ("baseline_seq_inter", dict(kd_target="seq_inter_target", alpha=0.0, init="baseline")),
+            ("seq_kd_seq_inter_word_kd", dict(kd_target="seq_inter_target", alpha=0.5, init="seq_kd")),
+        ]
+        # CKD (Wu et al. 2020): the authors' example weights alpha = 0.2 (word KD), beta = 0.7 (hidden states)
+        students += [(f"ckd_{m}", dict(kd_target="target", alpha=0.2, intermediate_loss_weight=0.7, layer_mapping=m))
+                     for m in p["ckd_mappings"]]
+        # Hybrid (Wei et al. 2024): alpha = 1 is the paper's objective, g * L_token + (1 - g) * L_sentence
+        students += [("hybrid", dict(kd_target="target", alpha=1.0, hybrid_gate="scalar"))]
+        stages += [(name, lambda name=name, spec=spec: self.train_student(name, **spec)) for name, spec in students]
+        stages += [("prune", self.prune), ("ctranslate2", self.export_ctranslate2), ("evaluate", self.evaluate)]
+        return stages
+
+    def common_data_args(self) -> list[str]:
+        args = ["--dataset", self.data_dir, "--source_lang", SOURCE_LANG, "--target_lang", TARGET_LANG,
+                "--eval_split", "", "--max_source_length", "128",
+                "--max_target_length", "128"]
+        if self.p["train_samples"]:
+            args += ["--max_train_samples", str(self.p["train_samples"])]
+        return args
+
+    def training_args(self, output_dir: str, epochs: int, lr: float) -> list[str]:
+        p = self.p
+        args = ["--output_dir", output_dir, "--num_train_epochs", str(epochs), "--learning_rate", str(lr),
+                "--per_device_train_batch_size", str(p["batch_size"]), "--lr_scheduler_type", "inverse_sqrt",
+                "--warmup_steps", str(p["warmup_steps"]), "--label_smoothing_factor", "0.1",
+                "--weight_decay", "0.0", "--adam_beta2", "0.98", "--max_grad_norm", "1.0",
+                "--train_sampling_strategy", "group_by_length", "--save_strategy", "steps", "--save_steps", "500",
+                "--save_total_limit", "1", "--eval_strategy", "no", "--logging_steps", "100",
+                "--report_to", "none", "--seed", "0", "--disable_tqdm", "false"]
+        if p["bf16"]:
+            args += ["--bf16", "true", "--teacher_dtype", "bfloat16"]
+        checkpoints = sorted(glob.glob(os.path.join(output_dir, "checkpoint-*")),
+                             key=lambda d: int(d.rsplit("-", 1)[-1]))
+        if checkpoints:  # a training stage cut off earlier continues from its last checkpoint
+            print(f"[multi30k] resuming from {checkpoints[-1]}", flush=True)
+            args += ["--resume_from_checkpoint", checkpoints[-1]]
+        return args
+
+    def no_final_evaluation(self) -> list[str]:
+        # the recipes' own test-set evaluation is skipped: the `evaluate` stage measures every model the same way
+        return ["--test_split", "none", "--evaluate_teacher", "false"]
+
+    def train_tokenizer(self):
+        from hf_seqkd import load_parallel_data, train_tokenizer
+
+        train = load_parallel_data(self.data_dir, source_lang=SOURCE_LANG, target_lang=TARGET_LANG)["train"]
+        if self.p["train_samples"]:
+            train = train.select(range(self.p["train_samples"]))
+        tokenizer = train_tokenizer(list(train["source"]) + list(train["target"]), vocab_size=self.p["vocab_size"])
+        tokenizer.save_pretrained(self.tokenizer_dir)
+        return {"vocab_size": len(tokenizer)}
+
+    def train_teacher(self):
+        """The teacher is trained from scratch on the gold pairs: ``train_student.py --alpha 0`` with a random
+        model of the teacher's shape as the starting point (``--student_init config`` keeps every size)."""
+        from transformers import AutoTokenizer
+
+        from hf_seqkd import tiny_seq2seq_model
+
+        tokenizer = AutoTokenizer.from_pretrained(self.tokenizer_dir)
+        d_model, layers, ffn, heads = self.p["teacher"]
+        shape_dir = os.path.join(self.work_dir, "teacher_init")
+        shape = tiny_seq2seq_model(tokenizer, "marian", d_model=d_model, encoder_layers=layers, decoder_layers=layers,
+                                   ffn_dim=ffn, attention_heads=heads, dropout=0.1, seed=0)
+        shape.save_pretrained(shape_dir)
+        tokenizer.save_pretrained(shape_dir)
+        argv = ["--teacher_model_name_or_path", shape_dir, "--student_init", "config", "--alpha", "0"]
+        argv += self.common_data_args() + self.no_final_evaluation()
+        argv += self.training_args(self.teacher_dir, self.p["teacher_epochs"], self.p["teacher_lr"])
+        load_recipe("train_student").main(argv)
+        return {"params": sum(x.numel() for x in shape.parameters())}
+
+    def seqkd_args(self) -> list[str]:
+        """The Seq-KD corpus settings; identical in every stage, so all of them share one cached corpus."""
+        p = self.p
+        args = ["--teacher_num_beams", str(p["num_beams"]), "--nbest_size", str(p["nbest_size"]),
+                "--generation_batch_size", str(p["generation_batch_size"]), "--seqkd_cache_dir", self.cache_dir,
+                "--teacher_max_new_tokens", "96"]
+        if p["max_tokens_per_batch"]:
+            args += ["--max_tokens_per_batch", str(p["max_tokens_per_batch"])]
+        return args
+
+    def build_corpus(self):
+        from datasets import Dataset
+        from transformers import AutoModelForSeq2SeqLM, AutoTokenizer
+
+        from hf_seqkd import build_seqkd_dataset, load_parallel_data
+
+        train = load_parallel_data(self.data_dir, source_lang=SOURCE_LANG, target_lang=TARGET_LANG)["train"]
+        if self.p["train_samples"]:
+            train = train.select(range(self.p["train_samples"]))
+        teacher = AutoModelForSeq2SeqLM.from_pretrained(self.teacher_dir)
+        tokenizer = AutoTokenizer.from_pretrained(self.teacher_dir)
+        p = self.p
+        out = build_seqkd_dataset(train, teacher, tokenizer, num_beams=max(p["num_beams"], p["nbest_size"]),
+                                  num_return_sequences=p["nbest_size"], max_new_tokens=96,
+                                  batch_size=p["generation_batch_size"], max_tokens_per_batch=p["max_tokens_per_batch"],
+                                  seq_inter=p["nbest_size"] > 1, cache_dir=self.cache_dir)
+        assert isinstance(out, Dataset)
+        changed = sum(a != b for a, b in zip(out["teacher_target"], out["seq_inter_target"]))
+        return {"rows": len(out), "seq_inter_differs_from_1best": changed,
+                "mean_teacher_score": sum(out["teacher_score"]) / len(out)}
+
+    def student_dir(self, name: str) -> str:
+        return os.path.join(self.work_dir, "students", name)
+
+    def train_student(self, name: str, *, kd_target: str, alpha: float, init: str | None = None, **extra):
+        p = self.p
+        d_model, layers, ffn, heads = p["student"]
+        argv = ["--teacher_model_name_or_path", self.teacher_dir, "--kd_target", kd_target, "--alpha", str(alpha)]
+        if init:  # a fine-tuning stage: continue from an earlier student at a lower learning rate
+            argv += ["--init_student_from", self.student_dir(init)]
+            epochs, lr = p["finetune_epochs"], p["finetune_lr"]
+        else:
+            argv += ["--student_init", "config", "--student_d_model", str(d_model), "--student_encoder_layers",
+                     str(layers), "--student_decoder_layers", str(layers), "--student_ffn_dim", str(ffn),
+                     "--student_attention_heads", str(heads)]
+            epochs, lr = p["student_epochs"], p["student_lr"]
+        for key, value in extra.items():
+            argv += [f"--{key}", str(value)]
+        argv += self.common_data_args() + self.no_final_evaluation() + self.seqkd_args()
+        argv += self.training_args(self.student_dir(name), epochs, lr)
+        load_recipe("seq_kd").main(argv)
+        return {"kd_target": kd_target, "alpha": alpha, "init": init, **extra, "epochs": epochs, "learning_rate": lr}
+
+    BEST = "seq_kd_seq_inter_word_kd"  # chosen in advance: the paper's best (and pruned) student
+
+    def prune(self):
+        p = self.p
+        argv = ["--model_name_or_path", self.student_dir(self.BEST), "--teacher_model_name_or_path", self.teacher_dir,
+                "--sparsities", *[str(s) for s in p["sparsities"]], "--pruning_scope", "class_blind",
+                "--kd_target", "teacher_target", "--alpha", "0"]
+        argv += self.common_data_args() + self.seqkd_args()
+        argv += self.training_args(os.path.join(self.work_dir, "pruned"), p["prune_epochs"], p["finetune_lr"])
+        rows = load_recipe("prune").main(argv)
+        return rows
+
+    def export_ctranslate2(self):
+        from hf_seqkd.export import to_ctranslate2
+
+        out = {}
+        for name, folder in (("teacher", self.teacher_dir), (self.BEST, self.student_dir(self.BEST))):
+            target = os.path.join(self.work_dir, "ctranslate2", name)
+            to_ctranslate2(folder, target, quantization="int8", force=True)
+            out[name] = target
+        return out
+
+    def model_list(self) -> list[tuple[str, str]]:
+        models = [("teacher", self.teacher_dir)]
+        for name, _ in self.stages():
+            if name in ("tokenizer", "teacher", "seqkd_corpus", "prune", "ctranslate2", "evaluate"):
+                continue
+            models.append((name, self.student_dir(name)))
+        for sparsity in self.p["sparsities"]:
+            pattern = os.path.join(self.work_dir, "pruned", f"sparsity-*{int(round(sparsity * 100))}")
+            found = sorted(glob.glob(pattern))
+            if found:
+                models.append((f"{self.BEST}_pruned_{int(round(sparsity * 100))}", found[0]))
+        for name in ("teacher", self.BEST):
+            folder = os.path.join(self.work_dir, "ctranslate2", name)
+            if os.path.isdir(folder):
+                models.append((f"{name}_ct2_int8", folder))
+        return models
+
+    def evaluate(self):
+        argv = ["--models", *[f"{name}={path}" for name, path in self.model_list()],
+                "--dataset", self.data_dir, "--source_lang", SOURCE_LANG, "--target_lang", TARGET_LANG,
+                "--test_split", TEST_SPLIT, "--num_beams", "5", "--batch1_samples", str(self.p["batch1_samples"]),
+                "--tokenizer", self.tokenizer_dir, "--output_dir", os.path.join(self.work_dir, "report")]
+        if self.p.get("test_samples"):
+            argv += ["--max_test_samples", str(self.p["test_samples"])]
+        return load_recipe("evaluate").main(argv)
+
+
+def machine() -> str:
+    import torch
+
+    gpu = f", {torch.cuda.get_device_name()}" if torch.cuda.is_available() else ", no GPU"
+    return (f"{platform.node()} {platform.machine()}, {os.cpu_count()} CPUs{gpu}, torch {torch.__version__} "
+            f"({torch.get_num_threads()} threads)")
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--preset", choices=sorted(PRESETS), default="cpu")
+    parser.add_argument("--work_dir", default=None, help="default: runs/multi30k_<preset>")
+    parser.add_argument("--data_dir", default=DEFAULT_DATA, help="folder with train/val/test_2016_flickr .de.gz/.en.gz")
+    parser.add_argument("--stages", nargs="*", default=None, help="run only these stages (in study order)")
+    parser.add_argument("--redo", nargs="*", default=(), help="forget these stages' done markers and run them again")
+    parser.add_argument("--list", action="store_true", help="list the stages and whether they are done")
+    args = parser.parse_args(argv)
+    if not os.path.isfile(os.path.join(args.data_dir, "train.de.gz")):
+        raise SystemExit(f"no Multi30k corpus in {args.data_dir} (expected train.de.gz, train.en.gz, ...); "
+                         "pass --data_dir")
+    study = Study(args.preset, args.work_dir or os.path.join(REPO, "runs", f"multi30k_{args.preset}"), args.data_dir)
+    stages = study.stages()
+    names = [n for n, _ in stages]
+    unknown = [s for s in list(args.stages or []) + list(args.redo) if s not in names]
+    if unknown:
+        raise SystemExit(f"unknown stage(s) {unknown}; the stages are {names}")
+    if args.list:
+        for name in names:
+            print(f"{name:28s} {'done' if study.done(name) else '-'}")
+        return
+    for name in args.redo:
+        if study.done(name):
+            os.remove(study.marker(name))
+    print(f"[multi30k] preset {args.preset}, work dir {study.work_dir}, {machine()}")
+    print(f"[multi30k] command: {' '.join([os.path.basename(sys.executable)] + sys.argv)}", flush=True)
+    start = time.perf_counter()
+    for name, fn in stages:
+        if args.stages is None or name in args.stages:
+            study.run_stage(name, fn)
+    print(f"[multi30k] this run: {(time.perf_counter() - start) / 60:.1f} min; stage records in {study.stage_dir}")
+
+
+if __name__ == "__main__":
+    main()
