@@ -38,7 +38,6 @@ import importlib.util
 import json
 import os
 import platform
-import shutil
 import sys
 import time
 
@@ -329,7 +328,14 @@ def main(argv=None):
     parser.add_argument("--stages", nargs="*", default=None, help="run only these stages (in study order)")
     parser.add_argument("--redo", nargs="*", default=(), help="forget these stages' done markers and run them again")
     parser.add_argument("--list", action="store_true", help="list the stages and whether they are done")
+    parser.add_argument("--threads", type=int, default=0,
+                        help="torch CPU threads (0: torch's default); 1 is much faster on a machine shared with "
+                             "other jobs, where two OpenMP threads spin-wait for each other")
     args = parser.parse_args(argv)
+    if args.threads:
+        import torch
+
+        torch.set_num_threads(args.threads)
     if not os.path.isfile(os.path.join(args.data_dir, "train.de.gz")):
         raise SystemExit(f"no Multi30k corpus in {args.data_dir} (expected train.de.gz, train.en.gz, ...); "
                          "pass --data_dir")

@@ -15,7 +15,7 @@ from typing import Optional
 import yaml
 from transformers import HfArgumentParser
 
-__all__ = ["ModelArguments", "DataArguments", "EvalArguments", "parse_args", "load_or_make_student",
+__all__ = ["ModelArguments", "DataArguments", "EvalArguments", "SeqKDArguments", "build_seqkd_corpus", "parse_args", "load_or_make_student",
            "markdown_table", "evaluate_models", "kd_method_name", "save_and_publish_student"]
 
 
@@ -98,13 +98,72 @@ class EvalArguments:
     evaluate_teacher: bool = field(default=True, metadata={"help": "Also evaluate the teacher."})
 
 
-def _yaml_to_argv(path: str) -> list[str]:
+@dataclass
+class SeqKDArguments:
+    """How the teacher builds the Seq-KD corpus.
+
+    Parameters:
+        teacher_num_beams (`int`): beam size of the teacher's translations (Kim & Rush used 5).
+        nbest_size (`int`): K, the size of the teacher's K-best list; `seq_inter_target` needs K > 1 (the paper: 35).
+        seq_inter_metric (`str`): similarity to the reference for Seq-Inter: `"bleu"` (smoothed sentence BLEU) or `"chrf"`.
+        teacher_max_new_tokens (`int`): the longest teacher translation, in tokens.
+        generation_batch_size (`int`): the most sentences per `generate` call.
+        max_tokens_per_batch (`int` or `None`): token budget per `generate` call (sentences x source tokens x beams).
+        seqkd_cache_dir (`str` or `None`): where the Seq-KD corpus is cached (default `<output_dir>/../seqkd_cache`);
+            a rerun with the same teacher, data and settings reuses it, an interrupted one resumes.
+        model_card_license (`str` or `None`): licence id written into the model card.
+    """
+
+    teacher_num_beams: int = field(default=5, metadata={"help": "Teacher beam size for the Seq-KD corpus."})
+    nbest_size: int = field(default=1, metadata={"help": "K of the teacher's K-best list (Seq-Inter needs K > 1)."})
+    seq_inter_metric: str = field(default="bleu", metadata={"help": "bleu or chrf."})
+    teacher_max_new_tokens: int = field(default=128, metadata={"help": "Longest teacher translation (tokens)."})
+    generation_batch_size: int = field(default=64, metadata={"help": "Sentences per generate call."})
+    max_tokens_per_batch: Optional[int] = field(default=None, metadata={"help": "Token budget per generate call."})
+    seqkd_cache_dir: Optional[str] = field(default=None, metadata={"help": "Cache of the Seq-KD corpus."})
+    model_card_license: Optional[str] = field(default=None, metadata={"help": "Licence for the model card."})
+
+
+def build_seqkd_corpus(train_raw, teacher, tokenizer, seqkd_args: SeqKDArguments, training_args, data_args):
+    """Step 2 of the recipes: the training split with the teacher's Seq-KD columns, when the run needs them.
+
+    They are built (or loaded from the cache) for ``kd_target`` ``teacher_target`` / ``seq_inter_target`` and for the
+    hybrid objective, whose sentence-level term uses the teacher's beam output. With ``nbest_size`` K > 1 the
+    Seq-Inter choice is always added (cheap next to the beam search), so Seq-KD and Seq-Inter runs with the same
+    teacher settings share one cached corpus. Otherwise ``train_raw`` is returned as it is.
+    """
+    from .seqkd import build_seqkd_dataset
+
+    if training_args.kd_target == "target" and training_args.hybrid_gate is None:
+        return train_raw
+    if training_args.kd_target == "seq_inter_target" and seqkd_args.nbest_size < 2:
+        raise ValueError("--kd_target seq_inter_target needs --nbest_size K > 1 (Kim & Rush used K = 35)")
+    cache_dir = seqkd_args.seqkd_cache_dir or os.path.join(os.path.dirname(
+        os.path.abspath(training_args.output_dir)), "seqkd_cache")
+    return build_seqkd_dataset(
+        train_raw, teacher, tokenizer, num_beams=max(seqkd_args.teacher_num_beams, seqkd_args.nbest_size),
+        num_return_sequences=seqkd_args.nbest_size, max_new_tokens=seqkd_args.teacher_max_new_tokens,
+        batch_size=seqkd_args.generation_batch_size, max_tokens_per_batch=seqkd_args.max_tokens_per_batch,
+        seq_inter=seqkd_args.nbest_size > 1, seq_inter_metric=seqkd_args.seq_inter_metric,
+        source_prefix=data_args.source_prefix, cache_dir=cache_dir)
+
+
+def _load_yaml_config(path: str) -> dict:
     if not os.path.isfile(path):
         raise FileNotFoundError(f"--config {path}: no such file")
     with open(path) as f:
         values = yaml.safe_load(f) or {}
     if not isinstance(values, dict):
         raise ValueError(f"--config {path}: expected a mapping of argument names to values")
+    return values
+
+
+def _yaml_keys(path: str) -> list[str]:
+    return [str(key) for key in _load_yaml_config(path)]
+
+
+def _yaml_to_argv(path: str) -> list[str]:
+    values = _load_yaml_config(path)
     argv = []
     for key, value in values.items():
         if value is None:
@@ -125,12 +184,18 @@ def parse_args(dataclass_types, argv: list[str] | None = None):
     an error that names them.
     """
     argv = list(sys.argv[1:] if argv is None else argv)
+    # allow_abbrev=False: argparse would otherwise take a misspelt prefix (`--learning_rat`, a YAML key `alph`) for
+    # the option it abbreviates, silently
+    parser = HfArgumentParser(dataclass_types, allow_abbrev=False)
     if "--config" in argv:
         i = argv.index("--config")
         if i + 1 >= len(argv):
             raise ValueError("--config needs a file name")
+        unknown_keys = [key for key in _yaml_keys(argv[i + 1]) if f"--{key}" not in parser._option_string_actions]
+        if unknown_keys:  # named here, with the file, also when their value is null (skipped below)
+            raise ValueError(f"--config {argv[i + 1]}: unknown key(s) {unknown_keys}; see --help for the accepted "
+                             "arguments")
         argv = _yaml_to_argv(argv[i + 1]) + argv[:i] + argv[i + 2:]
-    parser = HfArgumentParser(dataclass_types)
     *parsed, unknown = parser.parse_args_into_dataclasses(args=argv, return_remaining_strings=True)
     if unknown:
         raise ValueError(f"unknown option(s): {unknown}; see --help for the accepted arguments")

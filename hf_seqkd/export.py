@@ -237,6 +237,7 @@ class CTranslate2Translator:
             tokenizer = AutoTokenizer.from_pretrained(tokenizer)
         self.tokenizer = tokenizer
         self.ct2_dir = str(ct2_dir)
+        self.intra_threads = int(intra_threads)
         self.translator = ctranslate2.Translator(self.ct2_dir, device=device, compute_type=compute_type,
                                                  intra_threads=intra_threads, inter_threads=inter_threads)
         self.last_timing: dict | None = None

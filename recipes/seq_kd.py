@@ -24,11 +24,7 @@ The paper's best student, staged (see README, "Seq-KD, Seq-Inter and Word-KD sta
         --init_student_from out/stage1 --learning_rate 1e-4 --output_dir out/stage2
 """
 
-import json
-import os
 import sys
-from dataclasses import dataclass, field
-from typing import Optional
 
 from transformers import AutoModelForSeq2SeqLM, AutoTokenizer, set_seed
 
@@ -36,62 +32,13 @@ from hf_seqkd import (
     DistillationDataCollator,
     DistillationTrainer,
     DistillationTrainingArguments,
-    build_seqkd_dataset,
-    evaluate_translation,
     load_parallel_data,
     make_compute_metrics,
     prepare_distillation_dataset,
 )
-from hf_seqkd.cli import (DataArguments, EvalArguments, ModelArguments, dataclass_to_dict, load_or_make_student,
-                          markdown_table, parse_args)
-from hf_seqkd.hub import make_model_card, push_student, save_student
-
-
-@dataclass
-class SeqKDArguments:
-    """How the teacher builds the Seq-KD corpus.
-
-    Parameters:
-        teacher_num_beams (`int`): beam size of the teacher's translations (Kim & Rush used 5).
-        nbest_size (`int`): K, the size of the teacher's K-best list; `seq_inter_target` needs K > 1 (the paper: 35).
-        seq_inter_metric (`str`): similarity to the reference for Seq-Inter: `"bleu"` (smoothed sentence BLEU) or `"chrf"`.
-        teacher_max_new_tokens (`int`): the longest teacher translation, in tokens.
-        generation_batch_size (`int`): the most sentences per `generate` call.
-        max_tokens_per_batch (`int` or `None`): token budget per `generate` call (sentences x source tokens x beams).
-        seqkd_cache_dir (`str` or `None`): where the Seq-KD corpus is cached (default `<output_dir>/../seqkd_cache`);
-            a rerun with the same teacher, data and settings reuses it, an interrupted one resumes.
-        model_card_license (`str` or `None`): licence id written into the model card.
-    """
-
-    teacher_num_beams: int = field(default=5, metadata={"help": "Teacher beam size for the Seq-KD corpus."})
-    nbest_size: int = field(default=1, metadata={"help": "K of the teacher's K-best list (Seq-Inter needs K > 1)."})
-    seq_inter_metric: str = field(default="bleu", metadata={"help": "bleu or chrf."})
-    teacher_max_new_tokens: int = field(default=128, metadata={"help": "Longest teacher translation (tokens)."})
-    generation_batch_size: int = field(default=64, metadata={"help": "Sentences per generate call."})
-    max_tokens_per_batch: Optional[int] = field(default=None, metadata={"help": "Token budget per generate call."})
-    seqkd_cache_dir: Optional[str] = field(default=None, metadata={"help": "Cache of the Seq-KD corpus."})
-    model_card_license: Optional[str] = field(default=None, metadata={"help": "Licence for the model card."})
-
-
-def evaluate_models(models, tokenizer, test, eval_args, data_args):
-    """Rows of the results table: every model at every beam size, speed-up against the first (the teacher)."""
-    rows = []
-    for name, role, model in models:
-        row = {"model": name, "role": role}
-        for beams in eval_args.eval_num_beams:
-            r = evaluate_translation(model, tokenizer, test["source"], test["target"], num_beams=beams,
-                                     batch_size=eval_args.eval_batch_size, max_new_tokens=eval_args.max_new_tokens,
-                                     source_prefix=data_args.source_prefix)
-            key = "greedy" if beams == 1 else "beam"
-            row.update({f"bleu_{key}": r["bleu"], f"chrf_{key}": r["chrf"], f"sent_per_s_{key}": r["sentences_per_second"]})
-            row["params"] = r["num_parameters"]
-        row["chrf"] = row.get("chrf_greedy", row.get("chrf_beam"))
-        row["sentences_per_second"] = row.get("sent_per_s_greedy", row.get("sent_per_s_beam"))
-        rows.append(row)
-    teacher_speed = rows[0].get("sent_per_s_beam") or rows[0]["sentences_per_second"]
-    for row in rows:  # the student greedy against the teacher with beam search, as Kim & Rush compare them
-        row["speedup"] = row["sentences_per_second"] / teacher_speed
-    return rows
+from hf_seqkd.cli import (DataArguments, EvalArguments, ModelArguments, SeqKDArguments, build_seqkd_corpus,
+                          dataclass_to_dict, evaluate_models, kd_method_name, load_or_make_student, markdown_table,
+                          parse_args, save_and_publish_student)
 
 
 def main(argv=None):
@@ -100,6 +47,9 @@ def main(argv=None):
         from hf_seqkd.demo import run_demo
 
         options = dict(zip(argv[1::2], argv[2::2]))
+        unknown = [a for a in argv[1::2] if a not in ("--demo_size", "--demo_dir")]
+        if unknown or len(argv) % 2 == 0:
+            raise ValueError(f"--demo takes only --demo_size full|tiny and --demo_dir DIR, got {argv[1:]}")
         return run_demo(main, size=options.get("--demo_size", "full"), work_dir=options.get("--demo_dir"))
     model_args, data_args, eval_args, seqkd_args, training_args = parse_args(
         (ModelArguments, DataArguments, EvalArguments, SeqKDArguments, DistillationTrainingArguments), argv)
@@ -118,19 +68,9 @@ def main(argv=None):
     if data_args.max_train_samples:
         train_raw = train_raw.select(range(min(data_args.max_train_samples, len(train_raw))))
 
-    # 2. The Seq-KD corpus: the teacher's beam search over every training source (cached, resumable, sharded)
-    if training_args.kd_target != "target":
-        seq_inter = training_args.kd_target == "seq_inter_target"
-        if seq_inter and seqkd_args.nbest_size < 2:
-            raise ValueError("--kd_target seq_inter_target needs --nbest_size K > 1 (Kim & Rush used K = 35)")
-        cache_dir = seqkd_args.seqkd_cache_dir or os.path.join(os.path.dirname(
-            os.path.abspath(training_args.output_dir)), "seqkd_cache")
-        train_raw = build_seqkd_dataset(
-            train_raw, teacher, tokenizer, num_beams=max(seqkd_args.teacher_num_beams, seqkd_args.nbest_size),
-            num_return_sequences=seqkd_args.nbest_size, max_new_tokens=seqkd_args.teacher_max_new_tokens,
-            batch_size=seqkd_args.generation_batch_size, max_tokens_per_batch=seqkd_args.max_tokens_per_batch,
-            seq_inter=seq_inter, seq_inter_metric=seqkd_args.seq_inter_metric, source_prefix=data_args.source_prefix,
-            cache_dir=cache_dir)
+    # 2. The Seq-KD corpus: the teacher's beam search over every training source (cached, resumable, sharded over
+    #    the processes), when training on it (--kd_target teacher_target / seq_inter_target) or for --hybrid_gate
+    train_raw = build_seqkd_corpus(train_raw, teacher, tokenizer, seqkd_args, training_args, data_args)
     tokenize = dict(tokenizer=tokenizer, max_source_length=data_args.max_source_length,
                     max_target_length=data_args.max_target_length, source_prefix=data_args.source_prefix)
     hybrid = training_args.hybrid_gate is not None and "teacher_target" in train_raw.column_names
@@ -169,28 +109,14 @@ def main(argv=None):
         print(markdown_table(rows, ["model", "params", "bleu_greedy", "bleu_beam", "chrf", "sentences_per_second",
                                     "speedup"]))
 
-    # 6. Save the student with a model card; push if asked
-    method = {"target": "baseline", "teacher_target": "seq-kd", "seq_inter_target": "seq-inter"}[training_args.kd_target]
-    if training_args.alpha > 0:
-        method += "+word-kd"
-    hyper = {k: v for k, v in {**dataclass_to_dict(seqkd_args), "alpha": training_args.alpha,
-                               "temperature": training_args.temperature, "kd_target": training_args.kd_target,
-                               "learning_rate": training_args.learning_rate,
-                               "num_train_epochs": training_args.num_train_epochs,
-                               "max_steps": training_args.max_steps}.items() if v is not None}
-    card = make_model_card(teacher_name=training_args.teacher_model_name_or_path, method=method, hyperparameters=hyper,
-                           results=rows or None, source_lang=data_args.source_lang or "src",
-                           target_lang=data_args.target_lang or "tgt", datasets=data_args.dataset,
-                           license=seqkd_args.model_card_license, eval_split=data_args.test_split,
-                           hub_model_id=training_args.hub_model_id)
-    save_student(trainer.model, tokenizer, training_args.output_dir, card)
-    with open(os.path.join(training_args.output_dir, "results.json"), "w") as f:
-        json.dump(rows, f, indent=2)
-    if training_args.push_to_hub:
-        if not training_args.hub_model_id:
-            raise ValueError("--push_to_hub needs --hub_model_id (e.g. your-name/opus-mt-de-en-seqkd-student)")
-        push_student(training_args.output_dir, training_args.hub_model_id, private=bool(training_args.hub_private_repo),
-                     token=training_args.hub_token)
+    # 6. Save the student with its tokenizer, a model card and results.json; push with --push_to_hub
+    hyperparameters = {**dataclass_to_dict(seqkd_args), "alpha": training_args.alpha,
+                       "temperature": training_args.temperature, "kd_target": training_args.kd_target,
+                       "learning_rate": training_args.learning_rate, "num_train_epochs": training_args.num_train_epochs,
+                       "max_steps": training_args.max_steps if training_args.max_steps > 0 else None,
+                       "init_student_from": model_args.init_student_from}
+    save_and_publish_student(trainer.model, tokenizer, training_args, data_args, method=kd_method_name(training_args),
+                             hyperparameters=hyperparameters, results=rows, license=seqkd_args.model_card_license)
     print(f"Student, tokenizer, model card (README.md) and results.json saved to {training_args.output_dir}")
     return rows
 

@@ -33,3 +33,13 @@ def tokenizer(toy_corpus):
 def tiny_marian(tokenizer):
     """A fresh 2+2-layer Marian model of width 32 with random weights."""
     return tiny_seq2seq_model(tokenizer, "marian", d_model=32, encoder_layers=2, decoder_layers=2, seed=0)
+
+
+@pytest.fixture(scope="module")
+def torch_one_thread():
+    """One torch thread for a whole test module (``pytestmark = pytest.mark.usefixtures("torch_one_thread")``):
+    on a busy 2-core machine two OpenMP threads spin-wait and run ~10x slower."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)

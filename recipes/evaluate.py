@@ -1,0 +1,108 @@
+"""Compare saved models on a test set: quality against speed and size (teacher, students, pruned, CTranslate2).
+
+    python recipes/evaluate.py --config recipes/configs/evaluate_opus_mt.yaml
+    python recipes/evaluate.py --models teacher=Helsinki-NLP/opus-mt-de-en student=out/seqkd_student \
+        pruned=out/pruned/sparsity-80 ct2=out/seqkd_student_ct2 --tokenizer out/seqkd_student \
+        --dataset wmt16 --dataset_config de-en --source_lang de --target_lang en --max_test_samples 1000 \
+        --output_dir out/comparison
+
+Every model is a Transformers folder (or a Hub id in the local cache) or a CTranslate2 folder (``model.bin``,
+from ``hf_seqkd.export.to_ctranslate2``; its tokenizer comes from the folder, else ``--tokenizer``, else the
+Transformers model in ``--models`` whose vocabulary it has). A bare path is named after its folder.
+
+Steps, top to bottom:
+ 1. read the test split;
+ 2. evaluate each model in turn (`hf_seqkd.report.compare_models`): BLEU and chrF with greedy and beam search;
+    sentences/s and tokens/s batched and at batch size 1 (on the first `--batch1_samples` sentences);
+    parameters (total and non-zero), size on disk; speed-up over the first model. Transformers and CTranslate2
+    run on the same number of CPU threads (`--threads`);
+ 3. write `results.md`, `results.json` and `bleu_vs_speed.png` (BLEU against sentences/s, one point per model)
+    to `--output_dir` and print the table.
+"""
+
+from dataclasses import dataclass, field
+from typing import Optional
+
+from hf_seqkd import load_parallel_data
+from hf_seqkd.cli import DataArguments, parse_args
+from hf_seqkd.report import compare_models, parse_model_specs, report_table, write_report
+
+
+@dataclass
+class ComparisonArguments:
+    """What to compare and how.
+
+    Parameters:
+        models (`list[str]`): `NAME=PATH` or `PATH` of every model; the first is the reference of the speed-up.
+        tokenizer (`str` or `None`): tokenizer of models whose folder has none (CTranslate2 folders).
+        num_beams (`int`): beam size of the beam-search columns (1: greedy only).
+        eval_batch_size (`int`): sentences per call in the batched runs.
+        batch1_samples (`int`): time batch size 1 on the first this many test sentences (0: skip).
+        max_new_tokens (`int`): generation length limit.
+        output_dir (`str`): where results.md, results.json and bleu_vs_speed.png go.
+        device (`str`): `auto` (CUDA when there is a GPU), `cpu` or `cuda`.
+        threads (`int`): CPU threads for Transformers and CTranslate2 alike (0: torch's default).
+        ct2_compute_type (`str`): CTranslate2 compute type (`default`: the saved weight type).
+    """
+
+    models: list[str] = field(default_factory=list, metadata={"help": "NAME=PATH or PATH of every model."})
+    tokenizer: Optional[str] = field(default=None, metadata={"help": "Tokenizer of folders without one (CT2)."})
+    num_beams: int = field(default=5, metadata={"help": "Beam size of the beam-search columns (1: greedy only)."})
+    eval_batch_size: int = field(default=32, metadata={"help": "Sentences per call in the batched runs."})
+    batch1_samples: int = field(default=200, metadata={"help": "Time batch size 1 on this many sentences (0: skip)."})
+    max_new_tokens: int = field(default=128, metadata={"help": "Generation length limit."})
+    output_dir: str = field(default="comparison", metadata={"help": "Folder of results.md/.json and the plot."})
+    device: str = field(default="auto", metadata={"help": "auto, cpu or cuda."})
+    threads: int = field(default=0, metadata={"help": "CPU threads for both back-ends (0: torch's default)."})
+    ct2_compute_type: str = field(default="default", metadata={"help": "CTranslate2 compute type."})
+
+
+def parse(argv=None):
+    """The recipe's arguments (``--config file.yaml`` supplies defaults): what to compare, and the data."""
+    return parse_args((ComparisonArguments, DataArguments), argv)
+
+
+def main(argv=None):
+    args, data_args = parse(argv)
+    if not args.models:
+        raise ValueError("--models is required: NAME=PATH (or PATH) of every model to compare")
+    if not data_args.dataset:
+        raise ValueError("--dataset is required: a Hub dataset, a folder of SPLIT.LANG files, a .tsv or a .jsonl")
+    models = parse_model_specs(args.models)
+    if args.device not in ("auto", "cpu", "cuda"):
+        raise ValueError(f"--device {args.device!r}: use auto, cpu or cuda")
+    device = args.device
+    if device == "auto":
+        import torch
+
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+
+    # 1. The test split
+    raw = load_parallel_data(data_args.dataset, source_lang=data_args.source_lang, target_lang=data_args.target_lang,
+                             config_name=data_args.dataset_config)
+    if data_args.test_split not in raw:
+        raise ValueError(f"--test_split {data_args.test_split!r} is not in {data_args.dataset} "
+                         f"(splits: {', '.join(raw)})")
+    test = raw[data_args.test_split]
+    if data_args.max_test_samples:
+        test = test.select(range(min(data_args.max_test_samples, len(test))))
+
+    # 2. Every model in turn: quality, speed (batched and batch 1), parameters, size; speed-up over the first
+    rows = compare_models(models, test["source"], test["target"], tokenizer=args.tokenizer, device=device,
+                          compute_type=args.ct2_compute_type, threads=args.threads or None, show_progress=True,
+                          num_beams=args.num_beams, batch_size=args.eval_batch_size,
+                          batch1_samples=args.batch1_samples, max_new_tokens=args.max_new_tokens,
+                          source_prefix=data_args.source_prefix)
+    for row in rows:
+        row["dataset"], row["split"] = data_args.dataset, data_args.test_split
+
+    # 3. Markdown table, JSON and the BLEU-against-speed plot
+    paths = write_report(rows, args.output_dir, title=f"Model comparison on {data_args.dataset} "
+                                                      f"({data_args.test_split})")
+    print(report_table(rows))
+    print(f"Wrote {paths['markdown']}, {paths['json']} and {paths['plot']}")
+    return rows
+
+
+if __name__ == "__main__":
+    main()
