@@ -120,7 +120,8 @@ class Study:
         start = time.perf_counter()
         result = fn()
         record = {"stage": stage, "seconds": time.perf_counter() - start, "result": result,
-                  "finished": time.strftime("%Y-%m-%d %H:%M:%S"), "machine": machine()}
+                  "finished": time.strftime("%Y-%m-%d %H:%M:%S"), "machine": machine(),
+                  "command": " ".join(["python"] + [os.path.relpath(sys.argv[0], REPO)] + sys.argv[1:])}
         tmp = self.marker(stage) + ".tmp"
         with open(tmp, "w") as f:
             json.dump(record, f, indent=2, default=str)
@@ -268,7 +269,9 @@ class Study:
         p = self.p
         argv = ["--model_name_or_path", self.student_dir(self.BEST), "--teacher_model_name_or_path", self.teacher_dir,
                 "--sparsities", *[str(s) for s in p["sparsities"]], "--pruning_scope", "class_blind",
-                "--kd_target", "teacher_target", "--alpha", "0"]
+                "--kd_target", "teacher_target", "--alpha", "0", "--test_split", TEST_SPLIT, "--eval_num_beams", "1"]
+        if self.p.get("test_samples"):
+            argv += ["--max_test_samples", str(self.p["test_samples"])]
         argv += self.common_data_args() + self.seqkd_args()
         argv += self.training_args(os.path.join(self.work_dir, "pruned"), p["prune_epochs"], p["finetune_lr"])
         rows = load_recipe("prune").main(argv)
@@ -289,7 +292,8 @@ class Study:
         for name, _ in self.stages():
             if name in ("tokenizer", "teacher", "seqkd_corpus", "prune", "ctranslate2", "evaluate"):
                 continue
-            models.append((name, self.student_dir(name)))
+            if self.done(name):
+                models.append((name, self.student_dir(name)))
         for sparsity in self.p["sparsities"]:
             pattern = os.path.join(self.work_dir, "pruned", f"sparsity-*{int(round(sparsity * 100))}")
             found = sorted(glob.glob(pattern))
@@ -302,6 +306,8 @@ class Study:
         return models
 
     def evaluate(self):
+        """The evaluate stage: every model that exists so far (a partial study is evaluated with what it has; rerun
+        with ``--redo evaluate`` once more stages are done)."""
         argv = ["--models", *[f"{name}={path}" for name, path in self.model_list()],
                 "--dataset", self.data_dir, "--source_lang", SOURCE_LANG, "--target_lang", TARGET_LANG,
                 "--test_split", TEST_SPLIT, "--num_beams", "5", "--batch1_samples", str(self.p["batch1_samples"]),
@@ -309,6 +315,123 @@ class Study:
         if self.p.get("test_samples"):
             argv += ["--max_test_samples", str(self.p["test_samples"])]
         return load_recipe("evaluate").main(argv)
+
+
+# ------------------------------------------------------------------------------------------------------- report
+REPORT_COLUMNS = [("model", "model"), ("params", "parameters"), ("nonzero_params", "non-zero"),
+                  ("bleu_greedy", "BLEU greedy"), ("bleu_beam", "BLEU beam 5"), ("chrf_greedy", "chrF greedy"),
+                  ("sent_per_s_greedy_batch1", "sent/s greedy, batch 1"),
+                  ("sent_per_s_greedy_batched", "sent/s greedy, batched"), ("speedup_batch1", "speed-up, batch 1"),
+                  ("speedup", "speed-up, batched")]
+
+
+def _findings(rows: dict) -> list[str]:
+    """The papers' claims, checked against this study's numbers (only those whose models are there)."""
+    out = []
+
+    def bleu(name, key="bleu_greedy"):
+        return rows[name][key] if name in rows and rows[name].get(key) is not None else None
+
+    def verdict(ok):
+        return "holds" if ok else "does not hold"
+
+    base, seq = bleu("baseline"), bleu("seq_kd")
+    if base is not None and seq is not None:
+        out.append(f"Seq-KD beats the baseline on greedy BLEU (Kim & Rush: +4.2 on WMT En-De): {seq:.2f} vs "
+                   f"{base:.2f}, {seq - base:+.2f}: {verdict(seq > base)}.")
+        gaps = {n: bleu(n, "bleu_beam") - bleu(n) for n in ("baseline", "seq_kd") if bleu(n, "bleu_beam") is not None}
+        if len(gaps) == 2:
+            out.append(f"The greedy-beam gap shrinks with Seq-KD: baseline {gaps['baseline']:+.2f}, Seq-KD "
+                       f"{gaps['seq_kd']:+.2f}: {verdict(gaps['seq_kd'] < gaps['baseline'])}.")
+    teacher = rows.get("teacher")
+    students = [r for n, r in rows.items() if n != "teacher" and r.get("kind", "transformers") == "transformers"
+                and "pruned" not in n and r.get("bleu_greedy") is not None]
+    if teacher and students and teacher.get("bleu_beam") is not None:
+        best = max(students, key=lambda r: r["bleu_greedy"])
+        speed = best.get("sent_per_s_greedy_batch1") or best.get("sent_per_s_greedy_batched")
+        tspeed = teacher.get("sent_per_s_beam_batch1") or teacher.get("sent_per_s_beam_batched")
+        if speed and tspeed:
+            out.append(f"The best student ({best['model']}, greedy) against the teacher (beam 5): BLEU "
+                       f"{best['bleu_greedy']:.2f} vs {teacher['bleu_beam']:.2f} "
+                       f"({best['bleu_greedy'] - teacher['bleu_beam']:+.2f}), {speed / tspeed:.1f}x the sentences/s "
+                       f"(batch 1), {teacher['params'] / best['params']:.1f}x fewer parameters.")
+    pruned = {n: r for n, r in rows.items() if "_pruned_" in n}
+    if pruned and Study.BEST in rows:
+        ref = rows[Study.BEST]["bleu_greedy"]
+        parts = [f"{n.rsplit('_', 1)[-1]}%: {r['bleu_greedy']:.2f} ({r['bleu_greedy'] - ref:+.2f}, "
+                 f"{r['nonzero_params']:,} non-zero)" for n, r in sorted(pruned.items())]
+        p80 = next((r for n, r in pruned.items() if n.endswith("_80")), None)
+        line = f"Pruning the staged student (greedy BLEU {ref:.2f}): " + "; ".join(parts) + "."
+        if p80 is not None:
+            line += f" 80% pruning loses almost nothing (Kim & Rush: -0.2): {verdict(ref - p80['bleu_greedy'] <= 0.5)}."
+        out.append(line)
+    hybrid, word, seq_word = bleu("hybrid"), bleu("word_kd"), bleu("seq_kd")
+    if hybrid is not None and word is not None and seq_word is not None:
+        out.append(f"The hybrid beats token-level (Word-KD) and sentence-level (Seq-KD) KD: {hybrid:.2f} vs "
+                   f"{word:.2f} and {seq_word:.2f}: {verdict(hybrid > max(word, seq_word))}.")
+    skip = bleu("ckd_skip")
+    combos = {n: r["bleu_greedy"] for n, r in rows.items() if n.startswith("ckd_") and n != "ckd_skip"
+              and r.get("bleu_greedy") is not None}
+    if skip is not None and combos:
+        best_name = max(combos, key=combos.get)
+        listing = ", ".join(f"{n[4:]} {b:.2f}" for n, b in combos.items())
+        out.append(f"CKD beats the skip (PKD) mapping: skip {skip:.2f}; {listing}: "
+                   f"{verdict(combos[best_name] > skip)} for the best ({best_name[4:]}).")
+    ct2 = {n: r for n, r in rows.items() if n.endswith("_ct2_int8")}
+    for name, r in ct2.items():
+        source = rows.get(name[: -len("_ct2_int8")])
+        if source and source.get("sent_per_s_greedy_batch1") and r.get("sent_per_s_greedy_batch1"):
+            out.append(f"CTranslate2 int8 ({name[: -len('_ct2_int8')]}): {r['sent_per_s_greedy_batch1'] / source['sent_per_s_greedy_batch1']:.1f}x "
+                       f"the sentences/s of the same model in transformers at batch 1, "
+                       f"{r['sent_per_s_greedy_batched'] / source['sent_per_s_greedy_batched']:.1f}x batched; greedy BLEU "
+                       f"{r['bleu_greedy']:.2f} vs {source['bleu_greedy']:.2f}.")
+    return out
+
+
+def write_study_report(study: "Study", path: str) -> str:
+    """Markdown of a (finished or partial) study: stage wall times, the results table, the papers' claims checked,
+    the plot (copied next to ``path``)."""
+    import shutil
+
+    from hf_seqkd.report import report_table
+
+    lines = [f"## Multi30k study, preset `{study.preset_name}` (`bench/multi30k.py`)", ""]
+    records = []
+    for name, _ in study.stages():
+        if study.done(name):
+            with open(study.marker(name)) as f:
+                records.append(json.load(f))
+    commands = sorted({r.get("command", "") for r in records if r.get("command")})
+    lines += ["Commands:", "", "```", *commands, "```", ""] if commands else []
+    machines = sorted({r["machine"] for r in records})
+    lines += [f"Machine: {m}" for m in machines] + [""]
+    lines += ["| stage | wall time (min) | finished |", "| --- | --- | --- |"]
+    lines += [f"| {r['stage']} | {r['seconds'] / 60:.1f} | {r['finished']} |" for r in records]
+    pending = [n for n, _ in study.stages() if not study.done(n)]
+    if pending:
+        lines += ["", f"Not run yet: {', '.join(pending)}."]
+    results = os.path.join(study.work_dir, "report", "results.json")
+    if os.path.exists(results):
+        with open(results) as f:
+            rows = json.load(f)
+        first = rows[0]
+        lines += ["", f"Test set: {first.get('test_sentences')} sentences of {TEST_SPLIT}; BLEU and chrF by sacrebleu on "
+                      f"detokenized text; speed on {first.get('device')} with {first.get('threads')} thread(s), batch 1 "
+                      f"timed on the first {first.get('batch1_sentences')} sentences, batched = "
+                      f"{first.get('batch_size')} sentences per call; speed-up over the teacher's greedy decoding.", ""]
+        lines += [report_table(rows, REPORT_COLUMNS), ""]
+        findings = _findings({r["model"]: r for r in rows})
+        if findings:
+            lines += ["What the papers found, checked on these numbers:", ""] + [f"* {x}" for x in findings] + [""]
+        plot = os.path.join(study.work_dir, "report", "bleu_vs_speed.png")
+        if os.path.exists(plot):
+            target = os.path.join(os.path.dirname(os.path.abspath(path)), f"multi30k_{study.preset_name}_bleu_vs_speed.png")
+            shutil.copyfile(plot, target)
+            lines += ["![BLEU against speed](" + os.path.basename(target) + ")", ""]
+    text = "\n".join(lines) + "\n"
+    with open(path, "w") as f:
+        f.write(text)
+    return text
 
 
 def machine() -> str:
@@ -328,6 +451,9 @@ def main(argv=None):
     parser.add_argument("--stages", nargs="*", default=None, help="run only these stages (in study order)")
     parser.add_argument("--redo", nargs="*", default=(), help="forget these stages' done markers and run them again")
     parser.add_argument("--list", action="store_true", help="list the stages and whether they are done")
+    parser.add_argument("--report", default=None, metavar="FILE.md",
+                        help="write the study's Markdown report (stage times, results, the papers' claims checked) "
+                             "to FILE.md and copy the plot beside it, then stop")
     parser.add_argument("--threads", type=int, default=0,
                         help="torch CPU threads (0: torch's default); 1 is much faster on a machine shared with "
                              "other jobs, where two OpenMP threads spin-wait for each other")
@@ -345,6 +471,9 @@ def main(argv=None):
     unknown = [s for s in list(args.stages or []) + list(args.redo) if s not in names]
     if unknown:
         raise SystemExit(f"unknown stage(s) {unknown}; the stages are {names}")
+    if args.report:
+        print(write_study_report(study, args.report))
+        return
     if args.list:
         for name in names:
             print(f"{name:28s} {'done' if study.done(name) else '-'}")

@@ -16,7 +16,7 @@ import yaml
 from transformers import HfArgumentParser
 
 __all__ = ["ModelArguments", "DataArguments", "EvalArguments", "SeqKDArguments", "build_seqkd_corpus", "parse_args", "load_or_make_student",
-           "markdown_table", "evaluate_models", "kd_method_name", "save_and_publish_student"]
+           "markdown_table", "evaluate_models", "evaluate_on_test_split", "first_rows", "kd_method_name", "save_and_publish_student"]
 
 
 @dataclass
@@ -217,6 +217,26 @@ def load_or_make_student(model_args: ModelArguments, teacher):
             attention_heads=model_args.student_attention_heads, seed=model_args.seed_student)
     return make_student(teacher, encoder_layers=model_args.student_encoder_layer_ids or model_args.student_encoder_layers,
                         decoder_layers=model_args.student_decoder_layer_ids or model_args.student_decoder_layers)
+
+
+def first_rows(dataset, n: int | None):
+    """The first ``n`` rows of ``dataset`` (all of them when ``n`` is None or 0): ``--max_*_samples``."""
+    return dataset.select(range(min(n, len(dataset)))) if n else dataset
+
+
+def evaluate_on_test_split(raw, teacher, student, tokenizer, data_args: DataArguments, eval_args: EvalArguments,
+                           device) -> list[dict]:
+    """Step 5 of the training recipes: teacher (with ``--evaluate_teacher``) and student on ``--test_split``
+    (:func:`evaluate_models`), the table printed; ``[]`` when the corpus has no such split."""
+    if data_args.test_split not in raw:
+        return []
+    test = first_rows(raw[data_args.test_split], data_args.max_test_samples)
+    models = ([("teacher", "teacher", teacher.to(device))] if eval_args.evaluate_teacher else []) + \
+        [("student", "student", student)]
+    rows = evaluate_models(models, tokenizer, test, eval_args, data_args)
+    print(markdown_table(rows, ["model", "params", "bleu_greedy", "bleu_beam", "chrf", "sentences_per_second",
+                                "speedup"]))
+    return rows
 
 
 def evaluate_models(models, tokenizer, test, eval_args: EvalArguments, data_args: DataArguments) -> list[dict]:

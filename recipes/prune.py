@@ -39,7 +39,7 @@ from hf_seqkd import (
     make_compute_metrics,
     prepare_distillation_dataset,
 )
-from hf_seqkd.cli import DataArguments, EvalArguments, SeqKDArguments, build_seqkd_corpus, parse_args
+from hf_seqkd.cli import DataArguments, EvalArguments, SeqKDArguments, build_seqkd_corpus, first_rows, parse_args
 from hf_seqkd.hub import make_model_card, push_student, save_student
 from hf_seqkd.pruning import DEFAULT_PRUNED_CLASSES, SCOPES, PruningCallback, fold_pruning, prune_model, sparsity_report
 from hf_seqkd.report import evaluate_model, model_disk_size, report_table
@@ -84,11 +84,6 @@ def sparsity_name(sparsity: float) -> str:
     return f"sparsity-{percent:g}" if percent % 1 else f"sparsity-{int(percent):02d}"
 
 
-def first(dataset, n):
-    """The first ``n`` rows of ``dataset`` (all of them when ``n`` is None or 0)."""
-    return dataset.select(range(min(n, len(dataset)))) if n else dataset
-
-
 def pruned_sparsity(report: dict, include) -> float:
     """Measured sparsity of the weight classes that were pruned (from ``sparsity_report``)."""
     classes = [c for c in (include or DEFAULT_PRUNED_CLASSES) if c in report["classes"]]
@@ -129,7 +124,7 @@ def main(argv=None):
         teacher = AutoModelForSeq2SeqLM.from_pretrained(training_args.teacher_model_name_or_path)
     raw = load_parallel_data(data_args.dataset, source_lang=data_args.source_lang, target_lang=data_args.target_lang,
                              config_name=data_args.dataset_config)
-    train_raw = first(raw[data_args.train_split], data_args.max_train_samples)
+    train_raw = first_rows(raw[data_args.train_split], data_args.max_train_samples)
 
     # 2. The Seq-KD corpus when retraining on the teacher's translations (cached: a seq_kd.py run's is reused)
     train_raw = build_seqkd_corpus(train_raw, teacher, tokenizer, seqkd_args, training_args, data_args)
@@ -141,9 +136,9 @@ def main(argv=None):
         seed=training_args.seed, teacher_labels_column="teacher_target" if with_teacher_labels else None, **tokenize)
     eval_set = None
     if data_args.eval_split and data_args.eval_split in raw and training_args.eval_strategy != "no":
-        eval_raw = first(raw[data_args.eval_split], data_args.max_eval_samples)
+        eval_raw = first_rows(raw[data_args.eval_split], data_args.max_eval_samples)
         eval_set = prepare_distillation_dataset(eval_raw, **tokenize)
-    test = first(raw[data_args.test_split], data_args.max_test_samples) if data_args.test_split in raw else None
+    test = first_rows(raw[data_args.test_split], data_args.max_test_samples) if data_args.test_split in raw else None
     beams = max(eval_args.eval_num_beams)
 
     def evaluate(model, name, num_beams=1):

@@ -37,7 +37,7 @@ from hf_seqkd import (
     prepare_distillation_dataset,
 )
 from hf_seqkd.cli import (DataArguments, EvalArguments, ModelArguments, SeqKDArguments, build_seqkd_corpus,
-                          dataclass_to_dict, evaluate_models, kd_method_name, load_or_make_student, markdown_table,
+                          dataclass_to_dict, evaluate_on_test_split, first_rows, kd_method_name, load_or_make_student,
                           parse_args, save_and_publish_student)
 
 
@@ -64,9 +64,7 @@ def main(argv=None):
                                               or training_args.teacher_model_name_or_path)
     raw = load_parallel_data(data_args.dataset, source_lang=data_args.source_lang, target_lang=data_args.target_lang,
                              config_name=data_args.dataset_config)
-    train_raw = raw[data_args.train_split]
-    if data_args.max_train_samples:
-        train_raw = train_raw.select(range(min(data_args.max_train_samples, len(train_raw))))
+    train_raw = first_rows(raw[data_args.train_split], data_args.max_train_samples)
 
     # 2. The Seq-KD corpus: the teacher's beam search over every training source (cached, resumable, sharded over
     #    the processes), when training on it (--kd_target teacher_target / seq_inter_target) or for --hybrid_gate
@@ -79,9 +77,7 @@ def main(argv=None):
                                              teacher_labels_column="teacher_target" if hybrid else None, **tokenize)
     eval_set = None
     if data_args.eval_split and data_args.eval_split in raw and training_args.eval_strategy != "no":
-        eval_raw = raw[data_args.eval_split]
-        if data_args.max_eval_samples:
-            eval_raw = eval_raw.select(range(min(data_args.max_eval_samples, len(eval_raw))))
+        eval_raw = first_rows(raw[data_args.eval_split], data_args.max_eval_samples)
         eval_set = prepare_distillation_dataset(eval_raw, **tokenize)
 
     # 3. Student
@@ -97,17 +93,7 @@ def main(argv=None):
         return None
 
     # 5. Evaluate teacher and student on the test split
-    rows = []
-    if data_args.test_split in raw:
-        test = raw[data_args.test_split]
-        if data_args.max_test_samples:
-            test = test.select(range(min(data_args.max_test_samples, len(test))))
-        device = trainer.args.device
-        models = ([("teacher", "teacher", teacher.to(device))] if eval_args.evaluate_teacher else []) + \
-            [("student", "student", trainer.model)]
-        rows = evaluate_models(models, tokenizer, test, eval_args, data_args)
-        print(markdown_table(rows, ["model", "params", "bleu_greedy", "bleu_beam", "chrf", "sentences_per_second",
-                                    "speedup"]))
+    rows = evaluate_on_test_split(raw, teacher, trainer.model, tokenizer, data_args, eval_args, trainer.args.device)
 
     # 6. Save the student with its tokenizer, a model card and results.json; push with --push_to_hub
     hyperparameters = {**dataclass_to_dict(seqkd_args), "alpha": training_args.alpha,

@@ -20,8 +20,8 @@ from hf_seqkd import (
     make_compute_metrics,
     prepare_distillation_dataset,
 )
-from hf_seqkd.cli import (DataArguments, EvalArguments, ModelArguments, evaluate_models, kd_method_name,
-                          load_or_make_student, markdown_table, parse_args, save_and_publish_student)
+from hf_seqkd.cli import (DataArguments, EvalArguments, ModelArguments, evaluate_on_test_split, first_rows,
+                          kd_method_name, load_or_make_student, parse_args, save_and_publish_student)
 
 
 def main(argv=None):
@@ -44,17 +44,13 @@ def main(argv=None):
                              config_name=data_args.dataset_config)
     tokenize = dict(tokenizer=tokenizer, max_source_length=data_args.max_source_length,
                     max_target_length=data_args.max_target_length, source_prefix=data_args.source_prefix)
-    train_raw = raw[data_args.train_split]
-    if data_args.max_train_samples:
-        train_raw = train_raw.select(range(min(data_args.max_train_samples, len(train_raw))))
+    train_raw = first_rows(raw[data_args.train_split], data_args.max_train_samples)
     train_set = prepare_distillation_dataset(train_raw, target_column=training_args.kd_target,
                                              gold_mix_ratio=training_args.gold_mix_ratio, seed=training_args.seed,
                                              **tokenize)
     eval_set = None
-    if data_args.eval_split and data_args.eval_split in raw:
-        eval_raw = raw[data_args.eval_split]
-        if data_args.max_eval_samples:
-            eval_raw = eval_raw.select(range(min(data_args.max_eval_samples, len(eval_raw))))
+    if data_args.eval_split and data_args.eval_split in raw and training_args.eval_strategy != "no":
+        eval_raw = first_rows(raw[data_args.eval_split], data_args.max_eval_samples)
         eval_set = prepare_distillation_dataset(eval_raw, **tokenize)
 
     # 3. Student: copied teacher layers, a from-config model, or a saved student to continue
@@ -70,17 +66,7 @@ def main(argv=None):
         return None
 
     # 5. Evaluate student and teacher on the test split
-    rows = []
-    if data_args.test_split in raw:
-        test = raw[data_args.test_split]
-        if data_args.max_test_samples:
-            test = test.select(range(min(data_args.max_test_samples, len(test))))
-        device = trainer.args.device
-        models = ([("teacher", "teacher", teacher.to(device))] if eval_args.evaluate_teacher else []) + \
-            [("student", "student", trainer.model)]
-        rows = evaluate_models(models, tokenizer, test, eval_args, data_args)
-        print(markdown_table(rows, ["model", "params", "bleu_greedy", "bleu_beam", "chrf", "sentences_per_second",
-                                    "speedup"]))
+    rows = evaluate_on_test_split(raw, teacher, trainer.model, tokenizer, data_args, eval_args, trainer.args.device)
 
     # 6. Save the student with its tokenizer, a model card and results.json; push with --push_to_hub
     hyperparameters = {"alpha": training_args.alpha, "temperature": training_args.temperature,

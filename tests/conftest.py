@@ -11,7 +11,7 @@ os.environ.setdefault("WANDB_DISABLED", "true")
 import pytest  # noqa: E402
 import torch  # noqa: E402
 
-from hf_seqkd import make_toy_corpus, tiny_seq2seq_model, train_tokenizer  # noqa: E402
+from hf_seqkd import make_toy_corpus, prepare_distillation_dataset, tiny_seq2seq_model, train_tokenizer  # noqa: E402
 
 torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
 
@@ -27,6 +27,12 @@ def tokenizer(toy_corpus):
     """A tiny shared-vocabulary BPE tokenizer trained on the toy corpus (pad is the last id)."""
     train = toy_corpus["train"]
     return train_tokenizer(list(train["source"]) + list(train["target"]), vocab_size=300)
+
+
+@pytest.fixture
+def train_set(toy_corpus, tokenizer):
+    """The first 16 training pairs, tokenized for the trainer."""
+    return prepare_distillation_dataset(toy_corpus["train"].select(range(16)), tokenizer)
 
 
 @pytest.fixture

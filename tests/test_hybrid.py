@@ -7,7 +7,6 @@ import os
 import pytest
 import torch
 from safetensors.torch import load_file
-from torch.utils.data import SequentialSampler
 from transformers import AutoModelForSeq2SeqLM, TrainerCallback
 
 from hf_seqkd import (
@@ -29,19 +28,10 @@ from hf_seqkd.hybrid import (
 )
 from hf_seqkd.losses import sequence_cross_entropy
 
-
-class _SequentialTrainer(DistillationTrainer):
-    def _get_train_sampler(self, *args, **kwargs):
-        return SequentialSampler(self.train_dataset)
-
+from _helpers import SequentialTrainer, training_args
 
 def _args(tmp_path, **kw):
-    base = dict(output_dir=str(tmp_path), per_device_train_batch_size=4, learning_rate=1e-2, max_steps=1,
-                report_to=[], save_strategy="no", logging_steps=1, seed=0, optim="sgd", lr_scheduler_type="constant",
-                warmup_steps=0, disable_tqdm=True, dataloader_num_workers=0, use_cpu=True, alpha=1.0,
-                hybrid_gate="scalar", generation_max_length=8)
-    base.update(kw)
-    return DistillationTrainingArguments(**base)
+    return training_args(tmp_path, **{**dict(alpha=1.0, hybrid_gate="scalar", generation_max_length=8), **kw})
 
 
 @pytest.fixture
@@ -50,11 +40,6 @@ def seqkd_set(toy_corpus, tokenizer):
     data = toy_corpus["train"].select(range(16))
     data = data.add_column("teacher_target", [" ".join(t.split()[::-1]) for t in data["target"]])
     return prepare_distillation_dataset(data, tokenizer, teacher_labels_column="teacher_target")
-
-
-@pytest.fixture
-def train_set(toy_corpus, tokenizer):
-    return prepare_distillation_dataset(toy_corpus["train"].select(range(16)), tokenizer)
 
 
 @pytest.fixture
@@ -264,9 +249,9 @@ def test_gradient_accumulation_equals_one_big_batch(tmp_path, tokenizer, train_s
     a, b = copy.deepcopy(tiny_marian), copy.deepcopy(tiny_marian)
     collator = DistillationDataCollator(tokenizer, model=tiny_marian)
     kw = dict(hybrid_gate="input", alpha=0.7)  # teacher sequences from greedy decoding, normalised per token
-    accumulated = _SequentialTrainer(model=a, teacher_model=teacher, train_dataset=train_set, data_collator=collator,
+    accumulated = SequentialTrainer(model=a, teacher_model=teacher, train_dataset=train_set, data_collator=collator,
                                      args=_args(tmp_path / "ga", gradient_accumulation_steps=2, **kw))
-    big = _SequentialTrainer(model=b, teacher_model=teacher, train_dataset=train_set, data_collator=collator,
+    big = SequentialTrainer(model=b, teacher_model=teacher, train_dataset=train_set, data_collator=collator,
                              args=_args(tmp_path / "big", per_device_train_batch_size=8, **kw))
     for trainer in (accumulated, big):
         with torch.no_grad():

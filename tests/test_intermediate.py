@@ -7,7 +7,6 @@ import os
 import pytest
 import torch
 from safetensors.torch import load_file
-from torch.utils.data import SequentialSampler
 from transformers import AutoModelForSeq2SeqLM
 
 from hf_seqkd import (
@@ -15,7 +14,6 @@ from hf_seqkd import (
     DistillationTrainer,
     DistillationTrainingArguments,
     distillation_loss,
-    prepare_distillation_dataset,
     tiny_seq2seq_model,
 )
 from hf_seqkd.intermediate import (
@@ -29,6 +27,8 @@ from hf_seqkd.intermediate import (
     resolve_layer_mapping,
 )
 from hf_seqkd.losses import sequence_cross_entropy
+
+from _helpers import SequentialTrainer, training_args
 
 
 @pytest.fixture(autouse=True)
@@ -204,23 +204,8 @@ def test_padding_does_not_change_the_loss():
 
 
 # -------------------------------------------------------------------------------------------------- trainer
-class _SequentialTrainer(DistillationTrainer):
-    def _get_train_sampler(self, *args, **kwargs):
-        return SequentialSampler(self.train_dataset)
-
-
 def _args(tmp_path, **kw):
-    base = dict(output_dir=str(tmp_path), per_device_train_batch_size=4, learning_rate=1e-2, max_steps=1,
-                report_to=[], save_strategy="no", logging_steps=1, seed=0, optim="sgd", lr_scheduler_type="constant",
-                warmup_steps=0, disable_tqdm=True, dataloader_num_workers=0, use_cpu=True, alpha=0.2,
-                intermediate_loss_weight=0.7)
-    base.update(kw)
-    return DistillationTrainingArguments(**base)
-
-
-@pytest.fixture
-def train_set(toy_corpus, tokenizer):
-    return prepare_distillation_dataset(toy_corpus["train"].select(range(16)), tokenizer)
+    return training_args(tmp_path, **{**dict(alpha=0.2, intermediate_loss_weight=0.7), **kw})
 
 
 @pytest.fixture
@@ -257,10 +242,10 @@ def test_gradient_accumulation_equals_one_big_batch_with_ckd(tmp_path, tokenizer
     a, b = copy.deepcopy(tiny_marian), copy.deepcopy(tiny_marian)
     collator = DistillationDataCollator(tokenizer, model=tiny_marian)
     kw = dict(intermediate_layers="both", layer_mapping="overlap_comb")
-    accumulated = _SequentialTrainer(model=a, teacher_model=deep_teacher, train_dataset=train_set,
+    accumulated = SequentialTrainer(model=a, teacher_model=deep_teacher, train_dataset=train_set,
                                      data_collator=collator,
                                      args=_args(tmp_path / "ga", gradient_accumulation_steps=2, **kw))
-    big = _SequentialTrainer(model=b, teacher_model=deep_teacher, train_dataset=train_set, data_collator=collator,
+    big = SequentialTrainer(model=b, teacher_model=deep_teacher, train_dataset=train_set, data_collator=collator,
                              args=_args(tmp_path / "big", per_device_train_batch_size=8, **kw))
     big.distillation_modules.load_state_dict(accumulated.distillation_modules.state_dict())
     initial = copy.deepcopy(big.distillation_modules.state_dict())

@@ -6,7 +6,6 @@ import os
 import pytest
 import torch
 from safetensors.torch import load_file
-from torch.utils.data import SequentialSampler
 from transformers import Seq2SeqTrainer, Seq2SeqTrainingArguments
 
 from hf_seqkd import (
@@ -14,38 +13,19 @@ from hf_seqkd import (
     DistillationTrainer,
     DistillationTrainingArguments,
     distillation_loss,
-    prepare_distillation_dataset,
     tiny_seq2seq_model,
 )
 from hf_seqkd.losses import sequence_cross_entropy
 
-
-class _Sequential:
-    """Feed batches in dataset order so that two runs see the same examples."""
-
-    def _get_train_sampler(self, *args, **kwargs):
-        return SequentialSampler(self.train_dataset)
+from _helpers import InOrder, SequentialTrainer as SeqDistillationTrainer, training_args
 
 
-class SeqDistillationTrainer(_Sequential, DistillationTrainer):
-    pass
-
-
-class SeqSeq2SeqTrainer(_Sequential, Seq2SeqTrainer):
+class SeqSeq2SeqTrainer(InOrder, Seq2SeqTrainer):
     pass
 
 
 def _args(tmp_path, cls=DistillationTrainingArguments, **kw):
-    base = dict(output_dir=str(tmp_path), per_device_train_batch_size=4, learning_rate=1e-2, max_steps=1,
-                report_to=[], save_strategy="no", logging_steps=1, seed=0, optim="sgd", lr_scheduler_type="constant",
-                warmup_steps=0, disable_tqdm=True, dataloader_num_workers=0, use_cpu=True)
-    base.update(kw)
-    return cls(**base)
-
-
-@pytest.fixture
-def train_set(toy_corpus, tokenizer):
-    return prepare_distillation_dataset(toy_corpus["train"].select(range(16)), tokenizer)
+    return training_args(tmp_path, cls, **kw)
 
 
 @pytest.fixture
