@@ -93,12 +93,61 @@ def naive(dataset, teacher, tokenizer, args) -> tuple[list[str], float]:
     return list(out["teacher_target"]), time.perf_counter() - t0
 
 
-def ours(dataset, teacher, tokenizer, args) -> tuple[list[str], float]:
+def ours(dataset, teacher, tokenizer, args, dtype=None) -> tuple[list[str], float]:
     t0 = time.perf_counter()
     out = build_seqkd_dataset(dataset, teacher, tokenizer, num_beams=args.num_beams, max_new_tokens=args.max_new_tokens,
                               batch_size=args.batch_size, max_tokens_per_batch=args.max_tokens_per_batch,
-                              show_progress=False)
+                              show_progress=False, dtype=dtype)
     return list(out["teacher_target"]), time.perf_counter() - t0
+
+
+def ours_multiprocess(args, processes: int) -> tuple[list[str], float]:
+    """``build_seqkd_dataset`` under ``torchrun --nproc_per_node N`` (one thread per process): every process
+    translates its own shards (the way the function spreads work over processes). The time is measured inside
+    the processes, from after the teacher is loaded to the gathered result, as for the other rows."""
+    import json
+    import subprocess
+    import tempfile
+
+    with tempfile.TemporaryDirectory() as tmp:
+        cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(processes),
+               os.path.abspath(__file__), "--worker", "--teacher", args.teacher, "--data_dir", args.data_dir,
+               "--num_sentences", str(args.num_sentences), "--num_beams", str(args.num_beams),
+               "--max_new_tokens", str(args.max_new_tokens), "--batch_size", str(args.batch_size),
+               "--max_tokens_per_batch", str(args.max_tokens_per_batch), "--worker_dir", tmp]
+        env = dict(os.environ, OMP_NUM_THREADS="1")
+        subprocess.run(cmd, check=True, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        with open(os.path.join(tmp, "result.json")) as f:
+            result = json.load(f)
+    return result["outputs"], result["seconds"]
+
+
+def worker(args):
+    """One process of ``ours_multiprocess``."""
+    import json
+
+    from accelerate import PartialState
+    from transformers import AutoModelForSeq2SeqLM, AutoTokenizer
+
+    torch.set_num_threads(1)
+    state = PartialState(cpu=True)
+    tokenizer = AutoTokenizer.from_pretrained(args.teacher)
+    teacher = AutoModelForSeq2SeqLM.from_pretrained(args.teacher).eval()
+    dataset = Dataset.from_dict({"source": read_lines(os.path.join(args.data_dir, "train.de.gz"), args.num_sentences)})
+    warm = dataset.select(range(16))
+    build_seqkd_dataset(warm, teacher, tokenizer, num_beams=args.num_beams, max_new_tokens=args.max_new_tokens,
+                        cache_dir=os.path.join(args.worker_dir, "warm"), show_progress=False)
+    state.wait_for_everyone()
+    t0 = time.perf_counter()
+    out = build_seqkd_dataset(dataset, teacher, tokenizer, num_beams=args.num_beams,
+                              max_new_tokens=args.max_new_tokens, batch_size=args.batch_size,
+                              max_tokens_per_batch=args.max_tokens_per_batch, show_progress=False,
+                              cache_dir=os.path.join(args.worker_dir, "cache"),
+                              shard_size=max(1, args.num_sentences // (8 * state.num_processes)))
+    seconds = time.perf_counter() - t0
+    if state.is_main_process:
+        with open(os.path.join(args.worker_dir, "result.json"), "w") as f:
+            json.dump({"seconds": seconds, "outputs": list(out["teacher_target"])}, f)
 
 
 def main():
@@ -113,6 +162,16 @@ def main():
                    help="build_seqkd_dataset: sentences x longest source x num_beams per batch")
     p.add_argument("--repeats", type=int, default=1, help="alternate the two methods this many times, keep the best")
     p.add_argument("--threads", type=int, default=0, help="torch intra-op threads (0: torch's default)")
+    p.add_argument("--ctranslate2", default=None,
+                   help="also time build_seqkd_dataset with the teacher converted to CTranslate2, e.g. float32,int8 "
+                        "(needs --teacher; same number of threads)")
+    p.add_argument("--processes", type=int, default=0,
+                   help="also time build_seqkd_dataset under torchrun with this many single-thread processes "
+                        "(needs --teacher); compare with the naive way on torch's default threads")
+    p.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
+    p.add_argument("--worker_dir", default=None, help=argparse.SUPPRESS)
+    p.add_argument("--also_dtype", default=None,
+                   help="also time build_seqkd_dataset(dtype=...), e.g. bfloat16 (CPUs with native bf16: AVX512-BF16/AMX)")
     p.add_argument("--teacher", default=None, help="directory with a saved tokenizer + teacher (skips training)")
     p.add_argument("--save_teacher", default=None, help="save the trained tokenizer + teacher here")
     p.add_argument("--train_steps", type=int, default=400)
@@ -120,6 +179,10 @@ def main():
     p.add_argument("--lr", type=float, default=1e-3)
     p.add_argument("--warmup_steps", type=int, default=100)
     args = p.parse_args()
+    if args.worker:
+        return worker(args)
+    if (args.processes > 1 or args.ctranslate2) and not args.teacher:
+        raise SystemExit("--processes needs --teacher (a saved teacher every process loads)")
     if args.threads:
         torch.set_num_threads(args.threads)
     datasets.disable_progress_bars()
@@ -142,7 +205,21 @@ def main():
     naive(warm, teacher, tokenizer, args)  # warm-up: first-call allocations, lazy imports
     ours(warm, teacher, tokenizer, args)
 
-    naive_times, our_times = [], []
+    if args.also_dtype:
+        ours(warm, teacher, tokenizer, args, dtype=args.also_dtype)
+    converted = {}
+    if args.ctranslate2:
+        import tempfile
+
+        from hf_seqkd.export import CTranslate2Translator, to_ctranslate2
+
+        ct2_root = tempfile.mkdtemp(prefix="seqkd_ct2_")
+        for quantization in args.ctranslate2.split(","):
+            folder = to_ctranslate2(args.teacher, os.path.join(ct2_root, quantization), quantization=quantization)
+            converted[quantization] = CTranslate2Translator(folder, tokenizer, intra_threads=torch.get_num_threads())
+            ours(warm, converted[quantization], tokenizer, args)
+    ct2_times = {q: [] for q in converted}
+    naive_times, our_times, dtype_times, mp_times = [], [], [], []
     for r in range(args.repeats):
         naive_out, t = naive(dataset, teacher, tokenizer, args)
         naive_times.append(t)
@@ -150,6 +227,19 @@ def main():
         our_out, t = ours(dataset, teacher, tokenizer, args)
         our_times.append(t)
         print(f"  repeat {r}: build_seqkd_dataset {t:.1f}s", flush=True)
+        ct2_out = {}
+        for quantization, translator in converted.items():
+            ct2_out[quantization], t = ours(dataset, translator, tokenizer, args)
+            ct2_times[quantization].append(t)
+            print(f"  repeat {r}: build_seqkd_dataset, CTranslate2 {quantization} {t:.1f}s", flush=True)
+        if args.processes > 1:
+            mp_out, t = ours_multiprocess(args, args.processes)
+            mp_times.append(t)
+            print(f"  repeat {r}: build_seqkd_dataset, {args.processes} processes {t:.1f}s", flush=True)
+        if args.also_dtype:
+            dtype_out, t = ours(dataset, teacher, tokenizer, args, dtype=args.also_dtype)
+            dtype_times.append(t)
+            print(f"  repeat {r}: build_seqkd_dataset dtype={args.also_dtype} {t:.1f}s", flush=True)
 
     n = len(dataset)
     t_naive, t_ours = min(naive_times), min(our_times)
@@ -174,6 +264,24 @@ def main():
           f"{n / t_naive:.1f} | 1.00x |")
     print(f"| `build_seqkd_dataset` | length-sorted, <= {args.batch_size} sentences, <= {args.max_tokens_per_batch} "
           f"tokens | {t_ours:.1f} | {n / t_ours:.1f} | {t_naive / t_ours:.2f}x |")
+    for quantization in converted:
+        t_ct2 = min(ct2_times[quantization])
+        same_ct2 = sum(a == b for a, b in zip(naive_out, ct2_out[quantization])) / n
+        print(f"| `build_seqkd_dataset`, teacher converted to CTranslate2 ({quantization}) | the same | {t_ct2:.1f} | "
+              f"{n / t_ct2:.1f} | {t_naive / t_ct2:.2f}x |")
+        print(f"\nCTranslate2 {quantization}: {same_ct2:.1%} of the outputs identical to the naive way's")
+    if args.processes > 1:
+        t_mp = min(mp_times)
+        same_mp = sum(a == b for a, b in zip(naive_out, mp_out)) / n
+        print(f"| `build_seqkd_dataset`, `torchrun --nproc_per_node {args.processes}`, 1 thread each | the same, "
+              f"shards split over the processes | {t_mp:.1f} | {n / t_mp:.1f} | {t_naive / t_mp:.2f}x |")
+        print(f"\n{args.processes} processes: {same_mp:.1%} of the outputs identical to the naive way's")
+    if args.also_dtype:
+        t_dtype = min(dtype_times)
+        same_dtype = sum(a == b for a, b in zip(naive_out, dtype_out)) / n
+        print(f"| `build_seqkd_dataset(dtype={args.also_dtype!r})` | the same | {t_dtype:.1f} | {n / t_dtype:.1f} | "
+              f"{t_naive / t_dtype:.2f}x |")
+        print(f"\nwith dtype={args.also_dtype}: {same_dtype:.1%} of the outputs identical to the float32 ones")
     if args.repeats > 1:
         print(f"\nall times (s): naive {[round(t, 1) for t in naive_times]}, "
               f"build_seqkd_dataset {[round(t, 1) for t in our_times]}; the table shows the best of each")

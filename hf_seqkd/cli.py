@@ -111,6 +111,9 @@ class SeqKDArguments:
         max_tokens_per_batch (`int` or `None`): token budget per `generate` call (sentences x source tokens x beams).
         seqkd_cache_dir (`str` or `None`): where the Seq-KD corpus is cached (default `<output_dir>/../seqkd_cache`);
             a rerun with the same teacher, data and settings reuses it, an interrupted one resumes.
+        teacher_ctranslate2_dir (`str` or `None`): the teacher converted with `hf_seqkd.export.to_ctranslate2`; when
+            set, the corpus is translated by CTranslate2 (several times faster on a CPU, `bench/RESULTS.md`) instead
+            of `teacher.generate`. Training still uses the Transformers teacher for word-level terms.
         model_card_license (`str` or `None`): licence id written into the model card.
     """
 
@@ -121,6 +124,7 @@ class SeqKDArguments:
     generation_batch_size: int = field(default=64, metadata={"help": "Sentences per generate call."})
     max_tokens_per_batch: Optional[int] = field(default=None, metadata={"help": "Token budget per generate call."})
     seqkd_cache_dir: Optional[str] = field(default=None, metadata={"help": "Cache of the Seq-KD corpus."})
+    teacher_ctranslate2_dir: Optional[str] = field(default=None, metadata={"help": "Translate the corpus with this CTranslate2 conversion of the teacher."})
     model_card_license: Optional[str] = field(default=None, metadata={"help": "Licence for the model card."})
 
 
@@ -140,6 +144,11 @@ def build_seqkd_corpus(train_raw, teacher, tokenizer, seqkd_args: SeqKDArguments
         raise ValueError("--kd_target seq_inter_target needs --nbest_size K > 1 (Kim & Rush used K = 35)")
     cache_dir = seqkd_args.seqkd_cache_dir or os.path.join(os.path.dirname(
         os.path.abspath(training_args.output_dir)), "seqkd_cache")
+    if seqkd_args.teacher_ctranslate2_dir:
+        from .export import CTranslate2Translator
+
+        device = "cuda" if str(training_args.device).startswith("cuda") else "cpu"
+        teacher = CTranslate2Translator(seqkd_args.teacher_ctranslate2_dir, tokenizer, device=device)
     return build_seqkd_dataset(
         train_raw, teacher, tokenizer, num_beams=max(seqkd_args.teacher_num_beams, seqkd_args.nbest_size),
         num_return_sequences=seqkd_args.nbest_size, max_new_tokens=seqkd_args.teacher_max_new_tokens,

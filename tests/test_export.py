@@ -168,3 +168,50 @@ def test_converted_scores_match_transformers(family, tokenizer, toy_corpus, tmp_
     logp = torch.log_softmax(logits, -1).gather(-1, labels.masked_fill(~mask, 0).unsqueeze(-1)).squeeze(-1)
     hf_scores = torch.where(mask, logp, 0.0).sum(-1)
     torch.testing.assert_close(ct2_scores, hf_scores, atol=2e-3, rtol=1e-4)
+
+
+@pytest.mark.parametrize("num_beams", [1, 3])
+def test_seqkd_corpus_from_a_ctranslate2_teacher_matches_transformers(trained_marian_dir, tokenizer, toy_corpus,
+                                                                      tmp_path, num_beams):
+    """build_seqkd_dataset with the teacher converted to CTranslate2 (float32): the same translations and scores
+    (length-normalised log-probabilities) as with the Transformers teacher; its cache is keyed by the files."""
+    from transformers import AutoModelForSeq2SeqLM
+
+    from hf_seqkd import build_seqkd_dataset
+
+    model = AutoModelForSeq2SeqLM.from_pretrained(trained_marian_dir).eval()
+    translator = CTranslate2Translator(to_ctranslate2(trained_marian_dir, tmp_path / "ct2", quantization="float32"),
+                                       tokenizer, intra_threads=1)
+    data = toy_corpus["test"]
+    k = 1 if num_beams == 1 else 2
+    settings = dict(num_beams=num_beams, num_return_sequences=k, max_new_tokens=MAX_NEW, show_progress=False)
+    with _one_thread():
+        reference = build_seqkd_dataset(data, model, tokenizer, **settings)
+    cache = tmp_path / "cache"
+    out = build_seqkd_dataset(data, translator, tokenizer, cache_dir=cache, **settings)
+    assert out["source"] == data["source"]
+    same = [i for i, (a, b) in enumerate(zip(out["teacher_target"], reference["teacher_target"])) if a == b]
+    assert len(same) >= 0.9 * len(data), f"only {len(same)} of {len(data)} translations agree"
+    for i in same:
+        assert out["teacher_score"][i] == pytest.approx(reference["teacher_score"][i], abs=1e-3)
+    if k > 1:
+        assert all(len(x) == k for x in out["teacher_nbest"])
+    assert any(s != out["teacher_score"][0] for s in out["teacher_score"])
+
+    class NoTranslation:  # a rerun with the same inputs must load the cache and translate nothing
+        compute_type = translator.translator.compute_type
+
+        def translate_batch(self, *args, **kwargs):
+            raise AssertionError("translate_batch called although the result is cached")
+
+    real, translator.translator = translator.translator, NoTranslation()
+    again = build_seqkd_dataset(data, translator, tokenizer, cache_dir=cache, **settings)
+    assert again["teacher_target"] == out["teacher_target"]
+    translator.translator = real
+    with pytest.raises(ValueError, match="compute type"):
+        build_seqkd_dataset(data, translator, tokenizer, dtype="bfloat16", **settings)
+    # another conversion of the same model (int8 weights) is another teacher: a new cache entry
+    int8 = CTranslate2Translator(to_ctranslate2(trained_marian_dir, tmp_path / "ct2_int8", quantization="int8"),
+                                 tokenizer, intra_threads=1)
+    build_seqkd_dataset(data, int8, tokenizer, cache_dir=cache, **settings)
+    assert len([d for d in cache.iterdir() if d.is_dir()]) == 2

@@ -354,3 +354,26 @@ def test_seqkd_run_with_the_same_kbest_settings_reuses_the_stage2_corpus(tiny_de
         tiny_demo["recipe"].main(argv)
     assert generate["n"] == 0
     assert cache_entries(tiny_demo["work"] / "seqkd_cache") == before
+
+
+def test_seqkd_corpus_from_a_ctranslate2_teacher(tiny_demo, tmp_path):
+    """--teacher_ctranslate2_dir: the corpus is translated by the converted teacher (no `generate` call), gets its
+    own cache entry, and the student trains on it."""
+    pytest.importorskip("ctranslate2")
+    from hf_seqkd.export import to_ctranslate2
+
+    teacher_dir = tiny_demo["argv"][tiny_demo["argv"].index("--teacher_model_name_or_path") + 1]
+    ct2 = to_ctranslate2(teacher_dir, tmp_path / "ct2", quantization="float32")
+    cache = tmp_path / "cache"
+    argv = tiny_demo["argv"] + ["--output_dir", str(tmp_path / "student"), "--max_steps", "2",
+                                "--test_split", "no_such_split", "--teacher_ctranslate2_dir", str(ct2),
+                                "--seqkd_cache_dir", str(cache)]
+    with pytest.MonkeyPatch.context() as mp:
+        generate = count_generate_calls(mp)
+        tiny_demo["recipe"].main(argv)
+    assert generate["n"] == 0
+    (entry,) = cache_entries(cache)
+    corpus = pq.read_table(cache / entry / "result.parquet")
+    assert corpus.num_rows == 1500 and all(isinstance(t, str) for t in corpus.column("teacher_target").to_pylist())
+    assert json.loads((cache / entry / "settings.json").read_text())["dtype"].startswith("ctranslate2:")
+    assert AutoModelForSeq2SeqLM.from_pretrained(tmp_path / "student").config.d_model == 32
