@@ -177,7 +177,10 @@ def main(argv=None):
         if not trainer.is_world_process_zero():
             continue
         fold_pruning(model)
-        report = sparsity_report(model)
+        # count what is saved: the reloaded folder (loading can differ from the in-memory model, e.g. an embedding
+        # row that Transformers re-initialises)
+        save_student(model, tokenizer, out_dir)
+        report = sparsity_report(AutoModelForSeq2SeqLM.from_pretrained(out_dir))
         row = {"model": name, "sparsity": sparsity,
                "measured_sparsity": pruned_sparsity(report, prune_args.pruning_include),
                "params": report["total"], "nonzero_params": report["nonzero"], "bleu_pruned": before,
@@ -204,7 +207,8 @@ def main(argv=None):
             extra_text=f"Pruned from `{prune_args.model_name_or_path}`: {sparsity:.0%} of its weight matrices "
                        f"({prune_args.pruning_scope}), {report['nonzero']:,} of {report['total']:,} parameters "
                        "non-zero (the weights are stored dense, with zeros).")
-        save_student(model, tokenizer, out_dir, card)
+        with open(os.path.join(out_dir, "README.md"), "w", encoding="utf-8") as f:
+            f.write(card)
         row.update(size_bytes=model_disk_size(out_dir)["size_bytes"], path=out_dir)
         rows.append(row)
         if push:
