@@ -365,10 +365,10 @@ def _findings(rows: dict) -> list[str]:
         if p80 is not None:
             line += f" 80% pruning loses almost nothing (Kim & Rush: -0.2): {verdict(ref - p80['bleu_greedy'] <= 0.5)}."
         out.append(line)
-    hybrid, word, seq_word = bleu("hybrid"), bleu("word_kd"), bleu("seq_kd")
-    if hybrid is not None and word is not None and seq_word is not None:
+    hybrid, word = bleu("hybrid"), bleu("word_kd")
+    if hybrid is not None and word is not None and seq is not None:
         out.append(f"The hybrid beats token-level (Word-KD) and sentence-level (Seq-KD) KD: {hybrid:.2f} vs "
-                   f"{word:.2f} and {seq_word:.2f}: {verdict(hybrid > max(word, seq_word))}.")
+                   f"{word:.2f} and {seq:.2f}: {verdict(hybrid > max(word, seq))}.")
     skip = bleu("ckd_skip")
     combos = {n: r["bleu_greedy"] for n, r in rows.items() if n.startswith("ckd_") and n != "ckd_skip"
               and r.get("bleu_greedy") is not None}

@@ -44,6 +44,7 @@ from dataclasses import dataclass
 from typing import Any, Sequence
 
 import torch
+from transformers import EncoderDecoderCache
 
 __all__ = [
     "build_seqkd_dataset",
@@ -256,6 +257,14 @@ def make_length_batches(
 # Generation
 
 
+class _SelfAttentionReorderingCache(EncoderDecoderCache):
+    """An encoder-decoder cache whose beam-search reordering leaves the cross-attention part alone (see
+    :func:`_beam_search_cache`)."""
+
+    def reorder_cache(self, beam_idx):
+        self.self_attention_cache.reorder_cache(beam_idx)
+
+
 @dataclass
 class _GenerationSettings:
     num_beams: int
@@ -273,18 +282,11 @@ def _beam_search_cache(model):
     and values are the same for every beam of a sentence (computed from its encoder output, which ``generate``
     copies ``num_beams`` times), and the reordering never moves a row to another sentence, so reordering them is an
     expensive identity: this cache reorders the self-attention part only. The result is bit for bit the same; the
-    time saved was about 12% of beam search for a 3-layer Marian teacher on a CPU (``bench/generation.py``).
+    time saved was about 3% of beam search for a 3-layer Marian teacher on a CPU (``bench/RESULTS.md``).
     """
     if not getattr(model.config, "is_encoder_decoder", False):
         return None
-    try:
-        from transformers import DynamicCache, EncoderDecoderCache
-    except ImportError:  # pragma: no cover - old transformers
-        return None
-
-    class _SelfAttentionReorderingCache(EncoderDecoderCache):
-        def reorder_cache(self, beam_idx):
-            self.self_attention_cache.reorder_cache(beam_idx)
+    from transformers import DynamicCache
 
     return _SelfAttentionReorderingCache(DynamicCache(config=model.config), DynamicCache(config=model.config))
 
