@@ -487,6 +487,34 @@ def _settings_line(rows: Sequence[Mapping]) -> str:
     return "; ".join(parts) + ". Speed-up: sentences/s (greedy) over the first model's."
 
 
+# Label positions tried in turn (offset from the point, in points; horizontal alignment): right, left, above, below.
+_LABEL_SLOTS = [((dx, dy), "left" if dx > 0 else "right" if dx < 0 else "center")
+                for dy in (4, -11, 14, -21, 24, -31, 34, -41) for dx in (5, -5, 0)]
+
+
+def _place_labels(fig, ax, annotations) -> list[tuple[tuple[int, int], str]]:
+    """The first slot of ``_LABEL_SLOTS`` (offset in points, alignment) for each label where it overlaps no point
+    and no label placed before it and stays inside the axes: crowded plots of many same-size students are
+    otherwise unreadable. Labels are placed from the top of the plot down; one with no free slot gets the first."""
+    renderer = fig.canvas.get_renderer()
+    frame = ax.get_window_extent(renderer)
+    dots = [ax.transData.transform(a.xy) for a in annotations]
+    placed, slots = [], {}
+    for i in sorted(range(len(annotations)), key=lambda i: -annotations[i].xy[1]):
+        ann = annotations[i]
+        for slot in _LABEL_SLOTS + [_LABEL_SLOTS[0]]:
+            ann.set_position(slot[0])
+            ann.set_horizontalalignment(slot[1])
+            box = ann.get_window_extent(renderer)
+            inside = frame.x0 <= box.x0 and box.x1 <= frame.x1 and frame.y0 <= box.y0 and box.y1 <= frame.y1
+            on_dot = any(box.x0 - 3 <= x <= box.x1 + 3 and box.y0 - 3 <= y <= box.y1 + 3 for x, y in dots)
+            if inside and not on_dot and not any(box.overlaps(other) for other in placed):
+                break
+        placed.append(box)
+        slots[i] = slot
+    return [slots[i] for i in range(len(annotations))]
+
+
 def plot_bleu_vs_speed(rows: Sequence[Mapping], path: str | os.PathLike | None = None, *,
                        x: str = "sent_per_s_greedy_batched", y: str = "bleu_greedy", log_x: bool = True):
     """BLEU against decoding speed, one labelled point per model (rows without both values are skipped).
@@ -503,27 +531,36 @@ def plot_bleu_vs_speed(rows: Sequence[Mapping], path: str | os.PathLike | None =
     points = [(str(r["model"]), float(r[x]), float(r[y])) for r in rows
               if isinstance(r.get(x), (int, float)) and isinstance(r.get(y), (int, float))
               and math.isfinite(r[x]) and math.isfinite(r[y]) and r[x] > 0]
-    fig = Figure(figsize=(6.4, 4.8), dpi=100)
+    fig = Figure(figsize=(8.0, 5.6), dpi=100)
     FigureCanvasAgg(fig)
     ax = fig.add_subplot()
     annotations = []
     if points:
         ax.scatter([p[1] for p in points], [p[2] for p in points], zorder=3)
         for label, px, py in points:
-            annotations.append(ax.annotate(label, (px, py), xytext=(5, 5), textcoords="offset points", fontsize=9))
+            annotations.append(ax.annotate(label, (px, py), xytext=(5, 4), textcoords="offset points", fontsize=8))
         if log_x:
-            from matplotlib.ticker import NullFormatter, ScalarFormatter
+            from matplotlib.ticker import LogLocator, NullFormatter, ScalarFormatter
 
             ax.set_xscale("log")
+            ax.xaxis.set_major_locator(LogLocator(subs=(1.0, 2.0, 5.0)))
             ax.xaxis.set_major_formatter(ScalarFormatter())
             ax.xaxis.set_minor_formatter(NullFormatter())
-        ax.margins(0.15)
+        ax.margins(0.2)
     x_label = "sentences/s" + (" (greedy, batched)" if x == "sent_per_s_greedy_batched" else f" ({x})")
     ax.set_xlabel(x_label + (", log scale" if log_x and points else ""))
     ax.set_ylabel("BLEU" + (" (greedy)" if y == "bleu_greedy" else f" ({y})"))
     ax.set_title("Translation quality against decoding speed")
     ax.grid(True, which="both", alpha=0.3)
     fig.tight_layout()
+    if annotations:
+        slots = _place_labels(fig, ax, annotations)
+        for ann in annotations:  # thin leader lines, drawn once the labels have their places
+            ann.remove()
+        annotations = [ax.annotate(a.get_text(), a.xy, xytext=offset, textcoords="offset points", fontsize=8,
+                                   horizontalalignment=align,
+                                   arrowprops=dict(arrowstyle="-", lw=0.5, color="0.6", shrinkA=0, shrinkB=3))
+                       for a, (offset, align) in zip(annotations, slots)]
     if path is not None:
         fig.savefig(path, format="png")
     return fig, annotations

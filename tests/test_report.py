@@ -189,6 +189,28 @@ def test_write_report_files_and_plot(tmp_path):
     assert fig.axes[0].get_xscale() == "log"
 
 
+def test_plot_labels_of_crowded_points_do_not_overlap():
+    """Many same-size students sit close together: every label still gets a place of its own inside the plot."""
+    rows = [{"model": "teacher", "sent_per_s_greedy_batched": 57.0, "bleu_greedy": 32.6},
+            {"model": "far_away_ct2_int8", "sent_per_s_greedy_batched": 170.0, "bleu_greedy": 32.8}]
+    rows += [{"model": f"student_with_a_long_name_{i}", "sent_per_s_greedy_batched": 80.0 + 2.5 * i,
+              "bleu_greedy": 22.0 + 0.6 * (i % 4)} for i in range(8)]
+    fig, annotations = plot_bleu_vs_speed(rows)
+    assert [a.get_text() for a in annotations] == [r["model"] for r in rows]
+    from matplotlib.text import Text
+
+    renderer = fig.canvas.get_renderer()
+    frame = fig.axes[0].get_window_extent(renderer)
+    for a in annotations:
+        a.update_positions(renderer)
+    boxes = [Text.get_window_extent(a, renderer) for a in annotations]  # the text only, not its leader line
+    for i, box in enumerate(boxes):
+        name = annotations[i].get_text()
+        assert frame.x0 <= box.x0 and box.x1 <= frame.x1 and frame.y0 <= box.y0 and box.y1 <= frame.y1, name
+        for j in range(i):
+            assert not box.overlaps(boxes[j]), (name, annotations[j].get_text())
+
+
 def test_parse_model_specs_and_bad_inputs(trained_dir, tokenizer, toy_corpus, tmp_path):
     assert parse_model_specs(["teacher=a/b", "x/y/student/", "ct2=/abs/c"]) == \
         [("teacher", "a/b"), ("student", "x/y/student/"), ("ct2", "/abs/c")]
