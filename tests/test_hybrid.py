@@ -266,13 +266,15 @@ def test_gradient_accumulation_equals_one_big_batch(tmp_path, tokenizer, train_s
 
 
 class _Snapshot(TrainerCallback):
-    """Copies the trainer's auxiliary modules when training (re)starts, i.e. after a checkpoint was loaded."""
+    """Copies the trainer's auxiliary modules and the student when training (re)starts, i.e. after a checkpoint
+    was loaded."""
 
     def __init__(self):
-        self.trainer, self.at_start = None, None
+        self.trainer, self.at_start, self.model_at_start = None, None, None
 
-    def on_train_begin(self, args, state, control, **kwargs):
+    def on_train_begin(self, args, state, control, model=None, **kwargs):
         self.at_start = {k: v.clone() for k, v in self.trainer.distillation_modules.state_dict().items()}
+        self.model_at_start = {k: v.clone() for k, v in model.state_dict().items()}
 
 
 def test_gate_and_projections_survive_save_and_resume(tmp_path, tokenizer, seqkd_set, tiny_marian, teacher):
@@ -302,6 +304,13 @@ def test_gate_and_projections_survive_save_and_resume(tmp_path, tokenizer, seqkd
     second.train(resume_from_checkpoint=str(tmp_path / "checkpoint-2"))
     for k, v in saved.items():
         torch.testing.assert_close(snapshot.at_start[k], v, msg=k)  # restored before training went on
+    # the student too, tied weights included (Transformers warns that the tied copies are "missing" from the
+    # checkpoint: they are restored through the shared matrix)
+    student = load_file(str(tmp_path / "checkpoint-2" / "model.safetensors"))
+    for k, v in student.items():
+        torch.testing.assert_close(snapshot.model_at_start[k], v, msg=k)
+    for tied in ("model.encoder.embed_tokens.weight", "model.decoder.embed_tokens.weight", "lm_head.weight"):
+        torch.testing.assert_close(snapshot.model_at_start[tied], student["model.shared.weight"], msg=tied)
     assert second.state.global_step == 4
     resumed = load_file(str(tmp_path / "checkpoint-4" / "distillation_modules.safetensors"))
     assert all(not torch.equal(resumed[k], saved[k]) for k in saved)  # and trained further
