@@ -7,7 +7,8 @@ The plain run uses the study's tokenizer and the `cpu` preset's teacher recipe (
 ``scale_embedding=True``, dropout 0.1, label smoothing 0.1, inverse-sqrt 1e-3 with 300 warm-up steps, batch 64,
 Adam beta2 0.98, clip 1.0, 5 epochs, group-by-length batches), so a BLEU gap between the two models points at
 hf_seqkd's trainer, collator or data preparation. Both are scored here the same way: greedy decoding of
-test_2016_flickr, sacrebleu BLEU.
+test_2016_flickr, sacrebleu BLEU. ``--sampling random`` trains with random batches instead, to see what
+group-by-length batching costs (about twice the training time here: more padding).
 """
 
 from __future__ import annotations
@@ -49,10 +50,15 @@ def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--compare", required=True, help="a model folder trained by the study (its tokenizer is used)")
     parser.add_argument("--data_dir", default=DEFAULT_DATA)
-    parser.add_argument("--output_dir", default=os.path.join(REPO, "runs", "plain_hf_teacher"))
+    parser.add_argument("--output_dir", default=None, help="default: runs/plain_hf_teacher[_random]")
     parser.add_argument("--epochs", type=float, default=5)
     parser.add_argument("--threads", type=int, default=0)
+    parser.add_argument("--sampling", choices=("group_by_length", "random"), default="group_by_length",
+                        help="batch formation (the study uses group_by_length); random checks its effect")
     args = parser.parse_args(argv)
+    if args.output_dir is None:
+        suffix = "" if args.sampling == "group_by_length" else f"_{args.sampling}"
+        args.output_dir = os.path.join(REPO, "runs", f"plain_hf_teacher{suffix}")
 
     import torch
     from datasets import Dataset
@@ -78,7 +84,7 @@ def main(argv=None):
             output_dir=args.output_dir, num_train_epochs=args.epochs, learning_rate=1e-3,
             per_device_train_batch_size=64, lr_scheduler_type="inverse_sqrt", warmup_steps=300,
             label_smoothing_factor=0.1, weight_decay=0.0, adam_beta2=0.98, max_grad_norm=1.0,
-            train_sampling_strategy="group_by_length", save_strategy="no", logging_steps=100, report_to="none",
+            train_sampling_strategy=args.sampling, save_strategy="no", logging_steps=100, report_to="none",
             seed=0, use_cpu=True, dataloader_num_workers=0)
         start = time.perf_counter()
         Seq2SeqTrainer(model=model, args=training, train_dataset=train, processing_class=tokenizer,
