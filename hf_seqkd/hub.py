@@ -3,7 +3,8 @@
 * :func:`make_model_card` writes a ``README.md`` (YAML front matter with ``model-index`` BLEU/chrF results,
   built with ``huggingface_hub.ModelCardData``, which works offline) describing the student, the distillation
   method (Kim & Rush 2016) and its results against the teacher.
-* :func:`save_student` writes model, tokenizer and card into one folder; :func:`push_student` uploads it.
+* :func:`save_student` writes model, tokenizer and card into one folder (:func:`write_model_card` the card alone);
+  :func:`push_student` uploads it.
 * :func:`translation_pipeline` / :class:`TranslationPipeline`: Transformers 5 removed the ``"translation"``
   (and ``"text2text-generation"``) pipeline task (``pipeline("translation", ...)`` raises ``KeyError`` in
   5.x); this is a drop-in replacement with the same output format, ``[{"translation_text": ...}]``.
@@ -19,6 +20,7 @@ from typing import Any, Mapping, Sequence
 __all__ = [
     "make_model_card",
     "save_student",
+    "write_model_card",
     "push_student",
     "translation_pipeline",
     "TranslationPipeline",
@@ -344,8 +346,16 @@ def save_student(model, tokenizer, out_dir: str | os.PathLike, card_text: str | 
     model.save_pretrained(out)
     tokenizer.save_pretrained(out)
     if card_text is not None:
-        (out / "README.md").write_text(card_text, encoding="utf-8")
+        write_model_card(out, card_text)
     return out
+
+
+def write_model_card(out_dir: str | os.PathLike, card_text: str) -> Path:
+    """Write ``card_text`` as the model card (``README.md``) of the saved model in ``out_dir``; returns its path
+    (for a card that needs the saved folder first, e.g. the counts of a reloaded pruned model)."""
+    path = Path(out_dir) / "README.md"
+    path.write_text(card_text, encoding="utf-8")
+    return path
 
 
 def _hub_offline() -> bool:

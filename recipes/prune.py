@@ -40,7 +40,7 @@ from hf_seqkd import (
     prepare_distillation_dataset,
 )
 from hf_seqkd.cli import DataArguments, EvalArguments, SeqKDArguments, build_seqkd_corpus, first_rows, parse_args
-from hf_seqkd.hub import make_model_card, push_student, save_student
+from hf_seqkd.hub import make_model_card, push_student, save_student, write_model_card
 from hf_seqkd.pruning import DEFAULT_PRUNED_CLASSES, SCOPES, PruningCallback, fold_pruning, prune_model, sparsity_report
 from hf_seqkd.report import evaluate_model, model_disk_size, report_table
 
@@ -207,8 +207,7 @@ def main(argv=None):
             extra_text=f"Pruned from `{prune_args.model_name_or_path}`: {sparsity:.0%} of its weight matrices "
                        f"({prune_args.pruning_scope}), {report['nonzero']:,} of {report['total']:,} parameters "
                        "non-zero (the weights are stored dense, with zeros).")
-        with open(os.path.join(out_dir, "README.md"), "w", encoding="utf-8") as f:
-            f.write(card)
+        write_model_card(out_dir, card)
         row.update(size_bytes=model_disk_size(out_dir)["size_bytes"], path=out_dir)
         rows.append(row)
         if push:
