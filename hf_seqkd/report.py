@@ -492,27 +492,27 @@ _LABEL_SLOTS = [((dx, dy), "left" if dx > 0 else "right" if dx < 0 else "center"
                 for dy in (4, -11, 14, -21, 24, -31, 34, -41) for dx in (5, -5, 0)]
 
 
-def _place_labels(fig, ax, annotations) -> list[tuple[tuple[int, int], str]]:
-    """The first slot of ``_LABEL_SLOTS`` (offset in points, alignment) for each label where it overlaps no point
-    and no label placed before it and stays inside the axes: crowded plots of many same-size students are
+def _place_labels(fig, ax, annotations) -> None:
+    """Move each label to the first slot of ``_LABEL_SLOTS`` (offset in points, alignment) where its text overlaps
+    no point and no label placed before it and stays inside the axes: crowded plots of many same-size students are
     otherwise unreadable. Labels are placed from the top of the plot down; one with no free slot gets the first."""
+    from matplotlib.text import Text
+
     renderer = fig.canvas.get_renderer()
     frame = ax.get_window_extent(renderer)
     dots = [ax.transData.transform(a.xy) for a in annotations]
-    placed, slots = [], {}
-    for i in sorted(range(len(annotations)), key=lambda i: -annotations[i].xy[1]):
-        ann = annotations[i]
-        for slot in _LABEL_SLOTS + [_LABEL_SLOTS[0]]:
-            ann.set_position(slot[0])
-            ann.set_horizontalalignment(slot[1])
-            box = ann.get_window_extent(renderer)
+    placed = []
+    for ann in sorted(annotations, key=lambda a: -a.xy[1]):
+        for offset, align in _LABEL_SLOTS + [_LABEL_SLOTS[0]]:
+            ann.set_position(offset)
+            ann.set_horizontalalignment(align)
+            ann.update_positions(renderer)
+            box = Text.get_window_extent(ann, renderer)  # the text alone, not its leader line
             inside = frame.x0 <= box.x0 and box.x1 <= frame.x1 and frame.y0 <= box.y0 and box.y1 <= frame.y1
             on_dot = any(box.x0 - 3 <= x <= box.x1 + 3 and box.y0 - 3 <= y <= box.y1 + 3 for x, y in dots)
             if inside and not on_dot and not any(box.overlaps(other) for other in placed):
                 break
         placed.append(box)
-        slots[i] = slot
-    return [slots[i] for i in range(len(annotations))]
 
 
 def plot_bleu_vs_speed(rows: Sequence[Mapping], path: str | os.PathLike | None = None, *,
@@ -538,7 +538,9 @@ def plot_bleu_vs_speed(rows: Sequence[Mapping], path: str | os.PathLike | None =
     if points:
         ax.scatter([p[1] for p in points], [p[2] for p in points], zorder=3)
         for label, px, py in points:
-            annotations.append(ax.annotate(label, (px, py), xytext=(5, 4), textcoords="offset points", fontsize=8))
+            annotations.append(ax.annotate(label, (px, py), xytext=(5, 4), textcoords="offset points", fontsize=8,
+                                           arrowprops=dict(arrowstyle="-", lw=0.5, color="0.6", shrinkA=0,
+                                                           shrinkB=3)))  # a thin leader line
         if log_x:
             from matplotlib.ticker import LogLocator, NullFormatter, ScalarFormatter
 
@@ -553,14 +555,7 @@ def plot_bleu_vs_speed(rows: Sequence[Mapping], path: str | os.PathLike | None =
     ax.set_title("Translation quality against decoding speed")
     ax.grid(True, which="both", alpha=0.3)
     fig.tight_layout()
-    if annotations:
-        slots = _place_labels(fig, ax, annotations)
-        for ann in annotations:  # thin leader lines, drawn once the labels have their places
-            ann.remove()
-        annotations = [ax.annotate(a.get_text(), a.xy, xytext=offset, textcoords="offset points", fontsize=8,
-                                   horizontalalignment=align,
-                                   arrowprops=dict(arrowstyle="-", lw=0.5, color="0.6", shrinkA=0, shrinkB=3))
-                       for a, (offset, align) in zip(annotations, slots)]
+    _place_labels(fig, ax, annotations)
     if path is not None:
         fig.savefig(path, format="png")
     return fig, annotations

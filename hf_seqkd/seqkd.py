@@ -44,7 +44,7 @@ from dataclasses import dataclass
 from typing import Any, Sequence
 
 import torch
-from transformers import EncoderDecoderCache
+from transformers import DynamicCache, EncoderDecoderCache
 
 __all__ = [
     "build_seqkd_dataset",
@@ -286,8 +286,6 @@ def _beam_search_cache(model):
     """
     if not getattr(model.config, "is_encoder_decoder", False):
         return None
-    from transformers import DynamicCache
-
     return _SelfAttentionReorderingCache(DynamicCache(config=model.config), DynamicCache(config=model.config))
 
 
