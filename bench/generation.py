@@ -182,7 +182,8 @@ def main():
     if args.worker:
         return worker(args)
     if (args.processes > 1 or args.ctranslate2) and not args.teacher:
-        raise SystemExit("--processes needs --teacher (a saved teacher every process loads)")
+        raise SystemExit("--processes and --ctranslate2 need --teacher (a saved teacher to load in every process / "
+                         "to convert)")
     if args.threads:
         torch.set_num_threads(args.threads)
     datasets.disable_progress_bars()
@@ -218,32 +219,37 @@ def main():
             folder = to_ctranslate2(args.teacher, os.path.join(ct2_root, quantization), quantization=quantization)
             converted[quantization] = CTranslate2Translator(folder, tokenizer, intra_threads=torch.get_num_threads())
             ours(warm, converted[quantization], tokenizer, args)
-    ct2_times = {q: [] for q in converted}
-    naive_times, our_times, dtype_times, mp_times = [], [], [], []
+    # what is timed beside the naive way: (name in the progress lines, "method | batching" cells, run)
+    variants = [("build_seqkd_dataset", f"`build_seqkd_dataset` | length-sorted, <= {args.batch_size} sentences, "
+                                        f"<= {args.max_tokens_per_batch} tokens",
+                 lambda: ours(dataset, teacher, tokenizer, args))]
+    variants += [(f"build_seqkd_dataset, CTranslate2 {quantization}",
+                  f"`build_seqkd_dataset`, teacher converted to CTranslate2 ({quantization}) | the same",
+                  lambda translator=translator: ours(dataset, translator, tokenizer, args))
+                 for quantization, translator in converted.items()]
+    if args.processes > 1:
+        variants.append((f"build_seqkd_dataset, {args.processes} processes",
+                         f"`build_seqkd_dataset`, `torchrun --nproc_per_node {args.processes}`, 1 thread each | "
+                         "the same, shards split over the processes",
+                         lambda: ours_multiprocess(args, args.processes)))
+    if args.also_dtype:
+        variants.append((f"build_seqkd_dataset dtype={args.also_dtype}",
+                         f"`build_seqkd_dataset(dtype={args.also_dtype!r})` | the same",
+                         lambda: ours(dataset, teacher, tokenizer, args, dtype=args.also_dtype)))
+    naive_times, times, outputs = [], {name: [] for name, _, _ in variants}, {}
     for r in range(args.repeats):
         naive_out, t = naive(dataset, teacher, tokenizer, args)
         naive_times.append(t)
         print(f"  repeat {r}: naive {t:.1f}s", flush=True)
-        our_out, t = ours(dataset, teacher, tokenizer, args)
-        our_times.append(t)
-        print(f"  repeat {r}: build_seqkd_dataset {t:.1f}s", flush=True)
-        ct2_out = {}
-        for quantization, translator in converted.items():
-            ct2_out[quantization], t = ours(dataset, translator, tokenizer, args)
-            ct2_times[quantization].append(t)
-            print(f"  repeat {r}: build_seqkd_dataset, CTranslate2 {quantization} {t:.1f}s", flush=True)
-        if args.processes > 1:
-            mp_out, t = ours_multiprocess(args, args.processes)
-            mp_times.append(t)
-            print(f"  repeat {r}: build_seqkd_dataset, {args.processes} processes {t:.1f}s", flush=True)
-        if args.also_dtype:
-            dtype_out, t = ours(dataset, teacher, tokenizer, args, dtype=args.also_dtype)
-            dtype_times.append(t)
-            print(f"  repeat {r}: build_seqkd_dataset dtype={args.also_dtype} {t:.1f}s", flush=True)
+        for name, _, run in variants:
+            outputs[name], t = run()
+            times[name].append(t)
+            print(f"  repeat {r}: {name} {t:.1f}s", flush=True)
 
     n = len(dataset)
-    t_naive, t_ours = min(naive_times), min(our_times)
-    same = sum(a == b for a, b in zip(naive_out, our_out)) / n
+    t_naive = min(naive_times)
+    our_out = outputs["build_seqkd_dataset"]
+    same = {name: sum(a == b for a, b in zip(naive_out, out)) / n for name, out in outputs.items()}
     src_len = statistics.mean(len(x) for x in tokenizer(sources)["input_ids"])
     out_len = statistics.mean(len(x) for x in tokenizer(our_out)["input_ids"])
     capped = sum(len(x) >= args.max_new_tokens for x in tokenizer(our_out)["input_ids"])
@@ -256,35 +262,23 @@ def main():
     print(f"teacher: Marian d_model=256, 3+3 layers, ffn 1024, 4 heads, vocab {len(tokenizer)}, {teacher_note}")
     print(f"data: first {n} German sentences of Multi30k train; mean source {src_len:.1f} tokens, "
           f"mean output {out_len:.1f} tokens ({capped} outputs hit max_new_tokens={args.max_new_tokens}); "
-          f"beam {args.num_beams}; identical outputs of the two: {same:.1%}")
+          f"beam {args.num_beams}; identical outputs of the two: {same['build_seqkd_dataset']:.1%}")
     print()
     print("| method | batching | time (s) | sentences/s | speed-up |")
     print("| --- | --- | ---: | ---: | ---: |")
     print(f"| naive `Dataset.map` + `generate` | {args.naive_batch_size} sentences in file order | {t_naive:.1f} | "
           f"{n / t_naive:.1f} | 1.00x |")
-    print(f"| `build_seqkd_dataset` | length-sorted, <= {args.batch_size} sentences, <= {args.max_tokens_per_batch} "
-          f"tokens | {t_ours:.1f} | {n / t_ours:.1f} | {t_naive / t_ours:.2f}x |")
-    for quantization in converted:
-        t_ct2 = min(ct2_times[quantization])
-        same_ct2 = sum(a == b for a, b in zip(naive_out, ct2_out[quantization])) / n
-        print(f"| `build_seqkd_dataset`, teacher converted to CTranslate2 ({quantization}) | the same | {t_ct2:.1f} | "
-              f"{n / t_ct2:.1f} | {t_naive / t_ct2:.2f}x |")
-        print(f"\nCTranslate2 {quantization}: {same_ct2:.1%} of the outputs identical to the naive way's")
-    if args.processes > 1:
-        t_mp = min(mp_times)
-        same_mp = sum(a == b for a, b in zip(naive_out, mp_out)) / n
-        print(f"| `build_seqkd_dataset`, `torchrun --nproc_per_node {args.processes}`, 1 thread each | the same, "
-              f"shards split over the processes | {t_mp:.1f} | {n / t_mp:.1f} | {t_naive / t_mp:.2f}x |")
-        print(f"\n{args.processes} processes: {same_mp:.1%} of the outputs identical to the naive way's")
-    if args.also_dtype:
-        t_dtype = min(dtype_times)
-        same_dtype = sum(a == b for a, b in zip(naive_out, dtype_out)) / n
-        print(f"| `build_seqkd_dataset(dtype={args.also_dtype!r})` | the same | {t_dtype:.1f} | {n / t_dtype:.1f} | "
-              f"{t_naive / t_dtype:.2f}x |")
-        print(f"\nwith dtype={args.also_dtype}: {same_dtype:.1%} of the outputs identical to the float32 ones")
+    for name, cells, _ in variants:
+        t = min(times[name])
+        print(f"| {cells} | {t:.1f} | {n / t:.1f} | {t_naive / t:.2f}x |")
+    print()
+    for name in outputs:
+        if name != "build_seqkd_dataset":
+            print(f"{name}: {same[name]:.1%} of the outputs identical to the naive way's (float32)")
     if args.repeats > 1:
         print(f"\nall times (s): naive {[round(t, 1) for t in naive_times]}, "
-              f"build_seqkd_dataset {[round(t, 1) for t in our_times]}; the table shows the best of each")
+              + ", ".join(f"{name} {[round(t, 1) for t in times[name]]}" for name in times)
+              + "; the table shows the best of each")
 
 
 if __name__ == "__main__":

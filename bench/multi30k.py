@@ -211,6 +211,10 @@ class Study:
             args += ["--resume_from_checkpoint", checkpoints[-1]]
         return args
 
+    def test_sample_args(self) -> list[str]:
+        """A preset's cap on the test sentences (the smoke preset's), the same for pruning and evaluation."""
+        return ["--max_test_samples", str(self.p["test_samples"])] if self.p.get("test_samples") else []
+
     def no_final_evaluation(self) -> list[str]:
         # the recipes' own test-set evaluation is skipped: the `evaluate` stage measures every model the same way
         return ["--test_split", "none", "--evaluate_teacher", "false"]
@@ -305,9 +309,7 @@ class Study:
         argv = ["--model_name_or_path", self.student_dir(self.BEST), "--teacher_model_name_or_path", self.teacher_dir,
                 "--sparsities", *[str(s) for s in p["sparsities"]], "--pruning_scope", "class_blind",
                 "--kd_target", "teacher_target", "--alpha", "0", "--test_split", TEST_SPLIT, "--eval_num_beams", "1"]
-        if self.p.get("test_samples"):
-            argv += ["--max_test_samples", str(self.p["test_samples"])]
-        argv += self.common_data_args() + self.seqkd_args()
+        argv += self.test_sample_args() + self.common_data_args() + self.seqkd_args()
         argv += self.training_args(os.path.join(self.work_dir, "pruned"), p["prune_epochs"], p["finetune_lr"])
         rows = load_recipe("prune").main(argv)
         return rows
@@ -347,8 +349,7 @@ class Study:
                 "--dataset", self.data_dir, "--source_lang", SOURCE_LANG, "--target_lang", TARGET_LANG,
                 "--test_split", TEST_SPLIT, "--num_beams", "5", "--batch1_samples", str(self.p["batch1_samples"]),
                 "--tokenizer", self.tokenizer_dir, "--output_dir", os.path.join(self.work_dir, "report")]
-        if self.p.get("test_samples"):
-            argv += ["--max_test_samples", str(self.p["test_samples"])]
+        argv += self.test_sample_args()
         return load_recipe("evaluate").main(argv)
 
 
@@ -412,11 +413,13 @@ def _findings(rows: dict) -> list[str]:
         listing = ", ".join(f"{n[4:]} {b:.2f}" for n, b in combos.items())
         out.append(f"CKD beats the skip (PKD) mapping: skip {skip:.2f}; {listing}: "
                    f"{verdict(combos[best_name] > skip)} for the best ({best_name[4:]}).")
-    ct2 = {n: r for n, r in rows.items() if n.endswith("_ct2_int8")}
-    for name, r in ct2.items():
-        source = rows.get(name[: -len("_ct2_int8")])
+    for name, r in rows.items():
+        if not name.endswith("_ct2_int8"):
+            continue
+        original = name[: -len("_ct2_int8")]
+        source = rows.get(original)
         if source and source.get("sent_per_s_greedy_batch1") and r.get("sent_per_s_greedy_batch1"):
-            out.append(f"CTranslate2 int8 ({name[: -len('_ct2_int8')]}): {r['sent_per_s_greedy_batch1'] / source['sent_per_s_greedy_batch1']:.1f}x "
+            out.append(f"CTranslate2 int8 ({original}): {r['sent_per_s_greedy_batch1'] / source['sent_per_s_greedy_batch1']:.1f}x "
                        f"the sentences/s of the same model in transformers at batch 1, "
                        f"{r['sent_per_s_greedy_batched'] / source['sent_per_s_greedy_batched']:.1f}x batched; greedy BLEU "
                        f"{r['bleu_greedy']:.2f} vs {source['bleu_greedy']:.2f}.")

@@ -26,6 +26,8 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 DEFAULT_DATA = os.path.join(os.path.dirname(REPO), "shared", "data", "multi30k")
 
 
+# Reading and scoring are written out here rather than taken from hf_seqkd (load_parallel_data, evaluate_model) on
+# purpose: the reference must not share code with what it checks.
 def read_lines(path: str) -> list[str]:
     with gzip.open(path, "rt", encoding="utf-8") as f:
         return [line.rstrip("\n") for line in f]
