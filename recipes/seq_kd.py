@@ -46,10 +46,11 @@ def main(argv=None):
     if not argv or argv[0] == "--demo":  # the offline demo: --demo [--demo_size tiny] [--demo_dir DIR]
         from hf_seqkd.demo import run_demo
 
-        options = dict(zip(argv[1::2], argv[2::2]))
-        unknown = [a for a in argv[1::2] if a not in ("--demo_size", "--demo_dir")]
-        if unknown or len(argv) % 2 == 0:
-            raise ValueError(f"--demo takes only --demo_size full|tiny and --demo_dir DIR, got {argv[1:]}")
+        given = argv[1:]  # the options after --demo (none when the recipe is run without arguments)
+        options = dict(zip(given[::2], given[1::2]))
+        unknown = [a for a in given[::2] if a not in ("--demo_size", "--demo_dir")]
+        if unknown or len(given) % 2:
+            raise ValueError(f"--demo takes only --demo_size full|tiny and --demo_dir DIR, got {given}")
         return run_demo(main, size=options.get("--demo_size", "full"), work_dir=options.get("--demo_dir"))
     model_args, data_args, eval_args, seqkd_args, training_args = parse_args(
         (ModelArguments, DataArguments, EvalArguments, SeqKDArguments, DistillationTrainingArguments), argv)

@@ -200,6 +200,19 @@ def test_demo_options_are_checked():
         recipe.main(["--demo", "--demo_size"])
 
 
+@pytest.mark.parametrize("argv, size, work_dir", [([], "full", None), (["--demo"], "full", None),
+                                                  (["--demo", "--demo_size", "tiny", "--demo_dir", "d"], "tiny", "d")])
+def test_no_arguments_and_demo_flags_start_the_demo(argv, size, work_dir, monkeypatch):
+    """`accelerate launch recipes/seq_kd.py` with no arguments is the README's first command: the offline demo."""
+    import hf_seqkd.demo
+
+    recipe = load_recipe("seq_kd")
+    calls = []
+    monkeypatch.setattr(hf_seqkd.demo, "run_demo", lambda main, size, work_dir: calls.append((size, work_dir)))
+    recipe.main(argv)
+    assert calls == [(size, work_dir)]
+
+
 def count_generate_calls(mp):
     calls = {"n": 0}
     real = GenerationMixin.generate
