@@ -3,14 +3,19 @@
 from __future__ import annotations
 
 import json
+import os
 from dataclasses import dataclass, field
 from typing import Optional
 
+import torch
 from transformers import Seq2SeqTrainingArguments
+from transformers.utils import logging
 
 from .hybrid import parse_hybrid_gate
 from .intermediate import LAYER_MAPPING_STRATEGIES
 from .losses import DIVERGENCES
+
+logger = logging.get_logger(__name__)
 
 __all__ = ["DistillationTrainingArguments", "KD_TARGETS", "INTERMEDIATE_LAYERS"]
 
@@ -41,6 +46,9 @@ class DistillationTrainingArguments(Seq2SeqTrainingArguments):
     Every term is a sum over tokens divided by a token count of the whole (accumulated, all-process) batch: target
     tokens for CE, word-level KD, `L_token` and decoder CKD, source tokens for encoder CKD, teacher-sequence tokens for
     `L_sentence`; so gradient accumulation gives the gradient of one big batch.
+
+    Under `torchrun` (or `accelerate launch` with several processes) on a machine without an accelerator,
+    `use_cpu` is switched on, so that the processes train together (gloo) instead of each training alone.
 
     Parameters:
         > Word-level distillation
@@ -124,6 +132,11 @@ class DistillationTrainingArguments(Seq2SeqTrainingArguments):
     hybrid_gate_bounds: str = field(default="0.1,0.9", metadata={"help": "lo,hi range of a learned gate."})
 
     def __post_init__(self):
+        if not self.use_cpu and int(os.environ.get("WORLD_SIZE", "1")) > 1 and not _has_accelerator():
+            # Under torchrun on a machine without an accelerator, Transformers' arguments stay single-process
+            # unless use_cpu is set: every process would train the whole model alone and write the same folder.
+            self.use_cpu = True
+            logger.info("WORLD_SIZE > 1 and no accelerator: use_cpu=True (distributed training on CPUs, gloo)")
         super().__post_init__()
         if self.divergence not in DIVERGENCES:
             raise ValueError(f"divergence={self.divergence!r} is not one of {DIVERGENCES}")
@@ -171,3 +184,11 @@ class DistillationTrainingArguments(Seq2SeqTrainingArguments):
         except ValueError:
             raise ValueError(f"hybrid_gate_bounds={self.hybrid_gate_bounds!r}: expected 'lo,hi', e.g. '0.1,0.9'")
         return lo, hi
+
+
+def _has_accelerator() -> bool:
+    """A CUDA (or other torch accelerator) device is available."""
+    accelerator = getattr(torch, "accelerator", None)
+    if accelerator is not None and hasattr(accelerator, "is_available"):
+        return bool(accelerator.is_available())
+    return torch.cuda.is_available()

@@ -280,8 +280,8 @@ def _target_tokens(tokenizer, hypotheses: Sequence[str]) -> int:
 
 def evaluate_model(model, tokenizer, sources: Sequence[str], references: Sequence[str], *, name: str = "model",
                    path: str | os.PathLike | None = None, num_beams: int = 5, batch_size: int = 32,
-                   batch1_samples: int = 200, max_new_tokens: int = 128, source_prefix: str = "",
-                   show_progress: bool = False) -> dict:
+                   batch1_samples: int = 200, batch1_beam: bool = True, max_new_tokens: int = 128,
+                   source_prefix: str = "", show_progress: bool = False) -> dict:
     """One row of the comparison table for a loaded model (see the module docstring for the definitions).
 
     Args:
@@ -294,6 +294,7 @@ def evaluate_model(model, tokenizer, sources: Sequence[str], references: Sequenc
         num_beams: beam size of the ``*_beam`` columns (1 or less: no beam-search runs).
         batch_size: sentences per call in the batched runs.
         batch1_samples: time batch size 1 on the first this many sentences (0: no batch-1 runs).
+        batch1_beam: time beam search at batch size 1 too (the slowest run; ``False``: greedy only).
         max_new_tokens: generation length limit.
         source_prefix: T5-style task prefix.
         show_progress: progress bars.
@@ -335,7 +336,8 @@ def evaluate_model(model, tokenizer, sources: Sequence[str], references: Sequenc
     # warm-up (untimed): first calls allocate caches, pick kernels, ...
     _decode(model, tokenizer, sources[:2], references[:2], num_beams=1, batch_size=2, show_progress=False, **common)
     runs = [(f"{dec}_batched", beams, batch_size, len(sources)) for dec, beams in decoders]
-    runs += [(f"{dec}_batch1", beams, 1, batch1) for dec, beams in decoders if batch1 > 0]
+    runs += [(f"{dec}_batch1", beams, 1, batch1) for dec, beams in decoders
+             if batch1 > 0 and (dec == "greedy" or batch1_beam)]
     stages = tqdm(runs, desc=f"{name}", unit="run", disable=not show_progress, leave=False)
     for key, beams, bsz, n in stages:
         stages.set_postfix_str(key)
@@ -372,7 +374,8 @@ def parse_model_specs(specs: Iterable[str]) -> list[tuple[str, str]]:
 
 def compare_models(models: Mapping[str, str] | Sequence[tuple[str, str]], sources: Sequence[str],
                    references: Sequence[str], *, tokenizer=None, device: str = "cpu", compute_type: str = "default",
-                   threads: int | None = None, show_progress: bool = False, **evaluate_kwargs) -> list[dict]:
+                   threads: int | None = None, batch1_beam: str = "all", show_progress: bool = False,
+                   **evaluate_kwargs) -> list[dict]:
     """:func:`evaluate_model` rows for several saved models (one at a time in memory), speed-up included.
 
     Args:
@@ -387,6 +390,9 @@ def compare_models(models: Mapping[str, str] | Sequence[tuple[str, str]], source
         compute_type: CTranslate2 compute type.
         threads: threads for both back-ends (``torch.set_num_threads``; CTranslate2 ``intra_threads``); default:
             torch's current number.
+        batch1_beam: which models get the batch-1 beam-search timing: ``"all"``, ``"first"`` (the reference
+            model only, e.g. the teacher whose beam search the students' greedy decoding is compared with) or
+            ``"none"``.
         show_progress: progress bars.
         **evaluate_kwargs: :func:`evaluate_model` options (``num_beams``, ``batch_size``, ``batch1_samples``,
             ``max_new_tokens``, ``source_prefix``).
@@ -396,6 +402,8 @@ def compare_models(models: Mapping[str, str] | Sequence[tuple[str, str]], source
     items = list(models.items()) if isinstance(models, Mapping) else [tuple(m) for m in models]
     if not items:
         raise ValueError("compare_models: no models given")
+    if batch1_beam not in ("all", "first", "none"):
+        raise ValueError(f"compare_models: batch1_beam={batch1_beam!r}; use 'all', 'first' or 'none'")
     if threads:
         torch.set_num_threads(int(threads))
     if isinstance(tokenizer, (str, os.PathLike)):
@@ -403,7 +411,7 @@ def compare_models(models: Mapping[str, str] | Sequence[tuple[str, str]], source
     candidates = [p for _, p in items if not is_ctranslate2_dir(p) and _local_folder(p) is not None
                   and _has_tokenizer(_local_folder(p))]
     rows = []
-    for name, path in tqdm(items, desc="models", unit="model", disable=not show_progress):
+    for index, (name, path) in enumerate(tqdm(items, desc="models", unit="model", disable=not show_progress)):
         folder, tok = _local_folder(path), None
         if folder is None or not _has_tokenizer(folder):  # a folder's own tokenizer comes first
             tok = tokenizer
@@ -412,6 +420,7 @@ def compare_models(models: Mapping[str, str] | Sequence[tuple[str, str]], source
         model, tok, _ = load_for_evaluation(path, tok, device=device, compute_type=compute_type,
                                             threads=torch.get_num_threads(), name=name)
         rows.append(evaluate_model(model, tok, sources, references, name=name, path=path,
+                                   batch1_beam=batch1_beam == "all" or (batch1_beam == "first" and index == 0),
                                    show_progress=show_progress, **evaluate_kwargs))
         del model
     return add_speedup(rows)

@@ -13,7 +13,8 @@ Transformers model in ``--models`` whose vocabulary it has). A bare path is name
 Steps, top to bottom:
  1. read the test split;
  2. evaluate each model in turn (`hf_seqkd.report.compare_models`): BLEU and chrF with greedy and beam search;
-    sentences/s and tokens/s batched and at batch size 1 (on the first `--batch1_samples` sentences);
+    sentences/s and tokens/s batched and at batch size 1 (on the first `--batch1_samples` sentences; beam search
+    at batch size 1 for the models `--batch1_beam` names);
     parameters (total and non-zero), size on disk; speed-up over the first model. Transformers and CTranslate2
     run on the same number of CPU threads (`--threads`);
  3. write `results.md`, `results.json` and `bleu_vs_speed.png` (BLEU against sentences/s, one point per model)
@@ -38,6 +39,8 @@ class ComparisonArguments:
         num_beams (`int`): beam size of the beam-search columns (1: greedy only).
         eval_batch_size (`int`): sentences per call in the batched runs.
         batch1_samples (`int`): time batch size 1 on the first this many test sentences (0: skip).
+        batch1_beam (`str`): which models also get beam search timed at batch size 1 (the slowest run): `all`,
+            `first` (only the reference model, typically the teacher) or `none`.
         max_new_tokens (`int`): generation length limit.
         output_dir (`str`): where results.md, results.json and bleu_vs_speed.png go.
         device (`str`): `auto` (CUDA when there is a GPU), `cpu` or `cuda`.
@@ -50,6 +53,7 @@ class ComparisonArguments:
     num_beams: int = field(default=5, metadata={"help": "Beam size of the beam-search columns (1: greedy only)."})
     eval_batch_size: int = field(default=32, metadata={"help": "Sentences per call in the batched runs."})
     batch1_samples: int = field(default=200, metadata={"help": "Time batch size 1 on this many sentences (0: skip)."})
+    batch1_beam: str = field(default="all", metadata={"help": "Beam search at batch 1 for: all, first or none."})
     max_new_tokens: int = field(default=128, metadata={"help": "Generation length limit."})
     output_dir: str = field(default="comparison", metadata={"help": "Folder of results.md/.json and the plot."})
     device: str = field(default="auto", metadata={"help": "auto, cpu or cuda."})
@@ -91,7 +95,8 @@ def main(argv=None):
     rows = compare_models(models, test["source"], test["target"], tokenizer=args.tokenizer, device=device,
                           compute_type=args.ct2_compute_type, threads=args.threads or None, show_progress=True,
                           num_beams=args.num_beams, batch_size=args.eval_batch_size,
-                          batch1_samples=args.batch1_samples, max_new_tokens=args.max_new_tokens,
+                          batch1_samples=args.batch1_samples, batch1_beam=args.batch1_beam,
+                          max_new_tokens=args.max_new_tokens,
                           source_prefix=data_args.source_prefix)
     for row in rows:
         row["dataset"], row["split"] = data_args.dataset, data_args.test_split

@@ -17,6 +17,7 @@ from hf_seqkd.pruning import prune_model, weight_class
 from hf_seqkd.report import (
     add_speedup,
     check_tokenizer,
+    compare_models,
     ctranslate2_parameter_counts,
     evaluate_model,
     load_for_evaluation,
@@ -229,6 +230,22 @@ def test_parse_model_specs_and_bad_inputs(trained_dir, tokenizer, toy_corpus, tm
         load_for_evaluation(trained_dir, big)
     model = AutoModelForSeq2SeqLM.from_pretrained(trained_dir)
     check_tokenizer(model, tokenizer)  # the right one passes
+
+
+def test_compare_models_times_batch1_beam_search_for_the_models_asked(trained_dir, toy_corpus):
+    """``batch1_beam="first"``: only the reference model gets the (slow) beam-search run at batch size 1; every
+    model keeps its greedy batch-1 timing and both batched runs."""
+    test = toy_corpus["test"].select(range(6))
+    common = dict(num_beams=2, batch1_samples=2, max_new_tokens=8, threads=1)
+    models = [("a", str(trained_dir)), ("b", str(trained_dir))]
+    rows = compare_models(models, test["source"], test["target"], batch1_beam="first", **common)
+    assert rows[0]["sent_per_s_beam_batch1"] is not None and rows[1]["sent_per_s_beam_batch1"] is None
+    for r in rows:
+        assert r["sent_per_s_greedy_batch1"] is not None and r["bleu_beam"] is not None
+    rows = compare_models(models[:1], test["source"], test["target"], batch1_beam="none", **common)
+    assert rows[0]["sent_per_s_beam_batch1"] is None and rows[0]["sent_per_s_greedy_batch1"] is not None
+    with pytest.raises(ValueError, match="batch1_beam='some'"):
+        compare_models(models, test["source"], test["target"], batch1_beam="some", **common)
 
 
 # ----------------------------------------------------------------------------------------- the recipes
