@@ -69,6 +69,8 @@ PRESETS = {
         max_tokens_per_batch=6000, ckd_mappings=("skip", "regular_comb", "overlap_comb"),
         sparsities=(0.5, 0.8, 0.9), prune_epochs=1, batch1_samples=200, bf16=False,
         teacher_dtype="bfloat16", corpus_backend="ctranslate2", batch1_beam="first",
+        # the recorded runs' tokenizer (words and punctuation merged; train_tokenizer's default splits them since)
+        split_punctuation=False,
     ),
     # Transformer-base teacher (6+6 x 512) and 2+2 x 256 students, trained to convergence on one GPU in bf16.
     "gpu": dict(
@@ -79,7 +81,7 @@ PRESETS = {
         batch_size=128, warmup_steps=1000, num_beams=5, nbest_size=35, generation_batch_size=256,
         max_tokens_per_batch=None, ckd_mappings=("skip", "regular_comb", "overlap_comb", "cross_comb"),
         sparsities=(0.5, 0.8, 0.9), prune_epochs=3, batch1_samples=500, bf16=True,
-        teacher_dtype="bfloat16", corpus_backend="transformers", batch1_beam="all",
+        teacher_dtype="bfloat16", corpus_backend="transformers", batch1_beam="all", split_punctuation=True,
     ),
     # A check that every stage runs end to end (minutes on a CPU); its numbers mean nothing.
     "smoke": dict(
@@ -90,7 +92,7 @@ PRESETS = {
         batch_size=64, warmup_steps=10, num_beams=3, nbest_size=3, generation_batch_size=64,
         max_tokens_per_batch=None, ckd_mappings=("skip", "regular_comb"),
         sparsities=(0.5, 0.8), prune_epochs=1, batch1_samples=20, bf16=False, test_samples=100,
-        teacher_dtype="bfloat16", corpus_backend="ctranslate2", batch1_beam="first",
+        teacher_dtype="bfloat16", corpus_backend="ctranslate2", batch1_beam="first", split_punctuation=True,
     ),
 }
 
@@ -236,7 +238,8 @@ class Study:
         train = load_parallel_data(self.data_dir, source_lang=SOURCE_LANG, target_lang=TARGET_LANG)["train"]
         if self.p["train_samples"]:
             train = train.select(range(self.p["train_samples"]))
-        tokenizer = train_tokenizer(list(train["source"]) + list(train["target"]), vocab_size=self.p["vocab_size"])
+        tokenizer = train_tokenizer(list(train["source"]) + list(train["target"]), vocab_size=self.p["vocab_size"],
+                                    split_punctuation=self.p["split_punctuation"])
         tokenizer.save_pretrained(self.tokenizer_dir)
         return {"vocab_size": len(tokenizer)}
 

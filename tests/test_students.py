@@ -3,7 +3,8 @@
 import pytest
 import torch
 
-from hf_seqkd import count_parameters, layers_to_copy, make_student, make_student_from_config, tiny_seq2seq_model
+from hf_seqkd import (count_parameters, layers_to_copy, make_student, make_student_from_config, tiny_seq2seq_model,
+                      train_tokenizer)
 
 
 def test_layer_maps_follow_shleifer_and_rush():
@@ -73,3 +74,20 @@ def test_tokenizer_layout(tokenizer):
     ids = tokenizer("ka lo")["input_ids"]
     assert ids[-1] == tokenizer.eos_token_id
     assert tokenizer.decode(ids, skip_special_tokens=True) == "ka lo"
+
+
+PUNCTUATED = ["A man in an orange hat, staring at something.", "Ein Boston Terrier läuft über saftig-grünes Gras.",
+              "The dog's ball - a red one - is (still) there!", '"Hello," she says.', "Zwei Männer: einer lacht..."]
+
+
+@pytest.mark.parametrize("split", [True, False])
+def test_tokenizer_punctuation_split_and_exact_decoding(split):
+    texts = PUNCTUATED * 40 + ["the fence. the fence, a fence"] * 40
+    tokenizer = train_tokenizer(texts, vocab_size=300, split_punctuation=split)
+    merged = [t for t in tokenizer.get_vocab() if any(c in ".,!?:;()\"'-" for c in t) and any(c.isalpha() for c in t)]
+    assert (merged == []) == split, merged  # no subword joins letters and punctuation when split
+    pieces = tokenizer.convert_ids_to_tokens(tokenizer("the fence.")["input_ids"])
+    assert (pieces[-3:] == ["▁fence", ".", "</s>"]) == split, pieces
+    for text in PUNCTUATED:
+        assert tokenizer.decode(tokenizer(text)["input_ids"], skip_special_tokens=True) == text
+    assert tokenizer.pad_token_id == len(tokenizer) - 1 and tokenizer.eos_token_id == 0
