@@ -1,6 +1,6 @@
 """The Multi30k study: reproduce the distillation papers' findings on real German->English data.
 
-    python bench/multi30k.py --preset cpu                 # 2-core CPU, smaller models (measured: 158 min, see RESULTS.md)
+    python bench/multi30k.py --preset cpu                 # 2-core CPU, smaller models (measured: 132 min, see RESULTS.md)
     accelerate launch bench/multi30k.py --preset gpu      # Transformer-base teacher, one GPU, ~20 minutes
     python bench/multi30k.py --preset smoke               # minutes: every stage on tiny models and 2,000 pairs
     python bench/multi30k.py --preset cpu --list          # the stages and whether they are done
@@ -55,7 +55,7 @@ DEFAULT_DATA = os.path.join(os.path.dirname(REPO), "shared", "data", "multi30k")
 # Model sizes: (d_model, layers, ffn_dim, attention_heads); students have the same depth in encoder and decoder.
 PRESETS = {
     # The reference setup of shared/PAPERS.md (teacher 3 x 256, students 2 x 128) with fewer student epochs, meant
-    # to fit in two hours on the 2-core CPU. Against the first run (158 min, bench/RESULTS.md) it builds the Seq-KD
+    # to fit in two hours on the 2-core CPU; measured 132 min (bench/RESULTS.md). Against the first run it builds the Seq-KD
     # corpus with the teacher converted to CTranslate2 (float32: the same model, 2.4x the beam-search speed of
     # Transformers here), runs the frozen teacher in bfloat16 during word-level / CKD / hybrid training (its forward
     # pass 1.7x faster, KL to the float32 teacher 7e-5 nats per token) and times beam search at batch 1 only for
