@@ -119,12 +119,44 @@ def _write_json(path: str, data: dict) -> None:
     os.replace(tmp, path)
 
 
+def parse_overrides(items) -> dict:
+    """``["split_punctuation=True", "student_epochs=5"]`` -> a dict of preset settings (Python literals; anything
+    else is a string). Raises ``ValueError`` on an item without ``=``."""
+    import ast
+
+    out = {}
+    for item in items or ():
+        key, sep, value = str(item).partition("=")
+        if not sep or not key:
+            raise ValueError(f"--set {item!r}: expected KEY=VALUE, e.g. split_punctuation=True")
+        try:
+            out[key] = ast.literal_eval(value)
+        except (ValueError, SyntaxError):
+            out[key] = value
+    return out
+
+
 class Study:
-    def __init__(self, preset: str, work_dir: str, data_dir: str):
-        self.preset_name, self.p = preset, PRESETS[preset]
+    def __init__(self, preset: str, work_dir: str, data_dir: str, overrides: dict | None = None):
+        overrides = dict(overrides or {})
+        unknown = sorted(set(overrides) - set(PRESETS[preset]))
+        if unknown:
+            raise ValueError(f"--set: unknown preset setting(s) {unknown}; the {preset} preset has "
+                             f"{', '.join(sorted(PRESETS[preset]))}")
+        self.preset_name, self.p, self.overrides = preset, {**PRESETS[preset], **overrides}, overrides
         self.work_dir, self.data_dir = os.path.abspath(work_dir), data_dir
         self.stage_dir = os.path.join(self.work_dir, "stages")
         os.makedirs(self.stage_dir, exist_ok=True)
+        # a work folder holds one study: resuming it with other settings would mix two studies' stages
+        settings = os.path.join(self.work_dir, "settings.json")
+        mine = json.loads(json.dumps({"preset": preset, "overrides": overrides}, default=str))
+        if os.path.exists(settings):
+            with open(settings) as f:
+                earlier = json.load(f)
+            if earlier != mine:
+                raise ValueError(f"{self.work_dir} holds a study with {earlier}, not {mine}: use another --work_dir")
+        elif os.listdir(self.stage_dir) == []:
+            _write_json(settings, mine)
         self.tokenizer_dir = os.path.join(self.work_dir, "tokenizer")
         self.teacher_dir = os.path.join(self.work_dir, "teacher")
         self.cache_dir = os.path.join(self.work_dir, "seqkd_cache")
@@ -529,6 +561,8 @@ def main(argv=None):
     parser.add_argument("--report", default=None, metavar="FILE.md",
                         help="write the study's Markdown report (stage times, results, the papers' claims checked) "
                              "to FILE.md and copy the plot beside it, then stop")
+    parser.add_argument("--set", nargs="*", default=(), metavar="KEY=VALUE", dest="overrides",
+                        help="change preset settings, e.g. --set split_punctuation=True (use a new --work_dir)")
     parser.add_argument("--threads", type=int, default=0,
                         help="torch CPU threads (0: torch's default); 1 is much faster on a machine shared with "
                              "other jobs, where two OpenMP threads spin-wait for each other")
@@ -540,7 +574,11 @@ def main(argv=None):
     if not os.path.isfile(os.path.join(args.data_dir, "train.de.gz")):
         raise SystemExit(f"no Multi30k corpus in {args.data_dir} (expected train.de.gz, train.en.gz, ...); "
                          "pass --data_dir")
-    study = Study(args.preset, args.work_dir or os.path.join(REPO, "runs", f"multi30k_{args.preset}"), args.data_dir)
+    try:
+        study = Study(args.preset, args.work_dir or os.path.join(REPO, "runs", f"multi30k_{args.preset}"),
+                      args.data_dir, parse_overrides(args.overrides))
+    except ValueError as e:
+        raise SystemExit(str(e)) from None
     stages = study.stages()
     names = [n for n, _ in stages]
     unknown = [s for s in list(args.stages or []) + list(args.redo) if s not in names]

@@ -43,3 +43,17 @@ def test_interrupted_stage_time_counts_and_finished_stage_is_skipped(multi30k, t
 
     study.run_stage("teacher", lambda: calls.append(1))  # done: skipped
     assert calls == [1]
+
+
+def test_preset_overrides_are_checked_and_a_work_folder_keeps_its_settings(multi30k, tmp_path):
+    assert multi30k.parse_overrides(["split_punctuation=True", "student_epochs=5", "batch1_beam=all"]) == {
+        "split_punctuation": True, "student_epochs": 5, "batch1_beam": "all"}
+    with pytest.raises(ValueError, match="KEY=VALUE"):
+        multi30k.parse_overrides(["split_punctuation"])
+    with pytest.raises(ValueError, match="unknown preset setting.*'studnet_epochs'"):
+        multi30k.Study("smoke", str(tmp_path / "a"), "data", {"studnet_epochs": 2})
+    study = multi30k.Study("smoke", str(tmp_path / "b"), "data", {"split_punctuation": False})
+    assert study.p["split_punctuation"] is False and study.p["vocab_size"] == multi30k.PRESETS["smoke"]["vocab_size"]
+    multi30k.Study("smoke", str(tmp_path / "b"), "data", {"split_punctuation": False})  # the same settings: fine
+    with pytest.raises(ValueError, match="use another --work_dir"):
+        multi30k.Study("smoke", str(tmp_path / "b"), "data")
