@@ -143,7 +143,7 @@ class Study:
         if unknown:
             raise ValueError(f"--set: unknown preset setting(s) {unknown}; the {preset} preset has "
                              f"{', '.join(sorted(PRESETS[preset]))}")
-        self.preset_name, self.p, self.overrides = preset, {**PRESETS[preset], **overrides}, overrides
+        self.preset_name, self.p = preset, {**PRESETS[preset], **overrides}
         self.work_dir, self.data_dir = os.path.abspath(work_dir), data_dir
         self.stage_dir = os.path.join(self.work_dir, "stages")
         os.makedirs(self.stage_dir, exist_ok=True)
@@ -208,11 +208,17 @@ class Study:
 
     # --------------------------------------------------------------------------------------------- stages
     def stages(self) -> list[tuple[str, callable]]:
-        p = self.p
         stages = [("tokenizer", self.train_tokenizer), ("teacher", self.train_teacher)]
         if self.p["corpus_backend"] == "ctranslate2":
             stages += [("teacher_ctranslate2", self.convert_teacher)]
         stages += [("seqkd_corpus", self.build_corpus)]
+        stages += [(name, lambda name=name, spec=spec: self.train_student(name, **spec))
+                   for name, spec in self.student_specs()]
+        stages += [("prune", self.prune), ("ctranslate2", self.export_ctranslate2), ("evaluate", self.evaluate)]
+        return stages
+
+    def student_specs(self) -> list[tuple[str, dict]]:
+        """Each student stage's name and its ``train_student`` options, in study order."""
         students = [
             ("baseline", dict(kd_target="target", alpha=0.0)),
             ("word_kd", dict(kd_target="target", alpha=0.5)),
@@ -223,12 +229,10 @@ class Study:
         ]
         # CKD (Wu et al. 2020): the authors' example weights alpha = 0.2 (word KD), beta = 0.7 (hidden states)
         students += [(f"ckd_{m}", dict(kd_target="target", alpha=0.2, intermediate_loss_weight=0.7, layer_mapping=m))
-                     for m in p["ckd_mappings"]]
+                     for m in self.p["ckd_mappings"]]
         # Hybrid (Wei et al. 2024): alpha = 1 is the paper's objective, g * L_token + (1 - g) * L_sentence
         students += [("hybrid", dict(kd_target="target", alpha=1.0, hybrid_gate="scalar"))]
-        stages += [(name, lambda name=name, spec=spec: self.train_student(name, **spec)) for name, spec in students]
-        stages += [("prune", self.prune), ("ctranslate2", self.export_ctranslate2), ("evaluate", self.evaluate)]
-        return stages
+        return students
 
     def common_data_args(self) -> list[str]:
         args = ["--dataset", self.data_dir, "--source_lang", SOURCE_LANG, "--target_lang", TARGET_LANG,
@@ -392,10 +396,7 @@ class Study:
 
     def model_list(self) -> list[tuple[str, str]]:
         models = [("teacher", self.teacher_dir)]
-        for name, _ in self.stages():
-            if name in ("tokenizer", "teacher", "teacher_ctranslate2", "seqkd_corpus", "prune", "ctranslate2",
-                        "evaluate"):
-                continue
+        for name, _ in self.student_specs():
             if self.done(name):
                 models.append((name, self.student_dir(name)))
         for sparsity in self.p["sparsities"]:
