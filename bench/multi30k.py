@@ -41,6 +41,8 @@ import importlib.util
 import json
 import os
 import platform
+import signal
+import subprocess
 import sys
 import threading
 import time
@@ -55,11 +57,11 @@ DEFAULT_DATA = os.path.join(os.path.dirname(REPO), "shared", "data", "multi30k")
 # Model sizes: (d_model, layers, ffn_dim, attention_heads); students have the same depth in encoder and decoder.
 PRESETS = {
     # The reference setup of shared/PAPERS.md (teacher 3 x 256, students 2 x 128) with fewer student epochs, meant
-    # to fit in two hours on the 2-core CPU; measured 132 min (bench/RESULTS.md). Against the first run it builds the Seq-KD
-    # corpus with the teacher converted to CTranslate2 (float32: the same model, 2.4x the beam-search speed of
-    # Transformers here), runs the frozen teacher in bfloat16 during word-level / CKD / hybrid training (its forward
-    # pass 1.7x faster, KL to the float32 teacher 7e-5 nats per token) and times beam search at batch 1 only for
-    # the teacher (the only batch-1 beam figure the study reads).
+    # to fit in two hours on the 2-core CPU (bench/RESULTS.md). It builds the Seq-KD corpus with the teacher converted
+    # to CTranslate2 (float32: the same model, 2.4x the beam-search speed of Transformers here), runs the frozen
+    # teacher in bfloat16 during word-level / CKD / hybrid training (its forward pass 1.7x faster, KL to the float32
+    # teacher 7e-5 nats per token), trains the students two at a time on one thread each (`student_jobs`: about 1.4x
+    # the throughput of one after the other on two threads) and times beam search at batch 1 only for the teacher.
     "cpu": dict(
         train_samples=None, vocab_size=8000,
         teacher=(256, 3, 1024, 4), teacher_epochs=5, teacher_lr=1e-3,
@@ -69,8 +71,7 @@ PRESETS = {
         max_tokens_per_batch=6000, ckd_mappings=("skip", "regular_comb", "overlap_comb"),
         sparsities=(0.5, 0.8, 0.9), prune_epochs=1, batch1_samples=200, bf16=False,
         teacher_dtype="bfloat16", corpus_backend="ctranslate2", batch1_beam="first",
-        # the recorded runs' tokenizer (words and punctuation merged; train_tokenizer's default splits them since)
-        split_punctuation=False,
+        split_punctuation=True, student_jobs=2,
     ),
     # Transformer-base teacher (6+6 x 512) and 2+2 x 256 students, trained to convergence on one GPU in bf16.
     "gpu": dict(
@@ -82,6 +83,7 @@ PRESETS = {
         max_tokens_per_batch=None, ckd_mappings=("skip", "regular_comb", "overlap_comb", "cross_comb"),
         sparsities=(0.5, 0.8, 0.9), prune_epochs=3, batch1_samples=500, bf16=True,
         teacher_dtype="bfloat16", corpus_backend="transformers", batch1_beam="all", split_punctuation=True,
+        student_jobs=1,
     ),
     # A check that every stage runs end to end (minutes on a CPU); its numbers mean nothing.
     "smoke": dict(
@@ -93,6 +95,7 @@ PRESETS = {
         max_tokens_per_batch=None, ckd_mappings=("skip", "regular_comb"),
         sparsities=(0.5, 0.8), prune_epochs=1, batch1_samples=20, bf16=False, test_samples=100,
         teacher_dtype="bfloat16", corpus_backend="ctranslate2", batch1_beam="first", split_punctuation=True,
+        student_jobs=2,
     ),
 }
 
@@ -109,6 +112,7 @@ def load_recipe(name: str):
 
 
 HEARTBEAT_SECONDS = 15
+STUDY_COMMAND_ENV = "MULTI30K_STUDY_COMMAND"
 
 
 def _write_json(path: str, data: dict) -> None:
@@ -134,6 +138,20 @@ def parse_overrides(items) -> dict:
         except (ValueError, SyntaxError):
             out[key] = value
     return out
+
+
+def _running_elsewhere(heartbeat: dict) -> bool:
+    """Whether the process that wrote a stage's heartbeat is another process on this machine, still alive."""
+    pid = heartbeat.get("pid")
+    if pid is None or heartbeat.get("host") != platform.node() or pid == os.getpid():
+        return False
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
 
 
 class Study:
@@ -165,6 +183,11 @@ class Study:
     def marker(self, stage: str) -> str:
         return os.path.join(self.stage_dir, f"{stage}.json")
 
+    @property
+    def side_by_side_marker(self) -> str:
+        """The record of the last side-by-side run of the students: its wall time, start-ups included."""
+        return os.path.join(self.stage_dir, "side_by_side.json")
+
     def done(self, stage: str) -> bool:
         return os.path.exists(self.marker(stage))
 
@@ -180,13 +203,17 @@ class Study:
         if os.path.exists(partial):
             with open(partial) as f:
                 earlier = json.load(f)
+            if _running_elsewhere(earlier):  # e.g. a side-by-side stage that outlived the run that started it
+                raise RuntimeError(f"stage {stage} is running in process {earlier['pid']} ({partial}); wait for it "
+                                   "or stop it first")
             before, attempts = earlier["seconds"], earlier["attempts"] + 1
-        start = time.perf_counter()
+        start, started_at = time.perf_counter(), time.time()
         stop = threading.Event()
 
         def heartbeat():
             while not stop.wait(HEARTBEAT_SECONDS):
-                _write_json(partial, {"seconds": before + time.perf_counter() - start, "attempts": attempts})
+                _write_json(partial, {"seconds": before + time.perf_counter() - start, "attempts": attempts,
+                                      "pid": os.getpid(), "host": platform.node()})
 
         beat = threading.Thread(target=heartbeat, daemon=True)
         beat.start()
@@ -198,8 +225,12 @@ class Study:
         this_run = time.perf_counter() - start
         record = {"stage": stage, "seconds": before + this_run, "seconds_last_attempt": this_run,
                   "attempts": attempts, "result": result,
-                  "finished": time.strftime("%Y-%m-%d %H:%M:%S"), "machine": machine(),
-                  "command": " ".join(["python"] + [os.path.relpath(sys.argv[0], REPO)] + sys.argv[1:])}
+                  "started": time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(started_at)),
+                  "finished": time.strftime("%Y-%m-%d %H:%M:%S"), "started_at": started_at, "finished_at": time.time(),
+                  "machine": machine(),
+                  # a stage run side by side records the command of the study that started it
+                  "command": os.environ.get(STUDY_COMMAND_ENV)
+                  or " ".join(["python"] + [os.path.relpath(sys.argv[0], REPO)] + sys.argv[1:])}
         _write_json(self.marker(stage), record)
         if os.path.exists(partial):
             os.remove(partial)
@@ -233,6 +264,15 @@ class Study:
         # Hybrid (Wei et al. 2024): alpha = 1 is the paper's objective, g * L_token + (1 - g) * L_sentence
         students += [("hybrid", dict(kd_target="target", alpha=1.0, hybrid_gate="scalar"))]
         return students
+
+    def side_by_side_needs(self) -> dict[str, list[str]]:
+        """The stages that may run side by side (presets with ``student_jobs`` > 1), in the order they are started
+        in, each with the stages it needs finished first: the chain seq_kd -> the staged student -> prune goes first
+        (it is the longest), then hybrid (the longest single stage), then the others in study order."""
+        needs = {name: [spec["init"]] if spec.get("init") else [] for name, spec in self.student_specs()}
+        needs["prune"] = [self.BEST]
+        first = [n for n in ("seq_kd", "hybrid", self.BEST, "prune") if n in needs]
+        return {n: needs[n] for n in first + [n for n in needs if n not in first]}
 
     def common_data_args(self) -> list[str]:
         args = ["--dataset", self.data_dir, "--source_lang", SOURCE_LANG, "--target_lang", TARGET_LANG,
@@ -512,9 +552,17 @@ def write_study_report(study: "Study", path: str) -> str:
     lines += ["Commands:", "", "```", *commands, "```", ""] if commands else []
     machines = sorted({r["machine"] for r in records})
     lines += [f"Machine: {m}" for m in machines] + [""]
-    lines += ["| stage | wall time (min) | finished |", "| --- | --- | --- |"]
-    lines += [f"| {r['stage']} | {r['seconds'] / 60:.1f} | {r['finished']} |" for r in records]
-    lines += [f"| **total** | **{sum(r['seconds'] for r in records) / 60:.1f}** | |"]
+    lines += ["| stage | wall time (min) | started | finished |", "| --- | --- | --- | --- |"]
+    lines += [f"| {r['stage']} | {r['seconds'] / 60:.1f} | {r.get('started', '')} | {r['finished']} |" for r in records]
+    total, wall = sum(r["seconds"] for r in records), study_wall_seconds(records)
+    if wall is not None and os.path.exists(study.side_by_side_marker):
+        with open(study.side_by_side_marker) as f:  # adds the gaps between side-by-side stages (process start-up)
+            wall = study_wall_seconds(records + [json.load(f)])
+    if wall is not None and wall < total - 1:  # some stages ran side by side
+        lines += [f"| sum of the stages | {total / 60:.1f} | | |",
+                  f"| **study wall time** (stages side by side counted once) | **{wall / 60:.1f}** | | |"]
+    else:
+        lines += [f"| **total** | **{total / 60:.1f}** | | |"]
     pending = [n for n, _ in study.stages() if not study.done(n)]
     if pending:
         lines += ["", f"Not run yet: {', '.join(pending)}."]
@@ -540,6 +588,63 @@ def write_study_report(study: "Study", path: str) -> str:
     with open(path, "w") as f:
         f.write(text)
     return text
+
+
+def run_side_by_side(names, needs, done, launch, jobs: int, poll_seconds: float = 2.0) -> list[str]:
+    """Run stages as subprocesses, at most ``jobs`` at a time; a stage starts once the stages it ``needs`` (and
+    that are part of this run) are ``done``. ``launch(name)`` starts one and returns its ``Popen``. The first
+    failure stops new launches (the running ones finish); returns the names of the failed stages. Interrupted
+    (Ctrl-C, SIGTERM), it stops the running stages: their heartbeat files keep their time and their checkpoints
+    their progress, so the next run resumes them."""
+    todo, running, failed = [n for n in names if not done(n)], {}, []
+    for name in names:
+        if done(name):
+            print(f"[multi30k] {name}: done earlier, skipped", flush=True)
+    previous = signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))  # so that the finally below runs
+    try:
+        while todo or running:
+            while len(running) < jobs and not failed:
+                ready = [n for n in todo if all(done(d) or d not in todo + list(running) for d in needs.get(n, ()))]
+                if not ready:
+                    break
+                todo.remove(ready[0])
+                running[ready[0]] = (launch(ready[0]), time.perf_counter())
+                beside = [n for n in running if n != ready[0]]
+                print(f"[multi30k] {ready[0]}: started" + (f" beside {', '.join(beside)}" if beside else ""), flush=True)
+            if not running:
+                break
+            time.sleep(poll_seconds)
+            for name, (proc, start) in list(running.items()):
+                if proc.poll() is not None:
+                    del running[name]
+                    minutes = (time.perf_counter() - start) / 60
+                    if proc.returncode:
+                        failed.append(name)
+                    print(f"[multi30k] {name}: {'FAILED (exit ' + str(proc.returncode) + ')' if proc.returncode else 'finished'}"
+                          f" after {minutes:.1f} min", flush=True)
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+        for proc, _ in running.values():
+            proc.terminate()
+        for proc, _ in running.values():
+            proc.wait()
+    return failed
+
+
+def study_wall_seconds(records: list[dict]) -> float | None:
+    """The study's wall time from its stage records: the union of the last attempts' [start, end] intervals (stages
+    that ran side by side count once) plus the earlier, interrupted attempts' time. ``None`` when a record has no
+    start time (records written before side-by-side stages existed: their sum is the wall time). The record of the
+    side-by-side run as a whole (``Study.side_by_side_marker``) may be among them: it covers the gaps between
+    its stages."""
+    if not records or any("started_at" not in r for r in records):
+        return None
+    total, end = 0.0, float("-inf")
+    for r in sorted(records, key=lambda r: r["started_at"]):
+        start, stop = r["started_at"], r["started_at"] + r["seconds_last_attempt"]
+        total += max(0.0, stop - max(start, end))
+        end = max(end, stop)
+    return total + sum(r["seconds"] - r["seconds_last_attempt"] for r in records)
 
 
 def machine() -> str:
@@ -598,9 +703,41 @@ def main(argv=None):
     print(f"[multi30k] preset {args.preset}, work dir {study.work_dir}, {machine()}")
     print(f"[multi30k] command: {' '.join([os.path.basename(sys.executable)] + sys.argv)}", flush=True)
     start = time.perf_counter()
-    for name, fn in stages:
-        if args.stages is None or name in args.stages:
+    selected = [(name, fn) for name, fn in stages if args.stages is None or name in args.stages]
+    needs = study.side_by_side_needs()
+    group = [name for name in needs if any(name == n for n, _ in selected)]
+    jobs = study.p["student_jobs"]
+    side_by_side = jobs > 1 and sum(not study.done(n) for n in group) > 1
+    if side_by_side:
+        # the students (and prune) run as subprocesses, `jobs` at a time, splitting the threads between them
+        threads = max(1, (args.threads or __import__("torch").get_num_threads()) // jobs)
+        base = [sys.executable, os.path.abspath(__file__), "--preset", args.preset, "--work_dir", study.work_dir,
+                "--data_dir", args.data_dir, "--threads", str(threads)]
+        base += ["--set", *args.overrides] if args.overrides else []
+        env = dict(os.environ, OMP_NUM_THREADS=str(threads), MKL_NUM_THREADS=str(threads))
+        env.setdefault(STUDY_COMMAND_ENV, " ".join(["python", os.path.relpath(sys.argv[0], REPO)] + sys.argv[1:]))
+        log_dir = os.path.join(study.work_dir, "logs")
+        os.makedirs(log_dir, exist_ok=True)
+
+        def launch(name):
+            with open(os.path.join(log_dir, f"{name}.log"), "a") as log:
+                return subprocess.Popen(base + ["--stages", name], stdout=log, stderr=subprocess.STDOUT, env=env)
+
+    for name, fn in selected:
+        if name not in group or not side_by_side:
             study.run_stage(name, fn)
+        elif name == group[0]:
+            print(f"\n[multi30k] {', '.join(group)}: up to {jobs} side by side, {threads} thread(s) each; "
+                  f"logs in {log_dir}", flush=True)
+            group_start, group_started_at = time.perf_counter(), time.time()
+            failed = run_side_by_side(group, needs, study.done, launch, jobs)
+            if failed:
+                raise SystemExit(f"[multi30k] stage(s) {', '.join(failed)} failed: see "
+                                 + ", ".join(os.path.join(log_dir, f"{n}.log") for n in failed))
+            seconds = time.perf_counter() - group_start  # the stages' own times miss their processes' start-up
+            _write_json(study.side_by_side_marker, {"stages": group, "jobs": jobs, "threads": threads,
+                                                    "started_at": group_started_at, "seconds": seconds,
+                                                    "seconds_last_attempt": seconds})
     print(f"[multi30k] this run: {(time.perf_counter() - start) / 60:.1f} min; stage records in {study.stage_dir}")
 
 
