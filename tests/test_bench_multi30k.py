@@ -57,3 +57,88 @@ def test_preset_overrides_are_checked_and_a_work_folder_keeps_its_settings(multi
     multi30k.Study("smoke", str(tmp_path / "b"), "data", {"split_punctuation": False})  # the same settings: fine
     with pytest.raises(ValueError, match="use another --work_dir"):
         multi30k.Study("smoke", str(tmp_path / "b"), "data")
+
+
+def _fake_stage(tmp_path, name, seconds, rc=0):
+    """A subprocess standing in for a stage: records when it ran, then finishes (writes its marker) or fails."""
+    import subprocess
+    import sys
+
+    code = ("import json, sys, time; t0 = time.time(); time.sleep(%r); "
+            "json.dump([t0, time.time()], open(sys.argv[1] + '.ran', 'w')); "
+            "rc = %d; rc or open(sys.argv[1] + '.done', 'w').close(); sys.exit(rc)" % (seconds, rc))
+    return subprocess.Popen([sys.executable, "-c", code, str(tmp_path / name)])
+
+
+def test_side_by_side_respects_jobs_and_dependencies(multi30k, tmp_path):
+    seconds = {"a": 0.6, "b": 0.3, "c": 0.3, "d": 0.3, "e": 0.3}
+    needs = {"c": ["b"], "d": ["c"]}  # a chain b -> c -> d, beside a and e
+
+    def done(name):
+        return (tmp_path / f"{name}.done").exists()
+
+    failed = multi30k.run_side_by_side(list(seconds), needs, done,
+                                       lambda n: _fake_stage(tmp_path, n, seconds[n]), jobs=2, poll_seconds=0.02)
+    assert failed == []
+    ran = {n: json.loads((tmp_path / f"{n}.ran").read_text()) for n in seconds}
+    assert ran["c"][0] >= ran["b"][1] and ran["d"][0] >= ran["c"][1]  # a stage starts after what it needs
+    assert ran["b"][0] < ran["a"][1]  # b ran beside a
+    for t, _ in ran.values():  # never more than 2 at once (a stage starts after its predecessor's process ended)
+        assert sum(start <= t < end for start, end in ran.values()) <= 2
+
+    # a stage done earlier is skipped; a failure stops further launches and is reported
+    (tmp_path / "a.done").unlink()
+    for n in "bcde":
+        (tmp_path / f"{n}.done").unlink()
+    (tmp_path / "d.done").touch()
+    launched = []
+
+    def launch(n):
+        launched.append(n)
+        return _fake_stage(tmp_path, n, 0.05, rc=1 if n == "b" else 0)
+
+    failed = multi30k.run_side_by_side(["b", "c", "d"], needs, done, launch, jobs=1, poll_seconds=0.02)
+    assert failed == ["b"] and launched == ["b"]  # c needs b, which failed; d was done
+
+
+def test_study_wall_time_counts_side_by_side_stages_once(multi30k):
+    records = [
+        {"started_at": 100.0, "seconds": 10.0, "seconds_last_attempt": 10.0},  # [100, 110]
+        {"started_at": 105.0, "seconds": 10.0, "seconds_last_attempt": 7.0},  # [105, 112], 3 s in an earlier attempt
+        {"started_at": 120.0, "seconds": 5.0, "seconds_last_attempt": 5.0},  # [120, 125]
+    ]
+    # the slow way: mark every 0.5 s tick covered by some interval
+    ticks = {t / 2 for r in records for t in range(int(2 * r["started_at"]),
+                                                    int(2 * (r["started_at"] + r["seconds_last_attempt"])))}
+    assert multi30k.study_wall_seconds(records) == pytest.approx(len(ticks) / 2 + 3.0)  # 12 + 5 + 3
+    assert multi30k.study_wall_seconds(records[:1] + [{"seconds": 4.0, "seconds_last_attempt": 4.0}]) is None
+
+
+def test_a_stage_running_in_another_live_process_is_refused(multi30k, tmp_path):
+    import subprocess
+    import sys
+
+    study = multi30k.Study("smoke", str(tmp_path / "study"), str(tmp_path / "data"))
+    partial = os.path.join(study.stage_dir, "baseline.partial.json")
+    other = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(30)"])
+    try:
+        multi30k._write_json(partial, {"seconds": 5.0, "attempts": 1, "pid": other.pid,
+                                       "host": multi30k.platform.node()})
+        with pytest.raises(RuntimeError, match=f"running in process {other.pid}"):
+            study.run_stage("baseline", lambda: {})
+    finally:
+        other.kill()
+        other.wait()
+    study.run_stage("baseline", lambda: {})  # that process is gone: the stage resumes, its time kept
+    with open(study.marker("baseline")) as f:
+        record = json.load(f)
+    assert record["attempts"] == 2 and record["seconds"] >= 5.0
+
+
+def test_side_by_side_order_and_dependencies(multi30k, tmp_path):
+    study = multi30k.Study("cpu", str(tmp_path / "study"), str(tmp_path / "data"))
+    needs = study.side_by_side_needs()
+    assert list(needs)[:4] == ["seq_kd", "hybrid", study.BEST, "prune"]
+    assert needs[study.BEST] == ["seq_kd"] and needs["prune"] == [study.BEST]
+    assert needs["baseline_seq_inter"] == ["baseline"] and needs["ckd_skip"] == []
+    assert set(needs) == {n for n, _ in study.student_specs()} | {"prune"}
