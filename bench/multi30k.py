@@ -55,6 +55,7 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 DEFAULT_DATA = os.path.join(os.path.dirname(REPO), "shared", "data", "multi30k")
 
 # Model sizes: (d_model, layers, ffn_dim, attention_heads); students have the same depth in encoder and decoder.
+# test_samples caps the test sentences used by pruning and evaluation (None: all 1,000).
 PRESETS = {
     # The reference setup of shared/PAPERS.md (teacher 3 x 256, students 2 x 128) with fewer student epochs, meant
     # to fit in two hours on the 2-core CPU (bench/RESULTS.md). It builds the Seq-KD corpus with the teacher converted
@@ -69,7 +70,7 @@ PRESETS = {
         finetune_epochs=1, finetune_lr=3e-4,
         batch_size=64, warmup_steps=300, num_beams=5, nbest_size=5, generation_batch_size=64,
         max_tokens_per_batch=6000, ckd_mappings=("skip", "regular_comb", "overlap_comb"),
-        sparsities=(0.5, 0.8, 0.9), prune_epochs=1, batch1_samples=200, bf16=False,
+        sparsities=(0.5, 0.8, 0.9), prune_epochs=1, batch1_samples=200, bf16=False, test_samples=None,
         teacher_dtype="bfloat16", corpus_backend="ctranslate2", batch1_beam="first",
         split_punctuation=True, student_jobs=2,
     ),
@@ -81,7 +82,7 @@ PRESETS = {
         finetune_epochs=3, finetune_lr=3e-4,
         batch_size=128, warmup_steps=1000, num_beams=5, nbest_size=35, generation_batch_size=256,
         max_tokens_per_batch=None, ckd_mappings=("skip", "regular_comb", "overlap_comb", "cross_comb"),
-        sparsities=(0.5, 0.8, 0.9), prune_epochs=3, batch1_samples=500, bf16=True,
+        sparsities=(0.5, 0.8, 0.9), prune_epochs=3, batch1_samples=500, bf16=True, test_samples=None,
         teacher_dtype="bfloat16", corpus_backend="transformers", batch1_beam="all", split_punctuation=True,
         student_jobs=1,
     ),
