@@ -54,6 +54,7 @@ __all__ = [
     "check_tokenizer",
     "ctranslate2_parameter_counts",
     "model_disk_size",
+    "timed_decode",
     "evaluate_model",
     "compare_models",
     "parse_model_specs",
@@ -256,20 +257,24 @@ def _parameter_counts(model) -> tuple[int | None, int | None]:
 
 
 # ---------------------------------------------------------------------------------------------- evaluation
-def _decode(model, tokenizer, sources, references, *, num_beams, batch_size, max_new_tokens, source_prefix,
-            show_progress) -> dict:
-    """One timed run: ``bleu``, ``chrf``, ``seconds``, ``hypotheses`` (Transformers or CTranslate2)."""
+def timed_decode(model, tokenizer, sources, references, *, num_beams: int = 1, batch_size: int = 32,
+                 max_new_tokens: int = 128, source_prefix: str = "", show_progress: bool = False) -> dict:
+    """One timed translation of ``sources`` (Transformers model or :class:`~hf_seqkd.export.CTranslate2Translator`):
+    a dict with ``bleu``, ``chrf`` (against ``references``), ``seconds`` (translation wall time),
+    ``hypotheses`` and ``target_tokens`` (their tokens, as the module docstring defines them for tokens/s)."""
     from .export import CTranslate2Translator, translate_ctranslate2
 
     if isinstance(model, CTranslate2Translator):
         out = translate_ctranslate2(model, tokenizer, [source_prefix + s for s in sources], num_beams=num_beams,
                                     batch_size=batch_size, max_new_tokens=max_new_tokens)
         hypotheses = [h.strip() for h in out]
-        return {**corpus_scores(hypotheses, references), "seconds": out.seconds, "hypotheses": hypotheses}
-    out = evaluate_translation(model, tokenizer, sources, references, num_beams=num_beams, batch_size=batch_size,
-                               max_new_tokens=max_new_tokens, source_prefix=source_prefix,
-                               show_progress=show_progress, return_hypotheses=True)
-    return {k: out[k] for k in ("bleu", "chrf", "seconds", "hypotheses")}
+        out = {**corpus_scores(hypotheses, references), "seconds": out.seconds, "hypotheses": hypotheses}
+    else:
+        out = evaluate_translation(model, tokenizer, sources, references, num_beams=num_beams,
+                                   batch_size=batch_size, max_new_tokens=max_new_tokens, source_prefix=source_prefix,
+                                   show_progress=show_progress, return_hypotheses=True)
+    return {**{k: out[k] for k in ("bleu", "chrf", "seconds", "hypotheses")},
+            "target_tokens": _target_tokens(tokenizer, out["hypotheses"])}
 
 
 def _target_tokens(tokenizer, hypotheses: Sequence[str]) -> int:
@@ -334,18 +339,18 @@ def evaluate_model(model, tokenizer, sources: Sequence[str], references: Sequenc
     }
     common = dict(max_new_tokens=max_new_tokens, source_prefix=source_prefix)
     # warm-up (untimed): first calls allocate caches, pick kernels, ...
-    _decode(model, tokenizer, sources[:2], references[:2], num_beams=1, batch_size=2, show_progress=False, **common)
+    timed_decode(model, tokenizer, sources[:2], references[:2], num_beams=1, batch_size=2, **common)
     runs = [(f"{dec}_batched", beams, batch_size, len(sources)) for dec, beams in decoders]
     runs += [(f"{dec}_batch1", beams, 1, batch1) for dec, beams in decoders
              if batch1 > 0 and (dec == "greedy" or batch1_beam)]
     stages = tqdm(runs, desc=f"{name}", unit="run", disable=not show_progress, leave=False)
     for key, beams, bsz, n in stages:
         stages.set_postfix_str(key)
-        out = _decode(model, tokenizer, sources[:n], references[:n], num_beams=beams, batch_size=bsz,
+        out = timed_decode(model, tokenizer, sources[:n], references[:n], num_beams=beams, batch_size=bsz,
                       show_progress=show_progress, **common)
         seconds = max(out["seconds"], 1e-9)
         row[f"sent_per_s_{key}"] = n / seconds
-        row[f"tok_per_s_{key}"] = _target_tokens(tokenizer, out["hypotheses"]) / seconds
+        row[f"tok_per_s_{key}"] = out["target_tokens"] / seconds
         if key.endswith("_batched"):
             dec = key.split("_")[0]
             row[f"bleu_{dec}"], row[f"chrf_{dec}"] = out["bleu"], out["chrf"]

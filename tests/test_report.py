@@ -370,3 +370,42 @@ def test_recipe_configs_parse(recipe, config):
         assert names == ["teacher", "seqkd_student", "pruned_80", "seqkd_student_ct2_int8"]
         assert comparison.num_beams == 5 and comparison.batch1_samples == 200
         assert data_args.test_split == "test" and data_args.target_lang == "en"
+
+
+def test_decode_speed_bench_pairs_rounds_and_counts_outputs_at_the_limit(trained_dir, data_dir, tokenizer,
+                                                                         tmp_path, capsys):
+    from hf_seqkd.evaluation import translate
+
+    spec = importlib.util.spec_from_file_location("bench_decode_speed", os.path.join(ROOT, "bench", "decode_speed.py"))
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    # speed-ups are paired within a round: reference seconds / model seconds, round by round
+    assert bench.paired_speedups({"t": [2.0, 4.0], "s": [1.0, 8.0]}, "t") == {"t": [1.0, 1.0], "s": [2.0, 0.5]}
+    assert [bench.rotate(list("abc"), r) for r in range(4)] == [list("abc"), list("bca"), list("cab"), list("abc")]
+
+    random_dir = tmp_path / "random"  # untrained: its translations tend to run to the length limit
+    tiny_seq2seq_model(tokenizer, "marian", d_model=32, encoder_layers=2, decoder_layers=2, seed=1).save_pretrained(
+        random_dir)
+    tokenizer.save_pretrained(random_dir)
+    limit, batch = 8, 8
+    bench.main(["--models", f"trained={trained_dir}", f"random={random_dir}", "--data_dir", str(data_dir),
+                "--split", "test", "--source_lang", "src", "--target_lang", "tgt", "--rounds", "2",
+                "--batch1_sentences", "3", "--batched_sentences", "16", "--batch_size", str(batch),
+                "--max_new_tokens", str(limit), "--threads", "1", "--beam_models", "trained", "--num_beams", "2"])
+    lines = [line for line in capsys.readouterr().out.splitlines() if line.startswith("| ")][2:]
+    rows = {cells[0]: cells[1:] for cells in ([c.strip() for c in line.strip("|").split("|")] for line in lines)}
+    assert list(rows) == ["trained", "random", "trained, beam 2"]
+    assert rows["trained"][2] == rows["trained"][5] == "1.00 (1.00-1.00)"  # the reference against itself
+    assert rows["trained, beam 2"][7] == rows["trained, beam 2"][8] == "1.00 (1.00-1.00)"  # ... and its beam search
+    with pytest.raises(SystemExit):  # a --beam_models name that is not among the models
+        bench.main(["--models", f"trained={trained_dir}", "--beam_models", "teacher"])
+    assert "--beam_models: teacher not among the --models names" in capsys.readouterr().err
+
+    sources = (data_dir / "test.src").read_text().splitlines()[:16]
+    for name, folder in (("trained", trained_dir), ("random", random_dir)):
+        model, tok, _ = load_for_evaluation(folder)
+        hypotheses, _ = translate(model, tok, sources, batch_size=batch, max_new_tokens=limit)
+        lengths = [len(tok(text_target=h, add_special_tokens=False)["input_ids"]) for h in hypotheses]
+        expected = sum(n >= limit - 1 for n in lengths)
+        assert int(rows[name][6]) == expected, name
+    assert expected > 0  # the random model does hit the limit, so the column is checked on a non-zero count
