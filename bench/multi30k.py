@@ -494,13 +494,15 @@ def _findings(rows: dict) -> list[str]:
                 and "pruned" not in n and r.get("bleu_greedy") is not None]
     if teacher and students and teacher.get("bleu_beam") is not None:
         best = max(students, key=lambda r: r["bleu_greedy"])
-        speed = best.get("sent_per_s_greedy_batch1") or best.get("sent_per_s_greedy_batched")
-        tspeed = teacher.get("sent_per_s_beam_batch1") or teacher.get("sent_per_s_beam_batched")
+        # the same batching for both: batch 1 where the teacher's beam search was timed at batch 1, else batched
+        timing = "batch1" if teacher.get("sent_per_s_beam_batch1") and best.get("sent_per_s_greedy_batch1") else "batched"
+        speed, tspeed = best.get(f"sent_per_s_greedy_{timing}"), teacher.get(f"sent_per_s_beam_{timing}")
         if speed and tspeed:
-            out.append(f"The best student ({best['model']}, greedy) against the teacher (beam 5): BLEU "
-                       f"{best['bleu_greedy']:.2f} vs {teacher['bleu_beam']:.2f} "
+            out.append(f"The best student ({best['model']}, greedy) against the teacher (beam "
+                       f"{teacher.get('num_beams', 5)}): BLEU {best['bleu_greedy']:.2f} vs {teacher['bleu_beam']:.2f} "
                        f"({best['bleu_greedy'] - teacher['bleu_beam']:+.2f}), {speed / tspeed:.1f}x the sentences/s "
-                       f"(batch 1), {teacher['params'] / best['params']:.1f}x fewer parameters.")
+                       f"({'batch 1' if timing == 'batch1' else 'batched'}), "
+                       f"{teacher['params'] / best['params']:.1f}x fewer parameters.")
     pruned = {n: r for n, r in rows.items() if "_pruned_" in n}
     if pruned and Study.BEST in rows:
         ref = rows[Study.BEST]["bleu_greedy"]
@@ -581,7 +583,8 @@ def write_study_report(study: "Study", path: str) -> str:
                       f"detokenized text; speed on {first.get('device')} with {first.get('threads')} thread(s), batch 1 "
                       f"timed on the first {first.get('batch1_sentences')} sentences, batched = "
                       f"{first.get('batch_size')} sentences per call; speed-up over the teacher's greedy decoding.", ""]
-        lines += [report_table(rows, REPORT_COLUMNS), ""]
+        beams = f"beam {first.get('num_beams', 5)}"
+        lines += [report_table(rows, [(k, label.replace("beam 5", beams)) for k, label in REPORT_COLUMNS]), ""]
         findings = _findings({r["model"]: r for r in rows})
         if findings:
             lines += ["What the papers found, checked on these numbers:", ""] + [f"* {x}" for x in findings] + [""]
@@ -706,6 +709,9 @@ def main(argv=None):
     for name in args.redo:
         if study.done(name):
             os.remove(study.marker(name))
+    if study.p["bf16"] and not __import__("torch").cuda.is_available():
+        raise SystemExit(f"[multi30k] preset {args.preset} trains in bfloat16 on a GPU, and this machine has none: "
+                         f"use --preset cpu, or --set bf16=False to run this preset on the CPU")
     print(f"[multi30k] preset {args.preset}, work dir {study.work_dir}, {machine()}")
     print(f"[multi30k] command: {' '.join([os.path.basename(sys.executable)] + sys.argv)}", flush=True)
     start = time.perf_counter()

@@ -1,5 +1,6 @@
 """bench/multi30k.py's bookkeeping: finished stages are skipped, an interrupted stage's time is not lost."""
 
+import gzip
 import importlib.util
 import json
 import os
@@ -142,3 +143,15 @@ def test_side_by_side_order_and_dependencies(multi30k, tmp_path):
     assert needs[study.BEST] == ["seq_kd"] and needs["prune"] == [study.BEST]
     assert needs["baseline_seq_inter"] == ["baseline"] and needs["ckd_skip"] == []
     assert set(needs) == {n for n, _ in study.student_specs()} | {"prune"}
+
+
+def test_gpu_preset_on_a_machine_without_gpu_stops_with_a_clear_error(multi30k, tmp_path, monkeypatch):
+    import torch
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    (tmp_path / "data").mkdir()
+    with gzip.open(tmp_path / "data" / "train.de.gz", "wt") as f:  # the corpus check passes; nothing reads it
+        f.write("ein Satz\n")
+    with pytest.raises(SystemExit, match="trains in bfloat16 on a GPU, and this machine has none"):
+        multi30k.main(["--preset", "gpu", "--work_dir", str(tmp_path / "study"), "--data_dir", str(tmp_path / "data")])
+    assert not os.path.exists(tmp_path / "study" / "tokenizer")  # no stage started
