@@ -48,11 +48,6 @@ def paired_speedups(times: dict[str, list[float]], reference: str) -> dict[str, 
     return {name: [ref / t for ref, t in zip(times[reference], ts)] for name, ts in times.items()}
 
 
-def output_lengths(tokenizer, hypotheses: list[str]) -> list[int]:
-    """Target tokens of each translation (special tokens left out, as for tokens/s in hf_seqkd.report)."""
-    return [len(ids) for ids in tokenizer(text_target=list(hypotheses), add_special_tokens=False)["input_ids"]]
-
-
 def summary(values: list[float]) -> str:
     return f"{statistics.median(values):.2f} ({min(values):.2f}-{max(values):.2f})"
 
@@ -115,7 +110,7 @@ def main(argv=None):
                 seconds[run][label].append(out["seconds"])
                 tokens[run][label] = out["target_tokens"]  # deterministic decoding: the same output every round
                 if run == "batched":
-                    at_limit[label] = sum(k >= args.max_new_tokens - 1 for k in output_lengths(tok, out["hypotheses"]))
+                    at_limit[label] = sum(k >= args.max_new_tokens - 1 for k in out["target_lengths"])
         print(f"round {r + 1}/{args.rounds} done", file=sys.stderr)
 
     reference = specs[0][0]

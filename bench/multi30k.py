@@ -113,6 +113,7 @@ def load_recipe(name: str):
 
 
 HEARTBEAT_SECONDS = 15
+EVAL_BEAMS = 5  # the beam size of the evaluation's beam-search columns
 STUDY_COMMAND_ENV = "MULTI30K_STUDY_COMMAND"
 
 
@@ -456,8 +457,8 @@ class Study:
         with ``--redo evaluate`` once more stages are done)."""
         argv = ["--models", *[f"{name}={path}" for name, path in self.model_list()],
                 "--dataset", self.data_dir, "--source_lang", SOURCE_LANG, "--target_lang", TARGET_LANG,
-                "--test_split", TEST_SPLIT, "--num_beams", "5", "--batch1_samples", str(self.p["batch1_samples"]),
-                "--batch1_beam", self.p["batch1_beam"],
+                "--test_split", TEST_SPLIT, "--num_beams", str(EVAL_BEAMS),
+                "--batch1_samples", str(self.p["batch1_samples"]), "--batch1_beam", self.p["batch1_beam"],
                 "--tokenizer", self.tokenizer_dir, "--output_dir", os.path.join(self.work_dir, "report")]
         argv += self.test_sample_args()
         return load_recipe("evaluate").main(argv)
@@ -465,7 +466,7 @@ class Study:
 
 # ------------------------------------------------------------------------------------------------------- report
 REPORT_COLUMNS = [("model", "model"), ("params", "parameters"), ("nonzero_params", "non-zero"),
-                  ("bleu_greedy", "BLEU greedy"), ("bleu_beam", "BLEU beam 5"), ("chrf_greedy", "chrF greedy"),
+                  ("bleu_greedy", "BLEU greedy"), ("bleu_beam", f"BLEU beam {EVAL_BEAMS}"), ("chrf_greedy", "chrF greedy"),
                   ("sent_per_s_greedy_batch1", "sent/s greedy, batch 1"), ("tok_per_s_greedy_batch1", "tok/s greedy, batch 1"),
                   ("sent_per_s_greedy_batched", "sent/s greedy, batched"), ("speedup_batch1", "speed-up, batch 1"),
                   ("speedup", "speed-up, batched")]
@@ -498,8 +499,8 @@ def _findings(rows: dict) -> list[str]:
         timing = "batch1" if teacher.get("sent_per_s_beam_batch1") and best.get("sent_per_s_greedy_batch1") else "batched"
         speed, tspeed = best.get(f"sent_per_s_greedy_{timing}"), teacher.get(f"sent_per_s_beam_{timing}")
         if speed and tspeed:
-            out.append(f"The best student ({best['model']}, greedy) against the teacher (beam "
-                       f"{teacher.get('num_beams', 5)}): BLEU {best['bleu_greedy']:.2f} vs {teacher['bleu_beam']:.2f} "
+            out.append(f"The best student ({best['model']}, greedy) against the teacher (beam {EVAL_BEAMS}): BLEU "
+                       f"{best['bleu_greedy']:.2f} vs {teacher['bleu_beam']:.2f} "
                        f"({best['bleu_greedy'] - teacher['bleu_beam']:+.2f}), {speed / tspeed:.1f}x the sentences/s "
                        f"({'batch 1' if timing == 'batch1' else 'batched'}), "
                        f"{teacher['params'] / best['params']:.1f}x fewer parameters.")
@@ -562,10 +563,11 @@ def write_study_report(study: "Study", path: str) -> str:
         lines += ["Machine:", ""] + [f"* {m}: {', '.join(names)}" for m, names in machines.items()] + [""]
     lines += ["| stage | wall time (min) | started | finished |", "| --- | --- | --- | --- |"]
     lines += [f"| {r['stage']} | {r['seconds'] / 60:.1f} | {r.get('started', '')} | {r['finished']} |" for r in records]
-    total, wall = sum(r["seconds"] for r in records), study_wall_seconds(records)
-    if wall is not None and os.path.exists(study.side_by_side_marker):
+    side_by_side = []
+    if records and os.path.exists(study.side_by_side_marker):
         with open(study.side_by_side_marker) as f:  # adds the gaps between side-by-side stages (process start-up)
-            wall = study_wall_seconds(records + [json.load(f)])
+            side_by_side = [json.load(f)]
+    total, wall = sum(r["seconds"] for r in records), study_wall_seconds(records + side_by_side)
     if wall is not None and wall < total - 1:  # some stages ran side by side
         lines += [f"| sum of the stages | {total / 60:.1f} | | |",
                   f"| **study wall time** (stages side by side counted once) | **{wall / 60:.1f}** | | |"]
@@ -583,8 +585,7 @@ def write_study_report(study: "Study", path: str) -> str:
                       f"detokenized text; speed on {first.get('device')} with {first.get('threads')} thread(s), batch 1 "
                       f"timed on the first {first.get('batch1_sentences')} sentences, batched = "
                       f"{first.get('batch_size')} sentences per call; speed-up over the teacher's greedy decoding.", ""]
-        beams = f"beam {first.get('num_beams', 5)}"
-        lines += [report_table(rows, [(k, label.replace("beam 5", beams)) for k, label in REPORT_COLUMNS]), ""]
+        lines += [report_table(rows, REPORT_COLUMNS), ""]
         findings = _findings({r["model"]: r for r in rows})
         if findings:
             lines += ["What the papers found, checked on these numbers:", ""] + [f"* {x}" for x in findings] + [""]
@@ -706,18 +707,18 @@ def main(argv=None):
         for name in names:
             print(f"{name:28s} {'done' if study.done(name) else '-'}")
         return
-    for name in args.redo:
-        if study.done(name):
-            os.remove(study.marker(name))
     if study.p["bf16"] and not __import__("torch").cuda.is_available():
         raise SystemExit(f"[multi30k] preset {args.preset} trains in bfloat16 on a GPU, and this machine has none: "
                          f"use --preset cpu, or --set bf16=False to run this preset on the CPU")
+    for name in args.redo:
+        if study.done(name):
+            os.remove(study.marker(name))
     print(f"[multi30k] preset {args.preset}, work dir {study.work_dir}, {machine()}")
     print(f"[multi30k] command: {' '.join([os.path.basename(sys.executable)] + sys.argv)}", flush=True)
     start = time.perf_counter()
     selected = [(name, fn) for name, fn in stages if args.stages is None or name in args.stages]
     needs = study.side_by_side_needs()
-    group = [name for name in needs if any(name == n for n, _ in selected)]
+    group = [name for name in needs if name in dict(selected)]
     jobs = study.p["student_jobs"]
     side_by_side = jobs > 1 and sum(not study.done(n) for n in group) > 1
     if side_by_side:

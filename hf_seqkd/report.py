@@ -261,7 +261,8 @@ def timed_decode(model, tokenizer, sources, references, *, num_beams: int = 1, b
                  max_new_tokens: int = 128, source_prefix: str = "", show_progress: bool = False) -> dict:
     """One timed translation of ``sources`` (Transformers model or :class:`~hf_seqkd.export.CTranslate2Translator`):
     a dict with ``bleu``, ``chrf`` (against ``references``), ``seconds`` (translation wall time),
-    ``hypotheses`` and ``target_tokens`` (their tokens, as the module docstring defines them for tokens/s)."""
+    ``hypotheses``, ``target_lengths`` (each hypothesis's tokens, as the module docstring defines them for
+    tokens/s) and ``target_tokens`` (their sum)."""
     from .export import CTranslate2Translator, translate_ctranslate2
 
     if isinstance(model, CTranslate2Translator):
@@ -273,14 +274,15 @@ def timed_decode(model, tokenizer, sources, references, *, num_beams: int = 1, b
         out = evaluate_translation(model, tokenizer, sources, references, num_beams=num_beams,
                                    batch_size=batch_size, max_new_tokens=max_new_tokens, source_prefix=source_prefix,
                                    show_progress=show_progress, return_hypotheses=True)
+    lengths = _target_lengths(tokenizer, out["hypotheses"])
     return {**{k: out[k] for k in ("bleu", "chrf", "seconds", "hypotheses")},
-            "target_tokens": _target_tokens(tokenizer, out["hypotheses"])}
+            "target_lengths": lengths, "target_tokens": sum(lengths)}
 
 
-def _target_tokens(tokenizer, hypotheses: Sequence[str]) -> int:
+def _target_lengths(tokenizer, hypotheses: Sequence[str]) -> list[int]:
     if not hypotheses:
-        return 0
-    return sum(len(ids) for ids in tokenizer(text_target=list(hypotheses), add_special_tokens=False)["input_ids"])
+        return []
+    return [len(ids) for ids in tokenizer(text_target=list(hypotheses), add_special_tokens=False)["input_ids"]]
 
 
 def evaluate_model(model, tokenizer, sources: Sequence[str], references: Sequence[str], *, name: str = "model",
@@ -347,7 +349,7 @@ def evaluate_model(model, tokenizer, sources: Sequence[str], references: Sequenc
     for key, beams, bsz, n in stages:
         stages.set_postfix_str(key)
         out = timed_decode(model, tokenizer, sources[:n], references[:n], num_beams=beams, batch_size=bsz,
-                      show_progress=show_progress, **common)
+                           show_progress=show_progress, **common)
         seconds = max(out["seconds"], 1e-9)
         row[f"sent_per_s_{key}"] = n / seconds
         row[f"tok_per_s_{key}"] = out["target_tokens"] / seconds
