@@ -62,8 +62,9 @@ class DataArguments:
         train_split, eval_split, test_split (`str`): split names (`eval_split` may be empty to skip evaluation during
             training).
         max_train_samples, max_eval_samples, max_test_samples (`int` or `None`): subsample the splits.
-        max_source_length, max_target_length (`int`): truncation lengths in tokens.
-        source_prefix (`str`): T5-style task prefix, e.g. `"translate German to English: "`.
+
+    How the texts are tokenized (`max_source_length`, `max_target_length`, `source_prefix`) is a training argument:
+    the trainer prepares the data ([`DistillationTrainingArguments`]).
     """
 
     dataset: str = field(default="", metadata={"help": "Hub dataset, folder of SPLIT.LANG files, .tsv or .jsonl."})
@@ -76,9 +77,6 @@ class DataArguments:
     max_train_samples: Optional[int] = field(default=None, metadata={"help": "Subsample the training split."})
     max_eval_samples: Optional[int] = field(default=None, metadata={"help": "Subsample the validation split."})
     max_test_samples: Optional[int] = field(default=None, metadata={"help": "Subsample the test split."})
-    max_source_length: int = field(default=256, metadata={"help": "Source truncation length (tokens)."})
-    max_target_length: int = field(default=256, metadata={"help": "Target truncation length (tokens)."})
-    source_prefix: str = field(default="", metadata={"help": "T5-style source prefix."})
 
 
 @dataclass
@@ -154,7 +152,7 @@ def build_seqkd_corpus(train_raw, teacher, tokenizer, seqkd_args: SeqKDArguments
         num_return_sequences=seqkd_args.nbest_size, max_new_tokens=seqkd_args.teacher_max_new_tokens,
         batch_size=seqkd_args.generation_batch_size, max_tokens_per_batch=seqkd_args.max_tokens_per_batch,
         seq_inter=seqkd_args.nbest_size > 1, seq_inter_metric=seqkd_args.seq_inter_metric,
-        source_prefix=data_args.source_prefix, cache_dir=cache_dir)
+        source_prefix=training_args.source_prefix, cache_dir=cache_dir)
 
 
 def _load_yaml_config(path: str) -> dict:
@@ -228,27 +226,63 @@ def load_or_make_student(model_args: ModelArguments, teacher):
                         decoder_layers=model_args.student_decoder_layer_ids or model_args.student_decoder_layers)
 
 
+def select_split(raw, flag: str, name: str | None, dataset: str):
+    """The split ``name`` of ``raw`` (``None`` for ``""`` or ``"none"``: skipped on purpose); a missing split is an
+    error that names the flag and the splits there are, raised before any long work."""
+    if not name or str(name).lower() == "none":
+        return None
+    if name not in raw:
+        raise ValueError(f"{flag} {name!r} is not a split of {dataset}; its splits are: {', '.join(raw)} "
+                         f"(use {flag} none to do without)")
+    return raw[name]
+
+
+def select_splits(raw, data_args: DataArguments, training_args) -> tuple:
+    """``(train, validation, test)`` of a recipe run, checked up front (:func:`select_split`): validation only when
+    ``eval_strategy`` evaluates (then it is required), test unless ``--test_split none``."""
+    train = select_split(raw, "--train_split", data_args.train_split, data_args.dataset)
+    if train is None:
+        raise ValueError("--train_split is required: the split to train on")
+    evaluation = None
+    if str(getattr(training_args, "eval_strategy", "no")) not in ("no", "IntervalStrategy.NO"):
+        evaluation = select_split(raw, "--eval_split", data_args.eval_split, data_args.dataset)
+        if evaluation is None:
+            raise ValueError(f"--eval_strategy {training_args.eval_strategy} evaluates during training: name the "
+                             f"validation split with --eval_split (splits: {', '.join(raw)})")
+    test = select_split(raw, "--test_split", data_args.test_split, data_args.dataset)
+    return (first_rows(train, data_args.max_train_samples),
+            None if evaluation is None else first_rows(evaluation, data_args.max_eval_samples),
+            None if test is None else first_rows(test, data_args.max_test_samples))
+
+
+def check_teacher_ctranslate2_dir(path: str | None) -> None:
+    """A ``--teacher_ctranslate2_dir`` must be a CTranslate2 folder (``model.bin``): checked before the corpus."""
+    if path and not os.path.isfile(os.path.join(path, "model.bin")):
+        raise ValueError(f"--teacher_ctranslate2_dir {path}: no CTranslate2 model there (model.bin); convert the "
+                         "teacher with hf_seqkd.export.to_ctranslate2 first")
+
+
 def first_rows(dataset, n: int | None):
     """The first ``n`` rows of ``dataset`` (all of them when ``n`` is None or 0): ``--max_*_samples``."""
     return dataset.select(range(min(n, len(dataset)))) if n else dataset
 
 
-def evaluate_on_test_split(raw, teacher, student, tokenizer, data_args: DataArguments, eval_args: EvalArguments,
-                           device) -> list[dict]:
+def evaluate_on_test_split(test, teacher, student, tokenizer, data_args: DataArguments, eval_args: EvalArguments,
+                           device, source_prefix: str = "", bleu_tokenize: str = "13a") -> list[dict]:
     """Step 5 of the training recipes: teacher (with ``--evaluate_teacher``) and student on ``--test_split``
-    (:func:`evaluate_models`), the table printed; ``[]`` when the corpus has no such split."""
-    if data_args.test_split not in raw:
+    (:func:`evaluate_models`), the table printed; ``[]`` without a test split (``--test_split none``)."""
+    if test is None:
         return []
-    test = first_rows(raw[data_args.test_split], data_args.max_test_samples)
     models = ([("teacher", "teacher", teacher.to(device))] if eval_args.evaluate_teacher else []) + \
         [("student", "student", student)]
-    rows = evaluate_models(models, tokenizer, test, eval_args, data_args)
+    rows = evaluate_models(models, tokenizer, test, eval_args, source_prefix=source_prefix, bleu_tokenize=bleu_tokenize)
     print(markdown_table(rows, ["model", "params", "bleu_greedy", "bleu_beam", "chrf", "sentences_per_second",
                                 "speedup"]))
     return rows
 
 
-def evaluate_models(models, tokenizer, test, eval_args: EvalArguments, data_args: DataArguments) -> list[dict]:
+def evaluate_models(models, tokenizer, test, eval_args: EvalArguments, *, source_prefix: str = "",
+                    bleu_tokenize: str = "13a") -> list[dict]:
     """The recipes' results table: every ``(name, role, model)`` at every beam size of ``eval_args``, BLEU, chrF,
     sentences/s and parameters; ``speedup`` is each model's greedy speed over the first model's (the teacher's)
     beam-search speed, as Kim & Rush compare them."""
@@ -260,7 +294,7 @@ def evaluate_models(models, tokenizer, test, eval_args: EvalArguments, data_args
         for beams in eval_args.eval_num_beams:
             r = evaluate_translation(model, tokenizer, test["source"], test["target"], num_beams=beams,
                                      batch_size=eval_args.eval_batch_size, max_new_tokens=eval_args.max_new_tokens,
-                                     source_prefix=data_args.source_prefix)
+                                     source_prefix=source_prefix, bleu_tokenize=bleu_tokenize)
             key = "greedy" if beams == 1 else "beam"
             row.update({f"bleu_{key}": r["bleu"], f"chrf_{key}": r["chrf"], f"sent_per_s_{key}": r["sentences_per_second"]})
             row["params"] = r["num_parameters"]

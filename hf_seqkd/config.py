@@ -71,6 +71,23 @@ class DistillationTrainingArguments(Seq2SeqTrainingArguments):
         kd_chunk_size (`int`, *optional*, defaults to `1024`):
             Number of target positions whose vocabulary distributions are processed at once in the KD loss (memory).
 
+        > Data preparation and evaluation
+
+        max_source_length (`int`, *optional*, defaults to `256`):
+            Sources are truncated to this many tokens (the number of truncated sentences is logged).
+        max_target_length (`int`, *optional*, defaults to `256`):
+            Targets are truncated to this many tokens. Validation with `predict_with_generate` lets translations run
+            this long (unless `generation_max_length` is set), capped at the student's position table.
+        source_prefix (`str`, *optional*, defaults to `""`):
+            Text put before every source, e.g. T5's `"translate German to English: "`.
+        bleu_tokenize (`str` or `None`, *optional*, defaults to `None`):
+            sacrebleu's tokenizer for BLEU in validation, Seq-Inter and the evaluations (`"13a"`, `"zh"`,
+            `"ja-mecab"`, `"char"`, ...); `None` chooses it from the target language
+            (`hf_seqkd.evaluation.resolve_bleu_tokenize`: `zh` for Chinese, `13a` for languages written with spaces).
+        generation_num_beams (`int` or `None`, *optional*, defaults to `None`):
+            Beam size of validation with `predict_with_generate`; `None` decodes greedily, as the greedy column of
+            the final evaluation does (Transformers' own default would be the model's generation config).
+
         > Sequence-level distillation
 
         kd_target (`str`, *optional*, defaults to `"target"`):
@@ -85,8 +102,8 @@ class DistillationTrainingArguments(Seq2SeqTrainingArguments):
 
         intermediate_loss_weight (`float`, *optional*, defaults to `0.0`):
             Weight `beta` of the hidden-state loss; `0` disables it (the paper's example run: `alpha=0.2`,
-            `beta=0.7`). The projections it trains are saved in checkpoints (`distillation_modules.safetensors`) but
-            not in the exported student.
+            `beta=0.7`). The projections it trains are saved in checkpoints (with the student's weights, under the
+            prefix `hf_seqkd_auxiliary.`) but not in the exported student.
         layer_mapping (`str`, *optional*, defaults to `"regular_comb"`):
             A strategy name (`"skip"`, `"regular_comb"`, `"overlap_comb"`, `"skip_middle"`, `"cross_comb"`,
             `"skip_comb"`; their rule for any teacher/student depth is in `hf_seqkd.intermediate`) or an explicit JSON
@@ -121,6 +138,12 @@ class DistillationTrainingArguments(Seq2SeqTrainingArguments):
     jsd_beta: float = field(default=0.5, metadata={"help": "Teacher weight of the generalised JSD mixture."})
     teacher_dtype: Optional[str] = field(default=None, metadata={"help": "bfloat16, float16 or float32 for the teacher."})
     kd_chunk_size: int = field(default=1024, metadata={"help": "Positions per chunk in the KD loss."})
+    max_source_length: int = field(default=256, metadata={"help": "Source truncation length (tokens)."})
+    max_target_length: int = field(default=256, metadata={"help": "Target truncation length (tokens); also the "
+                                                                   "validation generation limit."})
+    source_prefix: str = field(default="", metadata={"help": "Text put before every source (T5's task prefix)."})
+    bleu_tokenize: Optional[str] = field(default=None, metadata={"help": "sacrebleu tokenizer of BLEU (None: from "
+                                                                          "the target language)."})
     kd_target: str = field(default="target", metadata={"help": f"Training target column, one of {KD_TARGETS}."})
     gold_mix_ratio: float = field(default=0.0, metadata={"help": "Fraction of pairs kept with the gold target."})
     intermediate_loss_weight: float = field(default=0.0, metadata={"help": "Weight of the CKD hidden-state loss."})
@@ -157,6 +180,11 @@ class DistillationTrainingArguments(Seq2SeqTrainingArguments):
             raise ValueError(f"intermediate_layers={self.intermediate_layers!r} is not one of {INTERMEDIATE_LAYERS}")
         if self.teacher_dtype not in (None, "bfloat16", "float16", "float32"):
             raise ValueError(f"teacher_dtype={self.teacher_dtype!r}: use bfloat16, float16, float32 or None")
+        for name in ("max_source_length", "max_target_length"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be a positive number of tokens, got {getattr(self, name)}")
+        if self.bleu_tokenize is not None:
+            self.resolved_bleu_tokenize()  # raises on an unknown tokenizer name
         gate = parse_hybrid_gate(self.hybrid_gate)  # raises on a bad value
         if gate is not None and self.alpha <= 0:
             raise ValueError(f"hybrid_gate={self.hybrid_gate!r} needs alpha > 0: alpha is the weight of the hybrid "
@@ -176,6 +204,28 @@ class DistillationTrainingArguments(Seq2SeqTrainingArguments):
             except json.JSONDecodeError as e:
                 raise ValueError(f"layer_mapping={self.layer_mapping!r} is neither a strategy "
                                  f"({', '.join(LAYER_MAPPING_STRATEGIES)}) nor valid JSON ({e.msg})") from None
+
+    def resolved_bleu_tokenize(self, target_language: str | None = None) -> str:
+        """``bleu_tokenize``, or the sacrebleu tokenizer for ``target_language``
+        (:func:`hf_seqkd.evaluation.resolve_bleu_tokenize`)."""
+        from .evaluation import resolve_bleu_tokenize
+
+        return resolve_bleu_tokenize(target_language, self.bleu_tokenize)
+
+    @property
+    def uses_hybrid(self) -> bool:
+        """The hybrid token/sentence objective replaces the word-level term (``hybrid_gate`` is set)."""
+        return self.hybrid_gate is not None
+
+    @property
+    def uses_ckd(self) -> bool:
+        """The CKD hidden-state term is on (``intermediate_loss_weight > 0``)."""
+        return self.intermediate_loss_weight > 0
+
+    @property
+    def has_auxiliary_parameters(self) -> bool:
+        """The run trains modules of its own besides the student: CKD projections or a learned hybrid gate."""
+        return self.uses_ckd or parse_hybrid_gate(self.hybrid_gate) in ("scalar", "input")
 
     @property
     def gate_bounds(self) -> tuple[float, float]:

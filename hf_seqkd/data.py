@@ -199,6 +199,9 @@ def load_parallel_data(
     out = {}
     for split, pairs in raw.items():
         pairs = _drop_empty(pairs, f"{data} [{split}]")
+        if not pairs["source"]:
+            raise DataError(f"{data} [{split}]: no sentence pairs (its files are empty, or every line has an empty "
+                            "source or target)")
         dataset = Dataset.from_dict(pairs)
         if max_samples is not None and len(dataset) > max_samples:
             indices = sorted(random.Random(seed).sample(range(len(dataset)), max_samples))
@@ -288,7 +291,7 @@ def prepare_distillation_dataset(
 
 @dataclass
 class DistillationDataCollator:
-    """``DataCollatorForSeq2Seq`` that also pads ``teacher_labels`` (with -100).
+    """``DataCollatorForSeq2Seq`` that pads on the right and also pads ``teacher_labels`` (with -100).
 
     Args:
         tokenizer: the tokenizer (pads inputs).
@@ -301,9 +304,15 @@ class DistillationDataCollator:
     pad_to_multiple_of: int | None = None
 
     def __post_init__(self):
+        import copy
+
         from transformers import DataCollatorForSeq2Seq
 
-        self._inner = DataCollatorForSeq2Seq(self.tokenizer, model=self.model, label_pad_token_id=-100,
+        # Always pad on the right, whatever the tokenizer was saved with: left-padded labels would put padding
+        # between the decoder start token and the target, and left-padded sources shift absolute positions.
+        tokenizer = copy.copy(self.tokenizer)
+        tokenizer.padding_side = "right"
+        self._inner = DataCollatorForSeq2Seq(tokenizer, model=self.model, label_pad_token_id=-100,
                                              pad_to_multiple_of=self.pad_to_multiple_of)
 
     def __call__(self, features):

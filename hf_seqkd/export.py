@@ -132,6 +132,39 @@ def _with_normalize_before(loader_class, pre_norm: bool):
                 {"get_model_spec": get_model_spec, "set_config": set_config})
 
 
+_UNUSED_TOKEN = "<hf_seqkd_unused_{}>"
+
+
+def _with_padded_vocabulary(loader_class):
+    """``loader_class`` that accepts a model with more vocabulary rows than its tokenizer has tokens (a vocabulary
+    padded to a multiple of 8, say): the missing entries become placeholder tokens (``<hf_seqkd_unused_N>``) whose
+    output bias bans them, so the converted model never generates a token the tokenizer cannot decode, which is what
+    the original model, trained without such targets, should do too."""
+    import torch
+
+    def get_vocabulary(self, model, tokenizer):
+        tokens = list(loader_class.get_vocabulary(self, model, tokenizer))
+        rows = model.get_output_embeddings().weight.shape[0]
+        self._unused_rows = list(range(len(tokens), rows))
+        return tokens + [_UNUSED_TOKEN.format(i) for i in range(len(self._unused_rows))]
+
+    def __call__(self, model, tokenizer):
+        spec = loader_class.__call__(self, model, tokenizer)
+        unused = getattr(self, "_unused_rows", [])
+        if unused:
+            projection = spec.decoder.projection
+            vocab = projection.weight.shape[0]
+            bias = getattr(projection, "bias", None)
+            bias = bias.detach().clone().float().reshape(vocab) if isinstance(bias, torch.Tensor) and \
+                bias.numel() == vocab else torch.zeros(vocab, dtype=torch.float32)
+            bias[unused] = _PAD_LOGIT_BIAS
+            projection.bias = bias
+        return spec
+
+    return type(f"_HFSeqKDPadded{loader_class.__name__}", (loader_class,),
+                {"get_vocabulary": get_vocabulary, "__call__": __call__})
+
+
 def to_ctranslate2(
     model_dir: str | os.PathLike,
     out_dir: str | os.PathLike,
@@ -181,6 +214,8 @@ def to_ctranslate2(
         for config_name, pre_norm in _NORMALIZE_BEFORE.items():
             if config_name in registry:
                 registry[config_name] = _with_normalize_before(type(registry[config_name]), pre_norm)()
+        for config_name, loader in list(registry.items()):
+            registry[config_name] = _with_padded_vocabulary(type(loader))()
         try:
             out = converter.convert(str(out_dir), quantization=quantization, force=force)
         finally:

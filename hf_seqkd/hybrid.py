@@ -38,6 +38,8 @@ from typing import Callable, Sequence
 import torch
 from torch import nn
 
+from .evaluation import cap_max_new_tokens
+
 __all__ = [
     "DEFAULT_GATE_LR_FACTOR",
     "parse_hybrid_gate",
@@ -312,6 +314,7 @@ class TeacherSequenceCache:
             if limit is None:
                 longest = int(sub_mask.sum(1).max()) if sub_mask is not None else sub_ids.shape[1]
                 limit = 2 * longest + 10
+            limit = cap_max_new_tokens(teacher, limit)  # within the teacher's position table
             was_training = teacher.training
             teacher.eval()
             sequences = (generate or teacher.generate)(input_ids=sub_ids, attention_mask=sub_mask, do_sample=False,

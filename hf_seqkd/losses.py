@@ -28,26 +28,58 @@ import torch
 import torch.nn.functional as F
 
 __all__ = ["DIVERGENCES", "distillation_loss", "fused_ce_and_distillation_loss", "token_divergence",
-           "sequence_cross_entropy"]
+           "token_cross_entropy", "sequence_cross_entropy"]
 
 DIVERGENCES = ("forward_kl", "reverse_kl", "jsd", "tvd")
 
 
+def _expected_log_ratio(log_p: torch.Tensor, log_q: torch.Tensor) -> torch.Tensor:
+    """``sum_k p_k (log p_k - log q_k)`` over the last axis, with ``0 * log 0 = 0``: an entry where ``p_k`` is
+    exactly zero (a ``-inf`` log-probability, e.g. a token banned by a ``-inf`` bias) adds nothing, and gets a zero
+    gradient rather than ``0 * inf = nan``."""
+    p = log_p.exp()
+    return (p * (log_p - log_q).masked_fill(p == 0, 0.0)).sum(-1)
+
+
 def token_divergence(student_log_probs: torch.Tensor, teacher_log_probs: torch.Tensor, divergence: str = "forward_kl",
                      beta: float = 0.5) -> torch.Tensor:
-    """Divergence between teacher and student at each position: ``(..., V)`` log-probabilities -> ``(...)``."""
+    """Divergence between teacher and student at each position: ``(..., V)`` log-probabilities -> ``(...)``.
+
+    Entries of probability exactly zero contribute nothing (``0 * log 0 = 0``), with finite gradients, in any
+    floating dtype.
+    """
     s, t = student_log_probs, teacher_log_probs
     if divergence == "forward_kl":  # KL(p_t || p_s) = sum p_t (log p_t - log p_s)
-        return F.kl_div(s, t, reduction="none", log_target=True).sum(-1)
+        return _expected_log_ratio(t, s)
     if divergence == "reverse_kl":  # KL(p_s || p_t)
-        return F.kl_div(t, s, reduction="none", log_target=True).sum(-1)
+        return _expected_log_ratio(s, t)
     if divergence == "jsd":  # generalised JSD (GKD, Agarwal et al. 2024, Eq. 1)
-        log_m = torch.logsumexp(torch.stack([t + math.log(beta), s + math.log(1 - beta)]), dim=0)
-        return (beta * F.kl_div(log_m, t, reduction="none", log_target=True).sum(-1)
-                + (1 - beta) * F.kl_div(log_m, s, reduction="none", log_target=True).sum(-1))
+        # where both are -inf the mixture is too; any finite stand-in keeps logsumexp's gradient finite there, and
+        # both terms are masked at those entries anyway
+        both = torch.isneginf(t) & torch.isneginf(s)
+        log_m = torch.logsumexp(torch.stack([t.masked_fill(both, 0.0) + math.log(beta),
+                                             s.masked_fill(both, 0.0) + math.log(1 - beta)]), dim=0)
+        return beta * _expected_log_ratio(t, log_m) + (1 - beta) * _expected_log_ratio(s, log_m)
     if divergence == "tvd":
         return 0.5 * (t.exp() - s.exp()).abs().sum(-1)
     raise ValueError(f"unknown divergence {divergence!r}; choose one of {DIVERGENCES}")
+
+
+def token_cross_entropy(logits: torch.Tensor, labels: torch.Tensor, label_smoothing: float = 0.0,
+                        ignore_index: int = -100) -> torch.Tensor:
+    """Per-position cross-entropy ``(N, V), (N,) -> (N,)`` with optional label smoothing (Szegedy et al. 2016):
+    ``(1 - eps) * NLL + eps * mean_k(-log p_k)``, as ``torch.nn.functional.cross_entropy`` computes it, except that
+    the smoothing mass goes only to tokens the model can produce: a ``-inf`` logit (a banned token) is left out of
+    the mean instead of making the loss infinite. Zero at ``ignore_index`` positions."""
+    if not label_smoothing or not torch.isneginf(logits).any():
+        return F.cross_entropy(logits, labels, ignore_index=ignore_index, label_smoothing=label_smoothing,
+                               reduction="none")
+    log_p = F.log_softmax(logits, dim=-1)
+    valid = labels.ne(ignore_index)
+    nll = -log_p.gather(-1, labels.clamp(min=0).unsqueeze(-1)).squeeze(-1)
+    producible = ~torch.isneginf(logits)
+    smooth = -log_p.masked_fill(~producible, 0.0).sum(-1) / producible.sum(-1).clamp(min=1)
+    return ((1 - label_smoothing) * nll + label_smoothing * smooth).masked_fill(~valid, 0.0)
 
 
 def _check(student_logits, teacher_logits, labels, divergence, temperature, beta, vocab_size):
@@ -113,7 +145,7 @@ class _ChunkedLoss(torch.autograd.Function):
                 kd = token_divergence(s_logp, t_logp, divergence, beta) * temperature**2
             ce = torch.zeros_like(kd)
             if ce_weight:
-                ce = F.cross_entropy(s, chunk_labels, label_smoothing=label_smoothing, reduction="none")
+                ce = token_cross_entropy(s, chunk_labels, label_smoothing=label_smoothing)
             return kd, ce
 
         for idx in positions.split(chunk_size):
@@ -253,8 +285,8 @@ def sequence_cross_entropy(logits: torch.Tensor, labels: torch.Tensor, *, label_
 
     ``reduction="none"`` gives ``(batch, length)``; ``"sum"`` and ``"mean"`` (over non-ignored positions) a scalar.
     """
-    per_token = F.cross_entropy(logits.reshape(-1, logits.shape[-1]).float(), labels.reshape(-1),
-                                ignore_index=ignore_index, label_smoothing=label_smoothing, reduction="none")
+    per_token = token_cross_entropy(logits.reshape(-1, logits.shape[-1]).float(), labels.reshape(-1),
+                                    label_smoothing=label_smoothing, ignore_index=ignore_index)
     per_token = per_token.view(labels.shape)
     if reduction == "none":
         return per_token

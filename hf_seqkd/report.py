@@ -258,7 +258,8 @@ def _parameter_counts(model) -> tuple[int | None, int | None]:
 
 # ---------------------------------------------------------------------------------------------- evaluation
 def timed_decode(model, tokenizer, sources, references, *, num_beams: int = 1, batch_size: int = 32,
-                 max_new_tokens: int = 128, source_prefix: str = "", show_progress: bool = False) -> dict:
+                 max_new_tokens: int = 128, source_prefix: str = "", bleu_tokenize: str = "13a",
+                 show_progress: bool = False) -> dict:
     """One timed translation of ``sources`` (Transformers model or :class:`~hf_seqkd.export.CTranslate2Translator`):
     a dict with ``bleu``, ``chrf`` (against ``references``), ``seconds`` (translation wall time),
     ``hypotheses``, ``target_lengths`` (each hypothesis's tokens, as the module docstring defines them for
@@ -269,13 +270,14 @@ def timed_decode(model, tokenizer, sources, references, *, num_beams: int = 1, b
         out = translate_ctranslate2(model, tokenizer, [source_prefix + s for s in sources], num_beams=num_beams,
                                     batch_size=batch_size, max_new_tokens=max_new_tokens)
         hypotheses = [h.strip() for h in out]
-        out = {**corpus_scores(hypotheses, references), "seconds": out.seconds, "hypotheses": hypotheses}
+        out = {**corpus_scores(hypotheses, references, tokenize=bleu_tokenize), "seconds": out.seconds,
+               "hypotheses": hypotheses}
     else:
         out = evaluate_translation(model, tokenizer, sources, references, num_beams=num_beams,
                                    batch_size=batch_size, max_new_tokens=max_new_tokens, source_prefix=source_prefix,
-                                   show_progress=show_progress, return_hypotheses=True)
+                                   bleu_tokenize=bleu_tokenize, show_progress=show_progress, return_hypotheses=True)
     lengths = _target_lengths(tokenizer, out["hypotheses"])
-    return {**{k: out[k] for k in ("bleu", "chrf", "seconds", "hypotheses")},
+    return {**{k: out[k] for k in ("bleu", "chrf", "bleu_signature", "chrf_signature", "seconds", "hypotheses")},
             "target_lengths": lengths, "target_tokens": sum(lengths)}
 
 
@@ -288,7 +290,7 @@ def _target_lengths(tokenizer, hypotheses: Sequence[str]) -> list[int]:
 def evaluate_model(model, tokenizer, sources: Sequence[str], references: Sequence[str], *, name: str = "model",
                    path: str | os.PathLike | None = None, num_beams: int = 5, batch_size: int = 32,
                    batch1_samples: int = 200, batch1_beam: bool = True, max_new_tokens: int = 128,
-                   source_prefix: str = "", show_progress: bool = False) -> dict:
+                   source_prefix: str = "", bleu_tokenize: str = "13a", show_progress: bool = False) -> dict:
     """One row of the comparison table for a loaded model (see the module docstring for the definitions).
 
     Args:
@@ -339,7 +341,7 @@ def evaluate_model(model, tokenizer, sources: Sequence[str], references: Sequenc
         "threads": (model.intra_threads or None) if is_ct2 else torch.get_num_threads(),
         "device": model.translator.device if is_ct2 else str(next(model.parameters()).device),
     }
-    common = dict(max_new_tokens=max_new_tokens, source_prefix=source_prefix)
+    common = dict(max_new_tokens=max_new_tokens, source_prefix=source_prefix, bleu_tokenize=bleu_tokenize)
     # warm-up (untimed): first calls allocate caches, pick kernels, ...
     timed_decode(model, tokenizer, sources[:2], references[:2], num_beams=1, batch_size=2, **common)
     runs = [(f"{dec}_batched", beams, batch_size, len(sources)) for dec, beams in decoders]
@@ -356,6 +358,7 @@ def evaluate_model(model, tokenizer, sources: Sequence[str], references: Sequenc
         if key.endswith("_batched"):
             dec = key.split("_")[0]
             row[f"bleu_{dec}"], row[f"chrf_{dec}"] = out["bleu"], out["chrf"]
+            row["bleu_signature"], row["chrf_signature"] = out["bleu_signature"], out["chrf_signature"]
     for key in ("greedy_batched", "beam_batched", "greedy_batch1", "beam_batch1"):
         row.setdefault(f"sent_per_s_{key}", None)
         row.setdefault(f"tok_per_s_{key}", None)

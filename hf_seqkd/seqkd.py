@@ -46,6 +46,8 @@ from typing import Any, Sequence
 import torch
 from transformers import DynamicCache, EncoderDecoderCache
 
+from .evaluation import cap_max_new_tokens, max_source_positions
+
 __all__ = [
     "build_seqkd_dataset",
     "select_seq_inter",
@@ -60,7 +62,7 @@ __all__ = [
 # generation_config (e.g. length_penalty=0.6) cannot silently change what the score means.
 SEQKD_LENGTH_PENALTY = 1.0
 
-_CACHE_FORMAT_VERSION = 1
+_CACHE_FORMAT_VERSION = 2
 _RESULT_FILE = "result.parquet"
 
 
@@ -71,17 +73,18 @@ _RESULT_FILE = "result.parquet"
 _METRICS: dict[str, Any] = {}
 
 
-def _sentence_similarity(candidate: str, reference: str, metric: str) -> float:
+def _sentence_similarity(candidate: str, reference: str, metric: str, tokenize: str = "13a") -> float:
     if not candidate.strip():
         return 0.0  # an empty candidate shares nothing with the reference (and sacrebleu need not see it)
-    if metric not in _METRICS:
+    key = (metric, tokenize if metric == "bleu" else None)
+    if key not in _METRICS:
         from sacrebleu.metrics import BLEU, CHRF
 
-        # Exactly what sacrebleu.sentence_bleu(c, [r], smooth_method="exp") / sentence_chrf(c, [r]) build on
-        # every call; made once here because Seq-Inter scores K candidates for every training sentence.
-        _METRICS["bleu"] = BLEU(smooth_method="exp", effective_order=True)
-        _METRICS["chrf"] = CHRF()
-    return float(_METRICS[metric].sentence_score(candidate, [reference]).score)
+        # Exactly what sacrebleu.sentence_bleu(c, [r], smooth_method="exp", tokenize=...) / sentence_chrf(c, [r])
+        # build on every call; made once here because Seq-Inter scores K candidates for every training sentence.
+        _METRICS[key] = BLEU(smooth_method="exp", effective_order=True, tokenize=tokenize) if metric == "bleu" \
+            else CHRF()
+    return float(_METRICS[key].sentence_score(candidate, [reference]).score)
 
 
 def select_seq_inter(
@@ -90,6 +93,7 @@ def select_seq_inter(
     metric: str = "bleu",
     scores: Sequence[float] | None = None,
     *,
+    tokenize: str = "13a",
     return_index: bool = False,
 ):
     """The candidate of a K-best list closest to the reference (Kim & Rush 2016, Sec. 3.3, Seq-Inter).
@@ -103,6 +107,8 @@ def select_seq_inter(
         reference: the reference translation.
         metric: ``"bleu"`` (default) or ``"chrf"``.
         scores: optional teacher scores (one per candidate, higher is better) used to break ties.
+        tokenize: sacrebleu's tokenizer for BLEU (``hf_seqkd.evaluation.resolve_bleu_tokenize`` picks it from the
+            target language: ``"zh"`` for Chinese, where ``"13a"`` would score every candidate 0).
         return_index: return the position in ``nbest`` instead of the text.
 
     Returns:
@@ -117,7 +123,7 @@ def select_seq_inter(
         raise ValueError("select_seq_inter: the n-best list is empty; there is no candidate to choose")
     if scores is not None and len(scores) != len(nbest):
         raise ValueError(f"select_seq_inter: {len(scores)} scores for {len(nbest)} candidates")
-    similarity = [_sentence_similarity(c or "", reference or "", metric) for c in nbest]
+    similarity = [_sentence_similarity(c or "", reference or "", metric, tokenize) for c in nbest]
     tie_break = [float(s) for s in scores] if scores is not None else [0.0] * len(nbest)
     best = max(range(len(nbest)), key=lambda i: (similarity[i], tie_break[i], -i))
     return best if return_index else nbest[best]
@@ -159,19 +165,50 @@ def model_fingerprint(model) -> str:
     return h.hexdigest()
 
 
+# tokenizer_config.json keys that record how a tokenizer was loaded, not how it tokenizes
+_TOKENIZER_LOADING_KEYS = {"is_local", "local_files_only", "name_or_path", "_commit_hash", "cache_dir", "token",
+                           "revision", "trust_remote_code", "_from_auto", "use_auth_token", "force_download",
+                           "proxies", "subfolder", "tokenizer_file"}
+
+
+def _json_without(data: bytes, keys) -> str:
+    try:
+        value = json.loads(data)
+    except ValueError:
+        return data.decode("utf-8", "replace")
+    if isinstance(value, dict):
+        value = {k: v for k, v in value.items() if k not in keys}
+    return json.dumps(value, sort_keys=True, default=str)
+
+
 def _tokenizer_fingerprint(tokenizer) -> str:
+    """sha256 (hex) of everything that decides how ``tokenizer`` encodes a source and decodes an output: every file
+    ``save_pretrained`` writes (vocabularies, SentencePiece models, merges, configuration; minus the keys that only
+    record how it was loaded), and the settings that live on the object (languages set after loading, padding and
+    truncation sides, the post-processor of a fast tokenizer as it is now)."""
+    import tempfile
+
     h = hashlib.sha256()
+    with tempfile.TemporaryDirectory() as folder:
+        tokenizer.save_pretrained(folder)
+        for name in sorted(os.listdir(folder)):
+            with open(os.path.join(folder, name), "rb") as f:
+                data = f.read()
+            _update_text(h, name)
+            if name == "tokenizer.json":  # transformers switches padding/truncation on and off per call
+                _update_text(h, _json_without(data, {"padding", "truncation"}))
+            elif name.endswith(".json"):
+                _update_text(h, _json_without(data, _TOKENIZER_LOADING_KEYS))
+            else:
+                h.update(data)
     backend = getattr(tokenizer, "backend_tokenizer", None)
-    if backend is not None:
-        spec = json.loads(backend.to_str())
-        # transformers switches the backend's padding/truncation on and off per call: not part of the vocab.
-        spec.pop("padding", None)
-        spec.pop("truncation", None)
-        _update_text(h, json.dumps(spec, sort_keys=True))
-    else:
-        _update_text(h, json.dumps(tokenizer.get_vocab(), sort_keys=True))
-    _update_text(h, json.dumps({"class": type(tokenizer).__name__, "padding_side": tokenizer.padding_side,
-                                "special": tokenizer.special_tokens_map}, sort_keys=True, default=str))
+    state = {"class": type(tokenizer).__name__, "padding_side": tokenizer.padding_side,
+             "truncation_side": getattr(tokenizer, "truncation_side", None),
+             "model_max_length": tokenizer.model_max_length, "special": tokenizer.special_tokens_map,
+             "src_lang": getattr(tokenizer, "src_lang", None), "tgt_lang": getattr(tokenizer, "tgt_lang", None),
+             "post_processor": backend.post_processor.__getstate__() if backend is not None
+             and backend.post_processor is not None else None}
+    _update_text(h, json.dumps(state, sort_keys=True, default=str))
     return h.hexdigest()
 
 
@@ -273,6 +310,7 @@ class _GenerationSettings:
     max_source_length: int | None
     seq_inter: bool
     seq_inter_metric: str
+    bleu_tokenize: str = "13a"
 
 
 def _beam_search_cache(model):
@@ -318,8 +356,8 @@ def _translate(model, tokenizer, texts: list[str], cfg: _GenerationSettings):
     """One ``generate`` call: per text, its K-best translations and their length-normalised log-probs."""
     if _is_ctranslate2(model):
         return _translate_ctranslate2(model, tokenizer, texts, cfg)
-    enc = tokenizer(texts, return_tensors="pt", padding=True, truncation=cfg.max_source_length is not None,
-                    max_length=cfg.max_source_length)
+    enc = tokenizer(texts, return_tensors="pt", padding=True, padding_side="right",
+                    truncation=cfg.max_source_length is not None, max_length=cfg.max_source_length)
     cache = _beam_search_cache(model) if cfg.num_beams > 1 else None
     out = model.generate(
         input_ids=enc["input_ids"].to(model.device),
@@ -327,7 +365,7 @@ def _translate(model, tokenizer, texts: list[str], cfg: _GenerationSettings):
         **({"past_key_values": cache} if cache is not None else {}),
         num_beams=cfg.num_beams,
         num_return_sequences=cfg.num_return_sequences,
-        max_new_tokens=cfg.max_new_tokens,
+        max_new_tokens=cap_max_new_tokens(model, cfg.max_new_tokens),  # a runaway output is cut, never a crash
         do_sample=False,
         length_penalty=SEQKD_LENGTH_PENALTY,
         use_cache=True,
@@ -371,7 +409,7 @@ def _generate_batches(batch, *, model, tokenizer, cfg: _GenerationSettings, prog
             out["teacher_nbest"].extend(nbest)
             out["teacher_nbest_scores"].extend(nbest_scores)
         if cfg.seq_inter:
-            out["seq_inter_target"].extend(select_seq_inter(c, r, cfg.seq_inter_metric, s)
+            out["seq_inter_target"].extend(select_seq_inter(c, r, cfg.seq_inter_metric, s, tokenize=cfg.bleu_tokenize)
                                            for c, s, r in zip(nbest, nbest_scores, refs))
         progress.update(len(rows))
     return out
@@ -513,10 +551,7 @@ def _resolve_dtype(dtype, device: torch.device, teacher) -> torch.dtype | str:
 
 
 def _max_source_length(tokenizer, teacher) -> int | None:
-    limits = [tokenizer.model_max_length if (tokenizer.model_max_length or 0) < 1_000_000 else None,
-              getattr(getattr(teacher, "config", None), "max_position_embeddings", None)]
-    limits = [int(x) for x in limits if x]
-    return min(limits) if limits else None
+    return max_source_positions(teacher if not _is_ctranslate2(teacher) else None, tokenizer)
 
 
 def _check_arguments(dataset, *, num_beams, num_return_sequences, max_new_tokens, batch_size,
@@ -590,6 +625,7 @@ def build_seqkd_dataset(
     sort_by_length: bool = True,
     seq_inter: bool = False,
     seq_inter_metric: str = "bleu",
+    bleu_tokenize: str = "13a",
     source_column: str = "source",
     target_column: str = "target",
     source_prefix: str = "",
@@ -638,6 +674,8 @@ def build_seqkd_dataset(
             is always in the original order.
         seq_inter: add ``seq_inter_target`` (needs ``num_return_sequences > 1`` and ``target_column``).
         seq_inter_metric: ``"bleu"`` (smoothed sentence BLEU, as in the paper) or ``"chrf"``.
+        bleu_tokenize: sacrebleu's tokenizer for Seq-Inter's sentence BLEU (``"zh"`` for Chinese targets; see
+            :func:`hf_seqkd.evaluation.resolve_bleu_tokenize`).
         source_column: the column with the source texts.
         target_column: the column with the references (used by ``seq_inter`` only).
         source_prefix: text put before every source (e.g. ``"translate German to English: "`` for T5).
@@ -687,7 +725,7 @@ def build_seqkd_dataset(
     targets = _texts(dataset, target_column) if seq_inter else None
     cfg = _GenerationSettings(num_beams=num_beams, num_return_sequences=num_return_sequences,
                               max_new_tokens=max_new_tokens, max_source_length=_max_source_length(tokenizer, teacher),
-                              seq_inter=seq_inter, seq_inter_metric=seq_inter_metric)
+                              seq_inter=seq_inter, seq_inter_metric=seq_inter_metric, bleu_tokenize=bleu_tokenize)
     new_columns = _output_columns(cfg)
 
     def attach(table):
@@ -702,6 +740,8 @@ def build_seqkd_dataset(
                             source_prefix=source_prefix)
             if not seq_inter:
                 settings.pop("seq_inter_metric")
+            if not seq_inter or seq_inter_metric != "bleu":
+                settings.pop("bleu_tokenize")
             fingerprint = _fingerprint(teacher, tokenizer, sources, targets, settings, teacher_fingerprint)
             directory = os.path.join(os.fspath(cache_dir), fingerprint)
             result_path = os.path.join(directory, _RESULT_FILE)

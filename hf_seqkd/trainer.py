@@ -3,22 +3,10 @@
 The trainer owns the wiring, the losses live in :mod:`hf_seqkd.losses` (word level), :mod:`hf_seqkd.intermediate`
 (CKD) and :mod:`hf_seqkd.hybrid` (the gated token/sentence objective).
 
-Auxiliary modules. CKD's projections and the hybrid objective's gate are trainable but belong to neither model:
-they live in one ``nn.ModuleDict``, ``trainer.distillation_modules`` (keys ``"ckd"`` -> ``{"encoder", "decoder"}``
-and ``"hybrid_gate"``), and the trainer
-
-* adds their parameters to the optimizer as extra parameter groups (:meth:`DistillationTrainer.create_optimizer`;
-  the gate with ``hybrid_gate_learning_rate``), so they follow the student's learning-rate schedule;
-* clips their gradients together with the student's (one global norm, ``max_grad_norm``);
-* under multi-process training (DDP, FSDP) broadcasts their values from process 0 when training starts and
-  averages their gradients over processes before every optimizer step (they are not inside the DDP-wrapped
-  model, so nothing else would; :meth:`training_step`), so every process holds the same modules;
-* saves them into every checkpoint folder as ``distillation_modules.safetensors`` and restores them on
-  ``train(resume_from_checkpoint=...)`` (their optimizer state is in ``optimizer.pt`` with the student's);
-* never writes them into the exported model: ``save_model`` saves the student alone, which loads with plain
-  ``AutoModelForSeq2SeqLM.from_pretrained``.
-
-DeepSpeed builds its own optimizer from the model's parameters and is not supported together with these modules.
+The auxiliary modules (CKD's projections, the hybrid gate: ``trainer.distillation_modules``, an
+:class:`~hf_seqkd.auxiliary.AuxiliaryModules`) are part of the student while ``train()`` runs, so the training loop
+zeroes, accumulates, clips, synchronises, checkpoints and restores them as it does the student's parameters; the
+saved and exported student is the plain student.
 """
 
 from __future__ import annotations
@@ -34,8 +22,9 @@ from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 from transformers.utils import logging
 
 from .config import DistillationTrainingArguments
-from .hybrid import DEFAULT_GATE_LR_FACTOR, TeacherSequenceCache, hybrid_loss, make_hybrid_gate, parse_hybrid_gate
-from .intermediate import build_ckd_modules, hidden_size
+from .evaluation import cap_max_new_tokens, max_target_positions
+from .auxiliary import AuxiliaryModules
+from .hybrid import TeacherSequenceCache, hybrid_loss, parse_hybrid_gate
 from .losses import distillation_loss, fused_ce_and_distillation_loss, sequence_cross_entropy
 
 logger = logging.get_logger(__name__)
@@ -74,6 +63,19 @@ def check_shared_vocabulary(teacher: PreTrainedModel, student: PreTrainedModel, 
         "vocabulary; build the student with hf_seqkd.make_student / make_student_from_config, or use the "
         "teacher's tokenizer for both"
     )
+
+
+def _check_distinct(student, teacher) -> None:
+    """The teacher is frozen: it must not be the student, nor share a parameter with it."""
+    if teacher is student:
+        raise ValueError("the same model was passed as model= (the student) and teacher_model=: the teacher is frozen, "
+                         "so the student would not train; pass a separate teacher (e.g. make_student(teacher, ...) "
+                         "builds a student from it)")
+    shared = {id(p) for p in student.parameters()} & {id(p) for p in teacher.parameters()}
+    if shared:
+        raise ValueError(f"the student and the teacher share {len(shared)} parameter tensor(s): freezing the teacher "
+                         "would freeze them in the student too; give the student its own copy (copy.deepcopy or "
+                         "hf_seqkd.make_student)")
 
 
 def _pad_to(tensor: torch.Tensor, length: int, value: int) -> torch.Tensor:
@@ -121,14 +123,17 @@ class DistillationTrainer(Seq2SeqTrainer):
             teacher_model = AutoModelForSeq2SeqLM.from_pretrained(args.teacher_model_name_or_path)
         self.kd_vocab_size = None
         if self.uses_teacher:
+            _check_distinct(model, teacher_model)
             self.kd_vocab_size = check_shared_vocabulary(teacher_model, model, kwargs.get("processing_class"))
         self._kd_metrics = {"train": defaultdict(list), "eval": defaultdict(list)}
         self._batch_counts = None  # token counts of the current accumulated batch (see get_batch_samples)
         self.hybrid_gate_kind = parse_hybrid_gate(args.hybrid_gate)
         self.teacher_sequences = TeacherSequenceCache(max_new_tokens=args.generation_max_length)
+        self._check_auxiliary_settings(args)
         super().__init__(model=model, args=args, **kwargs)
         self.teacher_model = self._prepare_teacher(teacher_model) if self.uses_teacher else None
-        self.distillation_modules = self._build_distillation_modules()
+        # built after Trainer.__init__ has seeded the RNGs (args.seed): the projections' initialisation is reproducible
+        self.distillation_modules = self._build_distillation_modules(args, model, self.teacher_model)
 
     # ----------------------------------------------------------------------------------------------- set-up
     @staticmethod
@@ -142,24 +147,27 @@ class DistillationTrainer(Seq2SeqTrainer):
             teacher.to(_DTYPES[self.args.teacher_dtype])
         return teacher.to(self.accelerator.device)
 
-    def _build_distillation_modules(self) -> nn.ModuleDict:
+    def _check_auxiliary_settings(self, args: DistillationTrainingArguments) -> None:
+        """Settings the auxiliary modules need, fixed before ``Trainer.__init__`` builds the accelerator."""
+        if not (self.uses_teacher and args.has_auxiliary_parameters):
+            return
+        if args.deepspeed:
+            raise ValueError("CKD projections / a learned hybrid gate are not supported with DeepSpeed yet; use DDP or "
+                             "FSDP")
+        if args.ddp_find_unused_parameters:
+            raise ValueError("ddp_find_unused_parameters=True cannot be used with CKD projections or a learned hybrid "
+                             "gate: they are used after the student's forward pass, which DDP's unused-parameter "
+                             "search would count as unused; leave it unset")
+        # trained as part of the student (see train()); DDP must not search for unused parameters at the end of the
+        # student's forward, where these have not been used yet
+        args.ddp_find_unused_parameters = False
+
+    def _build_distillation_modules(self, args, student, teacher) -> AuxiliaryModules:
         """CKD projections (Wu et al. 2020) and the hybrid gate (Wei et al. 2024), on the training device."""
-        args = self.args
-        modules = nn.ModuleDict()
-        if not self.uses_teacher:
-            return modules
-        student_config = self.accelerator.unwrap_model(self.model).config
-        if args.intermediate_loss_weight > 0:
-            modules["ckd"] = build_ckd_modules(student_config, self.teacher_model.config, args.layer_mapping,
-                                               args.intermediate_layers)
-            for stack, module in modules["ckd"].items():
-                logger.info(f"CKD {stack} mapping (student layer -> teacher layers): {module.mapping}")
-        if self.hybrid_gate_kind is not None:
-            modules["hybrid_gate"] = make_hybrid_gate(self.hybrid_gate_kind, hidden_size(student_config),
-                                                      args.hybrid_gate_init, args.gate_bounds)
-        if any(True for _ in modules.parameters()) and self.is_deepspeed_enabled:
-            raise ValueError("CKD projections / a learned hybrid gate are not supported with DeepSpeed (it builds "
-                             "its own optimizer from the model's parameters); use DDP or FSDP")
+        modules = AuxiliaryModules.from_args(args, student.config, teacher.config) if self.uses_teacher \
+            else AuxiliaryModules()
+        for stack, module in modules["ckd"].items() if "ckd" in modules else ():
+            logger.info(f"CKD {stack} mapping (student layer -> teacher layers): {module.mapping}")
         return modules.to(args.device)
 
     def _set_signature_columns_if_needed(self):
@@ -168,141 +176,34 @@ class DistillationTrainer(Seq2SeqTrainer):
             if name not in self._signature_columns:
                 self._signature_columns.append(name)
 
-    # ---------------------------------------------------------------------------------- auxiliary parameters
-    def _auxiliary_param_groups(self) -> list[dict]:
-        """Optimizer parameter groups for :attr:`distillation_modules` (empty when they have no parameters)."""
-        args, groups = self.args, []
-        if "ckd" in self.distillation_modules:
-            decay, no_decay = [], []
-            for name, p in self.distillation_modules["ckd"].named_parameters():
-                if p.requires_grad:
-                    (no_decay if name.endswith("bias") else decay).append(p)
-            groups += [{"params": decay, "weight_decay": args.weight_decay, "lr": args.learning_rate},
-                       {"params": no_decay, "weight_decay": 0.0, "lr": args.learning_rate}]
-        if "hybrid_gate" in self.distillation_modules:
-            lr = args.hybrid_gate_learning_rate
-            if lr is None:
-                lr = DEFAULT_GATE_LR_FACTOR * args.learning_rate
-            params = [p for p in self.distillation_modules["hybrid_gate"].parameters() if p.requires_grad]
-            groups.append({"params": params, "weight_decay": 0.0, "lr": lr})
-        return [g for g in groups if g["params"]]
-
-    def _auxiliary_parameters(self) -> list[nn.Parameter]:
-        return [p for p in self.distillation_modules.parameters() if p.requires_grad]
+    # ---------------------------------------------------------------------------------- auxiliary modules
+    def train(self, *args, **kwargs):
+        """``Seq2SeqTrainer.train`` with the auxiliary modules (CKD projections, learned gate) registered as a
+        submodule of the student meanwhile (:class:`~hf_seqkd.auxiliary.AuxiliaryModules`): the loop zeroes, clips,
+        synchronises, checkpoints and restores them with the student's parameters. The student it leaves behind
+        is the plain student."""
+        with self.distillation_modules.attached_to(self.accelerator.unwrap_model(self.model)):
+            return super().train(*args, **kwargs)
 
     def create_optimizer(self, model=None):
-        """The student's optimizer (``Seq2SeqTrainer.create_optimizer``) plus parameter groups for the CKD
-        projections and the hybrid gate (``hybrid_gate_learning_rate``, default a tenth of
-        ``learning_rate``). They are also added to an optimizer passed in through ``optimizers=``."""
+        """``Seq2SeqTrainer.create_optimizer`` (which sees the auxiliary modules as part of the model); a learned
+        gate gets a group of its own with ``hybrid_gate_learning_rate`` (default a tenth of ``learning_rate``) and no
+        weight decay. Auxiliary parameters missing from an optimizer passed in through ``optimizers=`` are added."""
         optimizer = super().create_optimizer(model)
-        # called once per train(), after a checkpoint was loaded: the last moment before training where every
-        # process holds its own modules; make them all process 0's (DDP does the same for the student)
-        self._broadcast_auxiliary_modules()
+        gate = self.distillation_modules.gate_parameters()
+        gate_ids = {id(p) for p in gate}
+        for group in optimizer.param_groups:
+            group["params"] = [p for p in group["params"] if id(p) not in gate_ids]
         present = {id(p) for group in optimizer.param_groups for p in group["params"]}
-        for group in self._auxiliary_param_groups():
-            params = [p for p in group["params"] if id(p) not in present]
-            if params:
-                optimizer.add_param_group({**group, "params": params})
+        others = [p for n, p in self.distillation_modules.named_parameters()
+                  if p.requires_grad and id(p) not in present and id(p) not in gate_ids]
+        if others:
+            optimizer.add_param_group({"params": others, "weight_decay": self.args.weight_decay,
+                                       "lr": self.args.learning_rate})
+        if gate:
+            optimizer.add_param_group({"params": gate, "weight_decay": 0.0,
+                                       "lr": self.distillation_modules.gate_learning_rate(self.args)})
         return optimizer
-
-    def training_step(self, model, inputs, num_items_in_batch=None):
-        """``Trainer.training_step``; on the last micro-batch of an accumulation window, also averages the
-        auxiliary modules' gradients over processes (DDP only synchronises the wrapped student)."""
-        loss = super().training_step(model, inputs, num_items_in_batch)
-        if self.accelerator.sync_gradients:
-            self._all_reduce_auxiliary_gradients()
-        return loss
-
-    def _broadcast_auxiliary_modules(self):
-        if self.accelerator.num_processes <= 1 or not len(self.distillation_modules.state_dict()):
-            return
-        if torch.distributed.is_available() and torch.distributed.is_initialized():
-            for tensor in self.distillation_modules.state_dict().values():
-                torch.distributed.broadcast(tensor, src=0)
-
-    def _all_reduce_auxiliary_gradients(self):
-        params = self._auxiliary_parameters()
-        if not params or self.accelerator.num_processes <= 1:
-            return
-        if not (torch.distributed.is_available() and torch.distributed.is_initialized()):
-            return
-        grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in params]
-        flat = torch._utils._flatten_dense_tensors(grads)
-        torch.distributed.all_reduce(flat)
-        flat /= self.accelerator.num_processes  # the mean, as DDP does for the student
-        for p, g in zip(params, torch._utils._unflatten_dense_tensors(flat, grads)):
-            p.grad = g.contiguous()
-
-    def _clip_grad_norm(self, model):
-        """Clip the student's and the auxiliary modules' gradients by one global norm (a separate norm for the
-        auxiliary modules under FSDP / XLA, whose clipping only takes the wrapped model's parameters)."""
-        from accelerate.utils import DistributedType
-
-        params = self._auxiliary_parameters()
-        if not params:
-            return super()._clip_grad_norm(model)
-        special = (self.accelerator.distributed_type in (DistributedType.FSDP, DistributedType.XLA,
-                                                         DistributedType.DEEPSPEED)
-                   or self._has_mixed_mesh_grads(model))
-        if not special:
-            return self.accelerator.clip_grad_norm_(list(model.parameters()) + params, self.args.max_grad_norm)
-        norm = super()._clip_grad_norm(model)
-        torch.nn.utils.clip_grad_norm_(params, self.args.max_grad_norm)
-        return norm
-
-    # ------------------------------------------------------------------------------ checkpoints of the modules
-    def save_distillation_modules(self, output_dir: str) -> str | None:
-        """Write :attr:`distillation_modules` to ``output_dir/distillation_modules.safetensors``.
-
-        Args:
-            output_dir: the folder (created if needed).
-
-        Returns the file's path, or ``None`` when there is nothing to save.
-        """
-        from safetensors.torch import save_file
-
-        state = {k: v.detach().cpu().contiguous() for k, v in self.distillation_modules.state_dict().items()}
-        if not state:
-            return None
-        os.makedirs(output_dir, exist_ok=True)
-        path = os.path.join(output_dir, DISTILLATION_MODULES_NAME)
-        save_file(state, path, metadata={"format": "pt"})
-        return path
-
-    def load_distillation_modules(self, checkpoint_dir: str) -> None:
-        """Restore :attr:`distillation_modules` from a checkpoint folder (strict: every key must match).
-
-        Args:
-            checkpoint_dir: a folder written by :meth:`save_distillation_modules` (a ``checkpoint-N`` folder).
-        """
-        from safetensors.torch import load_file
-
-        path = os.path.join(checkpoint_dir, DISTILLATION_MODULES_NAME)
-        state = load_file(path, device="cpu")
-        try:
-            self.distillation_modules.load_state_dict(state, strict=True)
-        except RuntimeError as e:
-            raise ValueError(f"{path} does not match this run's CKD projections / hybrid gate (different "
-                             f"layer_mapping, intermediate_layers, hybrid_gate or model sizes?): {e}") from None
-
-    def _save_checkpoint(self, model, trial):
-        # the modules go into the checkpoint folder first, so a folder with trainer_state.json always has them
-        if len(self.distillation_modules.state_dict()) and self.args.should_save:
-            folder = os.path.join(self._get_output_dir(trial=trial),
-                                  f"{PREFIX_CHECKPOINT_DIR}-{self.state.global_step}")
-            self.save_distillation_modules(folder)
-        super()._save_checkpoint(model, trial)
-
-    def _load_from_checkpoint(self, resume_from_checkpoint, model=None):
-        super()._load_from_checkpoint(resume_from_checkpoint, model)
-        if not len(self.distillation_modules.state_dict()):
-            return
-        if os.path.isfile(os.path.join(resume_from_checkpoint, DISTILLATION_MODULES_NAME)):
-            self.load_distillation_modules(resume_from_checkpoint)
-            logger.info(f"restored the CKD projections / hybrid gate from {resume_from_checkpoint}")
-        else:
-            logger.warning(f"{resume_from_checkpoint} has no {DISTILLATION_MODULES_NAME}: the CKD projections / hybrid "
-                           "gate start from their initial values")
 
     # ---------------------------------------------------------------------------------- batches and token counts
     def get_batch_samples(self, epoch_iterator, num_batches, device):
@@ -463,6 +364,39 @@ class DistillationTrainer(Seq2SeqTrainer):
             total = total + value / count
             logged = logged + value.detach() / local.clamp(min=1)
         return total, logged
+
+    # ------------------------------------------------------------------------------------------ validation
+    def evaluate(self, eval_dataset=None, ignore_keys=None, metric_key_prefix: str = "eval", **gen_kwargs):
+        """``Seq2SeqTrainer.evaluate`` whose generation (``predict_with_generate``) measures what the final
+        evaluation measures: :meth:`validation_generation_kwargs`."""
+        return super().evaluate(eval_dataset, ignore_keys=ignore_keys, metric_key_prefix=metric_key_prefix,
+                                **self.validation_generation_kwargs(gen_kwargs))
+
+    def predict(self, test_dataset, ignore_keys=None, metric_key_prefix: str = "test", **gen_kwargs):
+        """``Seq2SeqTrainer.predict`` with the generation settings of :meth:`validation_generation_kwargs`."""
+        return super().predict(test_dataset, ignore_keys=ignore_keys, metric_key_prefix=metric_key_prefix,
+                               **self.validation_generation_kwargs(gen_kwargs))
+
+    def validation_generation_kwargs(self, gen_kwargs: dict | None = None) -> dict:
+        """The ``generate`` settings of validation: the caller's, else ``generation_max_length`` /
+        ``generation_num_beams``, else ``max_new_tokens = max_target_length`` and greedy search (not the student's
+        ``generation_config.max_length``, 20 for a model built from a config); the length always capped at the
+        student's position table."""
+        kwargs = dict(gen_kwargs or {})
+        student = self.accelerator.unwrap_model(self.model)
+        positions = max_target_positions(student)
+        if kwargs.get("max_length") is None and kwargs.get("max_new_tokens") is None:
+            if self.args.generation_max_length is not None:
+                kwargs["max_length"] = self.args.generation_max_length
+            else:
+                kwargs["max_new_tokens"] = self.args.max_target_length
+        if kwargs.get("max_new_tokens") is not None:
+            kwargs["max_new_tokens"] = cap_max_new_tokens(student, kwargs["max_new_tokens"])
+        elif positions is not None:  # max_length counts the decoder start token too
+            kwargs["max_length"] = min(kwargs["max_length"], positions + 1)
+        if kwargs.get("num_beams") is None:
+            kwargs["num_beams"] = self.args.generation_num_beams or 1
+        return kwargs
 
     def prediction_step(self, model, inputs, prediction_loss_only, ignore_keys=None, **gen_kwargs):
         """``Seq2SeqTrainer.prediction_step``; with ``predict_with_generate`` (which calls the student and

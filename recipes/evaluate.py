@@ -26,6 +26,7 @@ from typing import Optional
 
 from hf_seqkd import load_parallel_data
 from hf_seqkd.cli import DataArguments, parse_args
+from hf_seqkd.evaluation import resolve_bleu_tokenize
 from hf_seqkd.report import compare_models, parse_model_specs, report_table, write_report
 
 
@@ -46,6 +47,8 @@ class ComparisonArguments:
         device (`str`): `auto` (CUDA when there is a GPU), `cpu` or `cuda`.
         threads (`int`): CPU threads for Transformers and CTranslate2 alike (0: torch's default).
         ct2_compute_type (`str`): CTranslate2 compute type (`default`: the saved weight type).
+        source_prefix (`str`): text put before every source (T5's task prefix).
+        bleu_tokenize (`str` or `None`): sacrebleu's tokenizer for BLEU (`None`: chosen from `--target_lang`).
     """
 
     models: list[str] = field(default_factory=list, metadata={"help": "NAME=PATH or PATH of every model."})
@@ -59,6 +62,9 @@ class ComparisonArguments:
     device: str = field(default="auto", metadata={"help": "auto, cpu or cuda."})
     threads: int = field(default=0, metadata={"help": "CPU threads for both back-ends (0: torch's default)."})
     ct2_compute_type: str = field(default="default", metadata={"help": "CTranslate2 compute type."})
+    source_prefix: str = field(default="", metadata={"help": "Text put before every source (T5's task prefix)."})
+    bleu_tokenize: Optional[str] = field(default=None, metadata={"help": "sacrebleu tokenizer (None: from the "
+                                                                          "target language)."})
 
 
 def parse(argv=None):
@@ -97,7 +103,8 @@ def main(argv=None):
                           num_beams=args.num_beams, batch_size=args.eval_batch_size,
                           batch1_samples=args.batch1_samples, batch1_beam=args.batch1_beam,
                           max_new_tokens=args.max_new_tokens,
-                          source_prefix=data_args.source_prefix)
+                          source_prefix=args.source_prefix,
+                          bleu_tokenize=resolve_bleu_tokenize(data_args.target_lang, args.bleu_tokenize))
     for row in rows:
         row["dataset"], row["split"] = data_args.dataset, data_args.test_split
 

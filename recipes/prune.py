@@ -39,7 +39,8 @@ from hf_seqkd import (
     make_compute_metrics,
     prepare_distillation_dataset,
 )
-from hf_seqkd.cli import DataArguments, EvalArguments, SeqKDArguments, build_seqkd_corpus, first_rows, parse_args
+from hf_seqkd.cli import (DataArguments, EvalArguments, SeqKDArguments, build_seqkd_corpus,
+                          check_teacher_ctranslate2_dir, parse_args, select_splits)
 from hf_seqkd.hub import make_model_card, push_student, save_student, write_model_card
 from hf_seqkd.pruning import DEFAULT_PRUNED_CLASSES, SCOPES, PruningCallback, fold_pruning, prune_model, sparsity_report
 from hf_seqkd.report import evaluate_model, model_disk_size, report_table
@@ -116,7 +117,8 @@ def main(argv=None):
     output_dir = training_args.output_dir
     set_seed(training_args.seed)
 
-    # 1. Student, tokenizer, teacher, corpus
+    # 1. Student, tokenizer, teacher, corpus (the splits checked before any long work)
+    check_teacher_ctranslate2_dir(seqkd_args.teacher_ctranslate2_dir)
     tokenizer = AutoTokenizer.from_pretrained(prune_args.tokenizer_name_or_path or prune_args.model_name_or_path)
     student = AutoModelForSeq2SeqLM.from_pretrained(prune_args.model_name_or_path)
     teacher = None
@@ -124,22 +126,19 @@ def main(argv=None):
         teacher = AutoModelForSeq2SeqLM.from_pretrained(training_args.teacher_model_name_or_path)
     raw = load_parallel_data(data_args.dataset, source_lang=data_args.source_lang, target_lang=data_args.target_lang,
                              config_name=data_args.dataset_config)
-    train_raw = first_rows(raw[data_args.train_split], data_args.max_train_samples)
+    train_raw, eval_raw, test = select_splits(raw, data_args, training_args)
 
     # 2. The Seq-KD corpus when retraining on the teacher's translations (cached: a seq_kd.py run's is reused)
     train_raw = build_seqkd_corpus(train_raw, teacher, tokenizer, seqkd_args, training_args, data_args)
-    tokenize = dict(tokenizer=tokenizer, max_source_length=data_args.max_source_length,
-                    max_target_length=data_args.max_target_length, source_prefix=data_args.source_prefix)
+    tokenize = dict(tokenizer=tokenizer, max_source_length=training_args.max_source_length,
+                    max_target_length=training_args.max_target_length, source_prefix=training_args.source_prefix)
     with_teacher_labels = training_args.hybrid_gate is not None and "teacher_target" in train_raw.column_names
     train_set = prepare_distillation_dataset(
         train_raw, target_column=training_args.kd_target, gold_mix_ratio=training_args.gold_mix_ratio,
         seed=training_args.seed, teacher_labels_column="teacher_target" if with_teacher_labels else None, **tokenize)
-    eval_set = None
-    if data_args.eval_split and data_args.eval_split in raw and training_args.eval_strategy != "no":
-        eval_raw = first_rows(raw[data_args.eval_split], data_args.max_eval_samples)
-        eval_set = prepare_distillation_dataset(eval_raw, **tokenize)
-    test = first_rows(raw[data_args.test_split], data_args.max_test_samples) if data_args.test_split in raw else None
+    eval_set = None if eval_raw is None else prepare_distillation_dataset(eval_raw, **tokenize)
     beams = max(eval_args.eval_num_beams)
+    bleu_tokenize = training_args.resolved_bleu_tokenize(data_args.target_lang)
 
     def evaluate(model, name, num_beams=1):
         """Test-split scores of ``model`` (greedy, plus beam search with ``num_beams`` > 1); {} without a test split."""
@@ -147,7 +146,8 @@ def main(argv=None):
             return {}
         r = evaluate_model(model.to(training_args.device), tokenizer, test["source"], test["target"], name=name,
                            num_beams=num_beams, batch_size=eval_args.eval_batch_size, batch1_samples=0,
-                           max_new_tokens=eval_args.max_new_tokens, source_prefix=data_args.source_prefix)
+                           max_new_tokens=eval_args.max_new_tokens, source_prefix=training_args.source_prefix,
+                           bleu_tokenize=bleu_tokenize)
         return {"bleu_greedy": r["bleu_greedy"], "bleu_beam": r["bleu_beam"], "chrf": r["chrf_greedy"],
                 "sentences_per_second": r["sent_per_s_greedy_batched"]}
 
@@ -172,7 +172,8 @@ def main(argv=None):
             model=model, teacher_model=teacher, args=training_args, train_dataset=train_set, eval_dataset=eval_set,
             data_collator=DistillationDataCollator(tokenizer, model=model), processing_class=tokenizer,
             callbacks=[PruningCallback()],
-            compute_metrics=make_compute_metrics(tokenizer) if training_args.predict_with_generate else None)
+            compute_metrics=make_compute_metrics(tokenizer, eval_raw["target"], tokenize=bleu_tokenize)
+            if training_args.predict_with_generate and eval_raw is not None else None)
         trainer.train(resume_from_checkpoint=training_args.resume_from_checkpoint)
         if not trainer.is_world_process_zero():
             continue

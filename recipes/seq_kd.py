@@ -37,8 +37,8 @@ from hf_seqkd import (
     prepare_distillation_dataset,
 )
 from hf_seqkd.cli import (DataArguments, EvalArguments, ModelArguments, SeqKDArguments, build_seqkd_corpus,
-                          dataclass_to_dict, evaluate_on_test_split, first_rows, kd_method_name, load_or_make_student,
-                          parse_args, save_and_publish_student)
+                          check_teacher_ctranslate2_dir, dataclass_to_dict, evaluate_on_test_split, kd_method_name,
+                          load_or_make_student, parse_args, save_and_publish_student, select_splits)
 
 
 def main(argv=None):
@@ -59,42 +59,41 @@ def main(argv=None):
                          "offline demo)")
     set_seed(training_args.seed)
 
-    # 1. Teacher, tokenizer, corpus
+    # 1. Teacher, tokenizer, corpus, student: everything a user names is loaded or checked before the long steps
+    check_teacher_ctranslate2_dir(seqkd_args.teacher_ctranslate2_dir)
     teacher = AutoModelForSeq2SeqLM.from_pretrained(training_args.teacher_model_name_or_path)
     tokenizer = AutoTokenizer.from_pretrained(model_args.tokenizer_name_or_path
                                               or training_args.teacher_model_name_or_path)
     raw = load_parallel_data(data_args.dataset, source_lang=data_args.source_lang, target_lang=data_args.target_lang,
                              config_name=data_args.dataset_config)
-    train_raw = first_rows(raw[data_args.train_split], data_args.max_train_samples)
+    train_raw, eval_raw, test = select_splits(raw, data_args, training_args)
+    student = load_or_make_student(model_args, teacher)
+    bleu_tokenize = training_args.resolved_bleu_tokenize(data_args.target_lang)
 
     # 2. The Seq-KD corpus: the teacher's beam search over every training source (cached, resumable, sharded over
     #    the processes), when training on it (--kd_target teacher_target / seq_inter_target) or for --hybrid_gate
     train_raw = build_seqkd_corpus(train_raw, teacher, tokenizer, seqkd_args, training_args, data_args)
-    tokenize = dict(tokenizer=tokenizer, max_source_length=data_args.max_source_length,
-                    max_target_length=data_args.max_target_length, source_prefix=data_args.source_prefix)
+    tokenize = dict(tokenizer=tokenizer, max_source_length=training_args.max_source_length,
+                    max_target_length=training_args.max_target_length, source_prefix=training_args.source_prefix)
     hybrid = training_args.hybrid_gate is not None and "teacher_target" in train_raw.column_names
     train_set = prepare_distillation_dataset(train_raw, target_column=training_args.kd_target,
                                              gold_mix_ratio=training_args.gold_mix_ratio, seed=training_args.seed,
                                              teacher_labels_column="teacher_target" if hybrid else None, **tokenize)
-    eval_set = None
-    if data_args.eval_split and data_args.eval_split in raw and training_args.eval_strategy != "no":
-        eval_raw = first_rows(raw[data_args.eval_split], data_args.max_eval_samples)
-        eval_set = prepare_distillation_dataset(eval_raw, **tokenize)
+    eval_set = None if eval_raw is None else prepare_distillation_dataset(eval_raw, **tokenize)
 
-    # 3. Student
-    student = load_or_make_student(model_args, teacher)
-
-    # 4. Train
+    # 3. Train
     trainer = DistillationTrainer(
         model=student, teacher_model=teacher, args=training_args, train_dataset=train_set, eval_dataset=eval_set,
         data_collator=DistillationDataCollator(tokenizer, model=student), processing_class=tokenizer,
-        compute_metrics=make_compute_metrics(tokenizer) if training_args.predict_with_generate else None)
+        compute_metrics=make_compute_metrics(tokenizer, eval_raw["target"], tokenize=bleu_tokenize)
+        if training_args.predict_with_generate and eval_raw is not None else None)
     trainer.train(resume_from_checkpoint=training_args.resume_from_checkpoint)
     if not trainer.is_world_process_zero():
         return None
 
     # 5. Evaluate teacher and student on the test split
-    rows = evaluate_on_test_split(raw, teacher, trainer.model, tokenizer, data_args, eval_args, trainer.args.device)
+    rows = evaluate_on_test_split(test, teacher, trainer.model, tokenizer, data_args, eval_args, trainer.args.device,
+                                  source_prefix=training_args.source_prefix, bleu_tokenize=bleu_tokenize)
 
     # 6. Save the student with its tokenizer, a model card and results.json; push with --push_to_hub
     hyperparameters = {**dataclass_to_dict(seqkd_args), "alpha": training_args.alpha,

@@ -20,8 +20,8 @@ from hf_seqkd import (
     make_compute_metrics,
     prepare_distillation_dataset,
 )
-from hf_seqkd.cli import (DataArguments, EvalArguments, ModelArguments, evaluate_on_test_split, first_rows,
-                          kd_method_name, load_or_make_student, parse_args, save_and_publish_student)
+from hf_seqkd.cli import (DataArguments, EvalArguments, ModelArguments, evaluate_on_test_split, kd_method_name,
+                          load_or_make_student, parse_args, save_and_publish_student, select_splits)
 
 
 def main(argv=None):
@@ -39,19 +39,17 @@ def main(argv=None):
     tokenizer = AutoTokenizer.from_pretrained(model_args.tokenizer_name_or_path
                                               or training_args.teacher_model_name_or_path)
 
-    # 2. Data: DatasetDict(source, target) -> token ids of the chosen target column
+    # 2. Data: DatasetDict(source, target) -> token ids of the chosen target column; the splits checked up front
     raw = load_parallel_data(data_args.dataset, source_lang=data_args.source_lang, target_lang=data_args.target_lang,
                              config_name=data_args.dataset_config)
-    tokenize = dict(tokenizer=tokenizer, max_source_length=data_args.max_source_length,
-                    max_target_length=data_args.max_target_length, source_prefix=data_args.source_prefix)
-    train_raw = first_rows(raw[data_args.train_split], data_args.max_train_samples)
+    train_raw, eval_raw, test = select_splits(raw, data_args, training_args)
+    bleu_tokenize = training_args.resolved_bleu_tokenize(data_args.target_lang)
+    tokenize = dict(tokenizer=tokenizer, max_source_length=training_args.max_source_length,
+                    max_target_length=training_args.max_target_length, source_prefix=training_args.source_prefix)
     train_set = prepare_distillation_dataset(train_raw, target_column=training_args.kd_target,
                                              gold_mix_ratio=training_args.gold_mix_ratio, seed=training_args.seed,
                                              **tokenize)
-    eval_set = None
-    if data_args.eval_split and data_args.eval_split in raw and training_args.eval_strategy != "no":
-        eval_raw = first_rows(raw[data_args.eval_split], data_args.max_eval_samples)
-        eval_set = prepare_distillation_dataset(eval_raw, **tokenize)
+    eval_set = None if eval_raw is None else prepare_distillation_dataset(eval_raw, **tokenize)
 
     # 3. Student: copied teacher layers, a from-config model, or a saved student to continue
     student = load_or_make_student(model_args, teacher)
@@ -60,13 +58,15 @@ def main(argv=None):
     trainer = DistillationTrainer(
         model=student, teacher_model=teacher, args=training_args, train_dataset=train_set, eval_dataset=eval_set,
         data_collator=DistillationDataCollator(tokenizer, model=student), processing_class=tokenizer,
-        compute_metrics=make_compute_metrics(tokenizer) if training_args.predict_with_generate else None)
+        compute_metrics=make_compute_metrics(tokenizer, eval_raw["target"], tokenize=bleu_tokenize)
+        if training_args.predict_with_generate and eval_raw is not None else None)
     trainer.train(resume_from_checkpoint=training_args.resume_from_checkpoint)
     if not trainer.is_world_process_zero():
         return None
 
     # 5. Evaluate student and teacher on the test split
-    rows = evaluate_on_test_split(raw, teacher, trainer.model, tokenizer, data_args, eval_args, trainer.args.device)
+    rows = evaluate_on_test_split(test, teacher, trainer.model, tokenizer, data_args, eval_args, trainer.args.device,
+                                  source_prefix=training_args.source_prefix, bleu_tokenize=bleu_tokenize)
 
     # 6. Save the student with its tokenizer, a model card and results.json; push with --push_to_hub
     hyperparameters = {"alpha": training_args.alpha, "temperature": training_args.temperature,

@@ -5,6 +5,7 @@ import json
 import logging
 
 import pytest
+import torch
 
 from hf_seqkd import DataError, DistillationDataCollator, load_parallel_data, prepare_distillation_dataset
 
@@ -122,3 +123,20 @@ def test_tokenization_truncation_prefix_and_kd_target(tokenizer, caplog):
     assert mixed[0]["labels"] == tokenizer(text_target="ba ne")["input_ids"]
     with pytest.raises(DataError, match="column 'seq_inter_target' not in the dataset"):
         prepare_distillation_dataset(ds, tokenizer, target_column="seq_inter_target")
+
+
+def test_collator_pads_on_the_right_whatever_the_tokenizer_says(tokenizer, tiny_marian, toy_corpus):
+    """A tokenizer saved with padding_side='left' must not produce left-padded labels (the decoder would read
+    padding right after its start token) or left-padded sources (shifted absolute positions)."""
+    data = prepare_distillation_dataset(toy_corpus["train"].select(range(6)), tokenizer)
+    features = [data[i] for i in range(6)]
+    right = DistillationDataCollator(tokenizer, model=tiny_marian)(features)
+    tokenizer.padding_side = "left"
+    try:
+        left = DistillationDataCollator(tokenizer, model=tiny_marian)(features)
+    finally:
+        tokenizer.padding_side = "right"
+    for key in right:
+        assert torch.equal(left[key], right[key]), key
+    first = features[0]["input_ids"]
+    assert right["input_ids"][0, :len(first)].tolist() == first  # the sentence starts at position 0

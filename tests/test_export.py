@@ -215,3 +215,33 @@ def test_seqkd_corpus_from_a_ctranslate2_teacher_matches_transformers(trained_ma
                                  tokenizer, intra_threads=1)
     build_seqkd_dataset(data, int8, tokenizer, cache_dir=cache, **settings)
     assert len([d for d in cache.iterdir() if d.is_dir()]) == 2
+
+
+def test_a_student_with_a_padded_vocabulary_exports_and_translates_alike(trained_marian_dir, tokenizer, hf_greedy,
+                                                                         tmp_path):
+    """A model with more vocabulary rows than its tokenizer (padded for KD, as the README allows) converts, and the
+    converted model translates as the original does with the padding rows suppressed (they are never generated)."""
+    from transformers import AutoModelForSeq2SeqLM
+
+    sources, _, _, _ = hf_greedy
+    model = AutoModelForSeq2SeqLM.from_pretrained(trained_marian_dir).eval()
+    rows = len(tokenizer) + 8
+    model.resize_token_embeddings(rows)
+    with torch.no_grad():  # make the padding rows attractive: a converter that does not ban them would emit them
+        model.get_output_embeddings().weight[len(tokenizer):] = model.get_output_embeddings().weight[5] * 3
+    assert model.get_output_embeddings().weight.shape[0] == rows
+    model.save_pretrained(tmp_path / "padded")
+    tokenizer.save_pretrained(tmp_path / "padded")
+    out = to_ctranslate2(tmp_path / "padded", tmp_path / "ct2", quantization="float32")
+    vocab = json.loads((tmp_path / "ct2" / "shared_vocabulary.json").read_text())
+    assert len(vocab) == rows and vocab[:len(tokenizer)] == tokenizer.convert_ids_to_tokens(list(range(len(tokenizer))))
+    with torch.no_grad(), _one_thread():
+        ids = model.generate(**tokenizer(sources, return_tensors="pt", padding=True), num_beams=1, do_sample=False,
+                             max_new_tokens=MAX_NEW, suppress_tokens=list(range(len(tokenizer), rows)))
+    reference = tokenizer.batch_decode(ids, skip_special_tokens=True)
+    lengths = (ids != tokenizer.pad_token_id).sum(-1)
+    finished = [i for i in range(len(sources)) if lengths[i] < MAX_NEW]
+    ct2 = translate_ctranslate2(out, tokenizer, sources, num_beams=1, max_new_tokens=MAX_NEW, intra_threads=1)
+    assert len(finished) > len(sources) // 2
+    assert [ct2[i] for i in finished] == [reference[i] for i in finished]
+    assert "hf_seqkd_unused" not in " ".join(ct2)

@@ -26,6 +26,7 @@ from hf_seqkd.hybrid import (
     make_hybrid_gate,
     sequences_to_labels,
 )
+from hf_seqkd.auxiliary import ATTRIBUTE
 from hf_seqkd.losses import sequence_cross_entropy
 
 from _helpers import SequentialTrainer, training_args
@@ -265,6 +266,12 @@ def test_gradient_accumulation_equals_one_big_batch(tmp_path, tokenizer, train_s
     assert not torch.allclose(gate_a.weight, torch.linspace(-0.05, 0.05, 32))
 
 
+def _auxiliary_part(state: dict) -> dict:
+    """The auxiliary modules' entries of a checkpoint's state dict, named as in ``trainer.distillation_modules``."""
+    prefix = ATTRIBUTE + "."
+    return {k[len(prefix):]: v for k, v in state.items() if k.startswith(prefix)}
+
+
 class _Snapshot(TrainerCallback):
     """Copies the trainer's auxiliary modules and the student when training (re)starts, i.e. after a checkpoint
     was loaded."""
@@ -292,7 +299,8 @@ def test_gate_and_projections_survive_save_and_resume(tmp_path, tokenizer, seqkd
     initial = {k: v.clone() for k, v in first.distillation_modules.state_dict().items()}
     assert {"hybrid_gate.logit", "ckd.encoder.projections.1.weight", "ckd.encoder.projections.2.bias"} <= set(initial)
     first.train()
-    saved = load_file(str(tmp_path / "checkpoint-2" / "distillation_modules.safetensors"))
+    # the checkpoint holds them with the student (they are a submodule of it while training), under a prefix
+    saved = _auxiliary_part(load_file(str(tmp_path / "checkpoint-2" / "model.safetensors")))
     assert set(saved) == set(initial)
     for k, v in first.distillation_modules.state_dict().items():
         torch.testing.assert_close(saved[k], v)
@@ -306,13 +314,14 @@ def test_gate_and_projections_survive_save_and_resume(tmp_path, tokenizer, seqkd
         torch.testing.assert_close(snapshot.at_start[k], v, msg=k)  # restored before training went on
     # the student too, tied weights included (Transformers warns that the tied copies are "missing" from the
     # checkpoint: they are restored through the shared matrix)
-    student = load_file(str(tmp_path / "checkpoint-2" / "model.safetensors"))
+    student = {k: v for k, v in load_file(str(tmp_path / "checkpoint-2" / "model.safetensors")).items()
+               if not k.startswith(ATTRIBUTE + ".")}
     for k, v in student.items():
         torch.testing.assert_close(snapshot.model_at_start[k], v, msg=k)
     for tied in ("model.encoder.embed_tokens.weight", "model.decoder.embed_tokens.weight", "lm_head.weight"):
         torch.testing.assert_close(snapshot.model_at_start[tied], student["model.shared.weight"], msg=tied)
     assert second.state.global_step == 4
-    resumed = load_file(str(tmp_path / "checkpoint-4" / "distillation_modules.safetensors"))
+    resumed = _auxiliary_part(load_file(str(tmp_path / "checkpoint-4" / "model.safetensors")))
     assert all(not torch.equal(resumed[k], saved[k]) for k in saved)  # and trained further
     # their optimizer state was restored too (Adam's step count continues from 2)
     gate_state = second.optimizer.state[second.distillation_modules["hybrid_gate"].logit]
@@ -460,3 +469,25 @@ def test_evaluation_with_and_without_generation(tmp_path, tokenizer, seqkd_set, 
         logged = trainer.state.log_history[-1]
         if not generate:  # the distillation terms are logged for evaluation too
             assert {"eval_loss_token", "eval_loss_sentence", "eval_hybrid_gate", "eval_loss_ckd"} <= set(logged)
+
+
+def test_greedy_teacher_decoding_stays_within_the_position_table(tmp_path, tokenizer, toy_corpus):
+    """Sources of 207 and 241 tokens, a teacher with 256 positions that never stops: the default limit (twice the
+    longest source plus 10) is capped at the position table instead of crashing train() with an IndexError."""
+    student = tiny_seq2seq_model(tokenizer, "marian", d_model=16, encoder_layers=1, decoder_layers=1, seed=0)
+    teacher = tiny_seq2seq_model(tokenizer, "marian", d_model=16, encoder_layers=1, decoder_layers=1, seed=2)
+    teacher.final_logits_bias[0, tokenizer.eos_token_id] = float("-inf")  # never stops
+    words = " ".join(toy_corpus["train"]["source"][:200]).split()
+    rows = {"source": [" ".join(words[:n]) for n in (400, 400)], "target": ["a b", "c d"]}
+    from datasets import Dataset
+
+    data = prepare_distillation_dataset(Dataset.from_dict(rows), tokenizer, max_source_length=241)
+    data = data.map(lambda r, i: {"input_ids": r["input_ids"][:(207, 241)[i] - 1] + [tokenizer.eos_token_id],
+                                  "attention_mask": [1] * (207, 241)[i]}, with_indices=True)
+    assert [len(x) for x in data["input_ids"]] == [207, 241]
+    trainer = DistillationTrainer(model=student, teacher_model=teacher, train_dataset=data,
+                                  data_collator=DistillationDataCollator(tokenizer, student),
+                                  args=training_args(tmp_path, alpha=1.0, hybrid_gate="0.5", max_steps=1,
+                                                     per_device_train_batch_size=2))
+    trainer.train()
+    assert max(len(v) for v in trainer.teacher_sequences._store.values()) == 256

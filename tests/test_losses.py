@@ -182,3 +182,70 @@ def test_fused_ce_and_kd_equals_the_separate_terms(divergence):
     combined.backward()
     ref.backward()
     torch.testing.assert_close(a.grad, b.grad, rtol=1e-4, atol=1e-7)
+
+
+# ------------------------------------------------------------------------ banned tokens: -inf logits (fault 2)
+def _with_banned_token(dtype, banned=7, seed=12):
+    """Logits where the same vocabulary entry is -inf for teacher and student (a model that bans a token with a
+    -inf bias, and a student copied from it), and the same inputs with that entry removed."""
+    student, teacher, labels = _inputs(seed)
+    labels[labels == banned] = banned + 1  # a banned token is never a label
+    keep = [i for i in range(student.shape[-1]) if i != banned]
+    reduced = (student[..., keep].clone(), teacher[..., keep].clone(), labels - (labels > banned).long())
+    reduced[2][labels == -100] = -100
+    student[..., banned] = float("-inf")
+    teacher[..., banned] = float("-inf")
+    return student.to(dtype), teacher.to(dtype), labels, reduced, banned
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("divergence", DIVERGENCES)
+@pytest.mark.parametrize("fused", [False, True])
+def test_a_banned_token_contributes_nothing(divergence, dtype, fused):
+    """0 * log 0 = 0: an entry of probability exactly 0 under both models adds nothing to the divergence (the
+    reference: the same loss over the vocabulary without that entry, where the softmax of the others is
+    unchanged), and the gradient is finite, zero at the banned entry."""
+    from hf_seqkd.losses import fused_ce_and_distillation_loss
+
+    student, teacher, labels, (r_student, r_teacher, r_labels), banned = _with_banned_token(dtype)
+    s = student.clone().requires_grad_(True)
+    r = r_student.clone().to(dtype).requires_grad_(True)
+    kw = dict(divergence=divergence, temperature=2.0, beta=0.3, chunk_size=4)
+    if fused:
+        loss = fused_ce_and_distillation_loss(s, teacher, labels, ce_weight=0.5, kd_weight=0.5, **kw)[0]
+        ref = fused_ce_and_distillation_loss(r, r_teacher.to(dtype), r_labels, ce_weight=0.5, kd_weight=0.5, **kw)[0]
+    else:
+        loss = distillation_loss(s, teacher, labels, **kw)
+        ref = distillation_loss(r, r_teacher.to(dtype), r_labels, **kw)
+    assert torch.isfinite(loss) and loss.item() == pytest.approx(ref.item(), rel=1e-5)
+    loss.backward()
+    ref.backward()
+    assert torch.isfinite(s.grad).all()
+    assert (s.grad[..., banned] == 0).all()
+    keep = [i for i in range(student.shape[-1]) if i != banned]
+    torch.testing.assert_close(s.grad[..., keep].float(), r.grad.float(), rtol=1e-3, atol=1e-6)
+
+
+def test_token_divergence_with_zero_probabilities_is_finite_in_half_precision():
+    """The per-position function itself (used on bf16/fp16 log-probabilities): finite value and gradient."""
+    from hf_seqkd.losses import token_divergence
+
+    for dtype in (torch.float16, torch.bfloat16, torch.float32):
+        logits_s = torch.randn(4, 9, dtype=dtype)
+        logits_t = torch.randn(4, 9, dtype=dtype)
+        logits_s[:, 2] = logits_t[:, 2] = float("-inf")
+        for divergence in DIVERGENCES:
+            s = torch.log_softmax(logits_s.float(), -1).to(dtype).requires_grad_(True)
+            t = torch.log_softmax(logits_t.float(), -1).to(dtype)
+            value = token_divergence(s, t, divergence, beta=0.5)
+            value.sum().backward()
+            assert torch.isfinite(value).all() and torch.isfinite(s.grad).all(), (divergence, dtype)
+
+
+def test_label_smoothing_ignores_a_banned_token():
+    """Label-smoothed CE with a -inf logit: the smoothing mass goes to the tokens the model can produce (torch's
+    own label smoothing would give inf); equal to the CE over the vocabulary without the banned entry."""
+    student, _, labels, (r_student, _, r_labels), _ = _with_banned_token(torch.float32)
+    ours = sequence_cross_entropy(student, labels, label_smoothing=0.1)
+    ref = sequence_cross_entropy(r_student, r_labels, label_smoothing=0.1)
+    assert torch.isfinite(ours) and ours.item() == pytest.approx(ref.item(), rel=1e-5)

@@ -283,7 +283,7 @@ def test_tiny_demo_produces_students_cards_results_and_the_cache(tiny_demo):
 def test_second_run_reuses_the_seqkd_cache(tiny_demo, tmp_path):
     """The Seq-KD run again (1 step, no test split): the corpus comes from the cache, the teacher never generates."""
     argv = tiny_demo["argv"] + ["--output_dir", str(tmp_path / "again"), "--max_steps", "1",
-                                "--test_split", "no_such_split"]
+                                "--test_split", "none"]
     before = cache_entries(tiny_demo["work"] / "seqkd_cache")
     with pytest.MonkeyPatch.context() as mp:
         generate = count_generate_calls(mp)
@@ -361,7 +361,7 @@ def test_seqkd_run_with_the_same_kbest_settings_reuses_the_stage2_corpus(tiny_de
     before = cache_entries(tiny_demo["work"] / "seqkd_cache")
     argv = stage2["argv"] + ["--kd_target", "teacher_target", "--alpha", "0", "--output_dir", str(tmp_path / "kd"),
                              "--max_steps", "1", "--eval_strategy", "no", "--save_strategy", "no",
-                             "--load_best_model_at_end", "false", "--test_split", "no_such_split"]
+                             "--load_best_model_at_end", "false", "--test_split", "none"]
     with pytest.MonkeyPatch.context() as mp:
         generate = count_generate_calls(mp)
         tiny_demo["recipe"].main(argv)
@@ -379,7 +379,7 @@ def test_seqkd_corpus_from_a_ctranslate2_teacher(tiny_demo, tmp_path):
     ct2 = to_ctranslate2(teacher_dir, tmp_path / "ct2", quantization="float32")
     cache = tmp_path / "cache"
     argv = tiny_demo["argv"] + ["--output_dir", str(tmp_path / "student"), "--max_steps", "2",
-                                "--test_split", "no_such_split", "--teacher_ctranslate2_dir", str(ct2),
+                                "--test_split", "none", "--teacher_ctranslate2_dir", str(ct2),
                                 "--seqkd_cache_dir", str(cache)]
     with pytest.MonkeyPatch.context() as mp:
         generate = count_generate_calls(mp)

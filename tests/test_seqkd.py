@@ -361,3 +361,34 @@ def test_clear_errors(tiny_marian, tokenizer, data):
     two_processes = SimpleNamespace(num_processes=2, process_index=0, device=torch.device("cpu"))
     with pytest.raises(ValueError, match="cache_dir"):
         build_seqkd_dataset(data, tiny_marian, tokenizer, accelerator=two_processes)
+
+
+# ----------------------------------------------------------------------------- the cache key (fault 8 audit)
+def test_cache_key_covers_every_tokenizer_setting_that_changes_the_source(family_snapshots, tmp_path):
+    """Tokenizers whose vocabulary (``get_vocab``) stays the same while their encoding changes: a SentencePiece
+    Marian tokenizer with another source model, an M2M100 tokenizer with another source language. A saved and
+    reloaded tokenizer keeps its key, so caches survive reloading."""
+    import shutil
+
+    from transformers import AutoTokenizer
+
+    from hf_seqkd.seqkd import _tokenizer_fingerprint
+
+    marian = family_snapshots("marian")
+    tok = AutoTokenizer.from_pretrained(marian)
+    tok.save_pretrained(tmp_path / "again")
+    assert _tokenizer_fingerprint(AutoTokenizer.from_pretrained(tmp_path / "again")) == _tokenizer_fingerprint(tok)
+    other = tmp_path / "other_spm"
+    shutil.copytree(marian, other)
+    shutil.copy(os.path.join(marian, "target.spm"), other / "source.spm")  # another source segmentation
+    swapped = AutoTokenizer.from_pretrained(other)
+    assert swapped.get_vocab() == tok.get_vocab()
+    text = "Der Mann liest ein Buch im Park."
+    assert swapped(text)["input_ids"] != tok(text)["input_ids"]
+    assert _tokenizer_fingerprint(swapped) != _tokenizer_fingerprint(tok)
+
+    m2m = AutoTokenizer.from_pretrained(family_snapshots("m2m100"))
+    m2m.src_lang = "de"
+    german = _tokenizer_fingerprint(m2m)
+    m2m.src_lang = "en"
+    assert _tokenizer_fingerprint(m2m) != german

@@ -195,3 +195,35 @@ def test_torchrun_without_accelerator_trains_as_one_distributed_job(tmp_path):
     assert seen["ours"] == [[2, 0], [2, 1]]
     if not torch.cuda.is_available():  # what the switch is for (if Transformers changes this, the test says so)
         assert seen["plain"] == [[1, 0], [1, 0]]
+
+
+def test_the_same_model_as_teacher_and_student_is_refused_at_construction(tmp_path, train_set, tiny_marian):
+    """Passing one module twice used to freeze the student silently and fail later inside train()."""
+    trainable = [p.requires_grad for p in tiny_marian.parameters()]
+    with pytest.raises(ValueError, match="same model"):
+        DistillationTrainer(model=tiny_marian, teacher_model=tiny_marian, args=_args(tmp_path, alpha=0.5),
+                            train_dataset=train_set)
+    sharing = copy.deepcopy(tiny_marian)
+    sharing.model.shared = tiny_marian.model.shared  # a shallow copy shares the embedding matrix
+    with pytest.raises(ValueError, match="share"):
+        DistillationTrainer(model=tiny_marian, teacher_model=sharing, args=_args(tmp_path, alpha=0.5),
+                            train_dataset=train_set)
+    assert [p.requires_grad for p in tiny_marian.parameters()] == trainable  # nothing was frozen
+
+
+def test_a_banned_token_keeps_training_finite(tmp_path, tokenizer, train_set, tiny_marian, teacher):
+    """A teacher that bans a token with a -inf output bias, and a student that copied it: every logged loss and
+    every weight stays finite, for each divergence (reverse KL used to turn the student's weights into NaN)."""
+    banned = 5
+    for model in (tiny_marian, teacher):
+        model.final_logits_bias[0, banned] = float("-inf")
+    for divergence in ("forward_kl", "reverse_kl", "jsd", "tvd"):
+        student = copy.deepcopy(tiny_marian)
+        trainer = SeqDistillationTrainer(model=student, teacher_model=teacher, train_dataset=train_set,
+                                         data_collator=DistillationDataCollator(tokenizer, student),
+                                         args=_args(tmp_path / divergence, alpha=0.5, divergence=divergence,
+                                                    max_steps=3, label_smoothing_factor=0.1))
+        trainer.train()
+        losses = [h[k] for h in trainer.state.log_history for k in ("loss", "loss_kd", "loss_ce") if k in h]
+        assert losses and all(torch.isfinite(torch.tensor(v)) for v in losses), (divergence, losses)
+        assert all(torch.isfinite(p).all() for p in student.parameters()), divergence
