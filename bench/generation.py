@@ -93,11 +93,16 @@ def naive(dataset, teacher, tokenizer, args) -> tuple[list[str], float]:
     return list(out["teacher_target"]), time.perf_counter() - t0
 
 
+def _generation(args):
+    from hf_seqkd import GenerationSettings
+
+    return GenerationSettings(num_beams=args.num_beams, max_new_tokens=args.max_new_tokens,
+                              generation_batch_size=args.batch_size, max_tokens_per_batch=args.max_tokens_per_batch)
+
+
 def ours(dataset, teacher, tokenizer, args, dtype=None) -> tuple[list[str], float]:
     t0 = time.perf_counter()
-    out = build_seqkd_dataset(dataset, teacher, tokenizer, num_beams=args.num_beams, max_new_tokens=args.max_new_tokens,
-                              batch_size=args.batch_size, max_tokens_per_batch=args.max_tokens_per_batch,
-                              show_progress=False, dtype=dtype)
+    out = build_seqkd_dataset(dataset, teacher, tokenizer, _generation(args), show_progress=False, dtype=dtype)
     return list(out["teacher_target"]), time.perf_counter() - t0
 
 
@@ -135,13 +140,11 @@ def worker(args):
     teacher = AutoModelForSeq2SeqLM.from_pretrained(args.teacher).eval()
     dataset = Dataset.from_dict({"source": read_lines(os.path.join(args.data_dir, "train.de.gz"), args.num_sentences)})
     warm = dataset.select(range(16))
-    build_seqkd_dataset(warm, teacher, tokenizer, num_beams=args.num_beams, max_new_tokens=args.max_new_tokens,
-                        cache_dir=os.path.join(args.worker_dir, "warm"), show_progress=False)
+    build_seqkd_dataset(warm, teacher, tokenizer, _generation(args), cache_dir=os.path.join(args.worker_dir, "warm"),
+                        show_progress=False)
     state.wait_for_everyone()
     t0 = time.perf_counter()
-    out = build_seqkd_dataset(dataset, teacher, tokenizer, num_beams=args.num_beams,
-                              max_new_tokens=args.max_new_tokens, batch_size=args.batch_size,
-                              max_tokens_per_batch=args.max_tokens_per_batch, show_progress=False,
+    out = build_seqkd_dataset(dataset, teacher, tokenizer, _generation(args), show_progress=False,
                               cache_dir=os.path.join(args.worker_dir, "cache"),
                               shard_size=max(1, args.num_sentences // (8 * state.num_processes)))
     seconds = time.perf_counter() - t0
@@ -171,7 +174,8 @@ def main():
     p.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
     p.add_argument("--worker_dir", default=None, help=argparse.SUPPRESS)
     p.add_argument("--also_dtype", default=None,
-                   help="also time build_seqkd_dataset(dtype=...), e.g. bfloat16 (CPUs with native bf16: AVX512-BF16/AMX)")
+                   help="also time build_seqkd_dataset(dtype=...), e.g. bfloat16 (CPUs with native bf16: "
+                        "AVX512-BF16/AMX)")
     p.add_argument("--teacher", default=None, help="directory with a saved tokenizer + teacher (skips training)")
     p.add_argument("--save_teacher", default=None, help="save the trained tokenizer + teacher here")
     p.add_argument("--train_steps", type=int, default=400)

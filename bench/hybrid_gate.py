@@ -119,6 +119,28 @@ def train_student(name, spec, tokenizer, teacher, train_set, probe, cache, opts,
     return student, callback.rows, seconds
 
 
+LABELS = {"fixed": "fixed 0.5", "scalar": "scalar, bounds 0-1, student lr",
+          "scalar_bounded": "scalar, bounds 0.1-0.9, student lr", "scalar_slow": "scalar, lr / 10",
+          "scalar_fast": "scalar, lr x 10", "scalar_default": "scalar, defaults (0.1-0.9, lr / 10)",
+          "input": "input, bounds 0-1, student lr", "input_bounded": "input, bounds 0.1-0.9, student lr",
+          "input_slow": "input, lr / 10", "input_fast": "input, lr x 10",
+          "input_default": "input, defaults (0.1-0.9, lr / 10)"}
+TABLE_STEPS = (50, 100, 200, 300, 500, 700, 1000)
+
+
+def markdown_table(path: str) -> str:
+    """The gate means at ``TABLE_STEPS`` and the student's BLEU of every variant in a JSON from ``--output``."""
+    with open(path) as f:
+        runs = json.load(f)["runs"]
+    lines = ["| variant | " + " | ".join(f"step {s}" if i == 0 else str(s) for i, s in enumerate(TABLE_STEPS))
+             + " | student BLEU |", "| --- " * (len(TABLE_STEPS) + 2) + "|"]
+    for name, run in runs.items():
+        gate = {r["step"]: r["gate_mean"] for r in run["trajectory"]}
+        cells = [f"{gate[s]:.2f}" if s in gate else "" for s in TABLE_STEPS]
+        lines.append(f"| {LABELS.get(name, name)} | " + " | ".join(cells) + f" | {run['bleu']:.1f} |")
+    return "\n".join(lines)
+
+
 def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--teacher_steps", type=int, default=800)
@@ -132,7 +154,12 @@ def main():
     parser.add_argument("--threads", type=int, default=1, help="torch CPU threads")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--output", default=None, help="write all numbers as JSON here")
+    parser.add_argument("--markdown", default=None, metavar="GATE.json",
+                        help="print the table of docs/hybrid_gate.md from a JSON written by --output, then stop")
     opts = parser.parse_args()
+    if opts.markdown:
+        print(markdown_table(opts.markdown))
+        return
     torch.set_num_threads(opts.threads)
     names = [v.strip() for v in opts.variants.split(",") if v.strip()]
     unknown = [v for v in names if v not in VARIANTS]

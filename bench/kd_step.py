@@ -79,7 +79,8 @@ def main():
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     args = p.parse_args()
     device = torch.device(args.device)
-    teacher = build(args.vocab_size, *map(int, args.teacher.split(",")), seed=1).to(device).eval().requires_grad_(False)
+    teacher = build(args.vocab_size, *map(int, args.teacher.split(",")), seed=1).to(device)
+    teacher = teacher.eval().requires_grad_(False)
     student = build(args.vocab_size, *map(int, args.student.split(",")), seed=2).to(device)
     optimizer = torch.optim.AdamW(student.parameters(), lr=1e-4)
     g = torch.Generator().manual_seed(0)
@@ -140,7 +141,7 @@ def main():
         given = [None]
         run = step(mode, given)
 
-        def fresh():
+        def fresh(given=given, mode=mode):
             given[0] = teacher_logits_fixed.clone() if mode.startswith("kd_loss") else None
 
         fresh()

@@ -1,16 +1,16 @@
 """The Multi30k study: reproduce the distillation papers' findings on real German->English data.
 
-    python bench/multi30k.py --preset cpu --threads 2     # 2-core CPU, smaller models (measured: 99 min, see RESULTS.md)
-    accelerate launch bench/multi30k.py --preset gpu      # Transformer-base teacher, one GPU (aims at ~20 min; not run yet)
+    python bench/multi30k.py --preset cpu --threads 2     # 2-core CPU, smaller models (RESULTS.md has the times)
+    accelerate launch bench/multi30k.py --preset gpu      # Transformer-base teacher, one GPU (not run yet)
     python bench/multi30k.py --preset smoke               # minutes: every stage on tiny models and 2,000 pairs
     python bench/multi30k.py --preset cpu --list          # the stages and whether they are done
 
-Everything runs through the project's own recipes (``recipes/train_student.py``, ``recipes/seq_kd.py``,
+Everything runs through the project's own recipes (``recipes/seq_kd.py``,
 ``recipes/prune.py``, ``recipes/evaluate.py``) and library (``train_tokenizer``, ``build_seqkd_dataset``,
 ``to_ctranslate2``), on the corpus in ``../shared/data/multi30k`` (read from there, never copied into the repo):
 
  1. ``tokenizer``     a shared 8k BPE vocabulary trained on the training sources and targets;
- 2. ``teacher``       a Marian Transformer trained from scratch on the gold pairs (``train_student.py --alpha 0``);
+ 2. ``teacher``       a Marian Transformer trained from scratch on the gold pairs (``seq_kd.py --alpha 0``);
  3. ``teacher_ctranslate2``  (presets whose ``corpus_backend`` is ``ctranslate2``) the teacher converted to
                       CTranslate2 in float32, whose beam search builds the corpus;
     ``seqkd_corpus``  the teacher's beam search over all training sources, with its K-best list and the
@@ -322,7 +322,7 @@ class Study:
         return {"vocab_size": len(tokenizer)}
 
     def train_teacher(self):
-        """The teacher is trained from scratch on the gold pairs: ``train_student.py --alpha 0`` with a random
+        """The teacher is trained from scratch on the gold pairs: ``seq_kd.py --alpha 0`` with a random
         model of the teacher's shape as the starting point (``--student_init config`` keeps every size)."""
         from transformers import AutoTokenizer
 
@@ -338,15 +338,15 @@ class Study:
         argv = ["--teacher_model_name_or_path", shape_dir, "--student_init", "config", "--alpha", "0"]
         argv += self.common_data_args() + self.no_final_evaluation()
         argv += self.training_args(self.teacher_dir, self.p["teacher_epochs"], self.p["teacher_lr"])
-        load_recipe("train_student").main(argv)
+        load_recipe("seq_kd").main(argv)
         return {"params": sum(x.numel() for x in shape.parameters())}
 
     def seqkd_args(self) -> list[str]:
         """The Seq-KD corpus settings; identical in every stage, so all of them share one cached corpus."""
         p = self.p
-        args = ["--teacher_num_beams", str(p["num_beams"]), "--nbest_size", str(p["nbest_size"]),
-                "--generation_batch_size", str(p["generation_batch_size"]), "--seqkd_cache_dir", self.cache_dir,
-                "--teacher_max_new_tokens", "96"]
+        args = ["--num_beams", str(max(p["num_beams"], p["nbest_size"])), "--num_return_sequences",
+                str(p["nbest_size"]), "--generation_batch_size", str(p["generation_batch_size"]),
+                "--seqkd_cache_dir", self.cache_dir, "--max_new_tokens", "96"]
         if p["max_tokens_per_batch"]:
             args += ["--max_tokens_per_batch", str(p["max_tokens_per_batch"])]
         if p["corpus_backend"] == "ctranslate2":  # the students find the corpus this teacher built in the cache
@@ -367,7 +367,7 @@ class Study:
         from datasets import Dataset
         from transformers import AutoModelForSeq2SeqLM, AutoTokenizer
 
-        from hf_seqkd import build_seqkd_dataset, load_parallel_data
+        from hf_seqkd import GenerationSettings, build_seqkd_dataset, load_parallel_data
 
         train = load_parallel_data(self.data_dir, source_lang=SOURCE_LANG, target_lang=TARGET_LANG)["train"]
         if self.p["train_samples"]:
@@ -382,10 +382,12 @@ class Study:
             teacher = CTranslate2Translator(self.teacher_ct2_dir, tokenizer, intra_threads=torch.get_num_threads())
         else:
             teacher = AutoModelForSeq2SeqLM.from_pretrained(self.teacher_dir)
-        out = build_seqkd_dataset(train, teacher, tokenizer, num_beams=max(p["num_beams"], p["nbest_size"]),
-                                  num_return_sequences=p["nbest_size"], max_new_tokens=96,
-                                  batch_size=p["generation_batch_size"], max_tokens_per_batch=p["max_tokens_per_batch"],
-                                  seq_inter=p["nbest_size"] > 1, cache_dir=self.cache_dir)
+        generation = GenerationSettings(num_beams=max(p["num_beams"], p["nbest_size"]),
+                                        num_return_sequences=p["nbest_size"], max_new_tokens=96,
+                                        generation_batch_size=p["generation_batch_size"],
+                                        max_tokens_per_batch=p["max_tokens_per_batch"])
+        out = build_seqkd_dataset(train, teacher, tokenizer, generation, seq_inter=p["nbest_size"] > 1,
+                                  cache_dir=self.cache_dir)
         assert isinstance(out, Dataset)
         changed = sum(a != b for a, b in zip(out["teacher_target"], out["seq_inter_target"]))
         return {"rows": len(out), "seq_inter_differs_from_1best": changed,
@@ -466,8 +468,9 @@ class Study:
 
 # ------------------------------------------------------------------------------------------------------- report
 REPORT_COLUMNS = [("model", "model"), ("params", "parameters"), ("nonzero_params", "non-zero"),
-                  ("bleu_greedy", "BLEU greedy"), ("bleu_beam", f"BLEU beam {EVAL_BEAMS}"), ("chrf_greedy", "chrF greedy"),
-                  ("sent_per_s_greedy_batch1", "sent/s greedy, batch 1"), ("tok_per_s_greedy_batch1", "tok/s greedy, batch 1"),
+                  ("bleu_greedy", "BLEU greedy"), ("bleu_beam", f"BLEU beam {EVAL_BEAMS}"),
+                  ("chrf_greedy", "chrF greedy"), ("sent_per_s_greedy_batch1", "sent/s greedy, batch 1"),
+                  ("tok_per_s_greedy_batch1", "tok/s greedy, batch 1"),
                   ("sent_per_s_greedy_batched", "sent/s greedy, batched"), ("speedup_batch1", "speed-up, batch 1"),
                   ("speedup", "speed-up, batched")]
 
@@ -496,7 +499,8 @@ def _findings(rows: dict) -> list[str]:
     if teacher and students and teacher.get("bleu_beam") is not None:
         best = max(students, key=lambda r: r["bleu_greedy"])
         # the same batching for both: batch 1 where the teacher's beam search was timed at batch 1, else batched
-        timing = "batch1" if teacher.get("sent_per_s_beam_batch1") and best.get("sent_per_s_greedy_batch1") else "batched"
+        timing = ("batch1" if teacher.get("sent_per_s_beam_batch1") and best.get("sent_per_s_greedy_batch1")
+                  else "batched")
         speed, tspeed = best.get(f"sent_per_s_greedy_{timing}"), teacher.get(f"sent_per_s_beam_{timing}")
         if speed and tspeed:
             out.append(f"The best student ({best['model']}, greedy) against the teacher (beam {EVAL_BEAMS}): BLEU "
@@ -512,7 +516,8 @@ def _findings(rows: dict) -> list[str]:
         p80 = next((r for n, r in pruned.items() if n.endswith("_80")), None)
         line = f"Pruning the staged student (greedy BLEU {ref:.2f}): " + "; ".join(parts) + "."
         if p80 is not None:
-            line += f" 80% pruning loses almost nothing (Kim & Rush: -0.2): {verdict(ref - p80['bleu_greedy'] <= 0.5)}."
+            holds = verdict(ref - p80["bleu_greedy"] <= 0.5)
+            line += f" 80% pruning loses almost nothing (Kim & Rush: -0.2): {holds}."
         out.append(line)
     hybrid, word = bleu("hybrid"), bleu("word_kd")
     if hybrid is not None and word is not None and seq is not None:
@@ -532,9 +537,11 @@ def _findings(rows: dict) -> list[str]:
         original = name[: -len("_ct2_int8")]
         source = rows.get(original)
         if source and source.get("sent_per_s_greedy_batch1") and r.get("sent_per_s_greedy_batch1"):
-            out.append(f"CTranslate2 int8 ({original}): {r['sent_per_s_greedy_batch1'] / source['sent_per_s_greedy_batch1']:.1f}x "
+            batch1 = r["sent_per_s_greedy_batch1"] / source["sent_per_s_greedy_batch1"]
+            batched = r["sent_per_s_greedy_batched"] / source["sent_per_s_greedy_batched"]
+            out.append(f"CTranslate2 int8 ({original}): {batch1:.1f}x "
                        f"the sentences/s of the same model in transformers at batch 1, "
-                       f"{r['sent_per_s_greedy_batched'] / source['sent_per_s_greedy_batched']:.1f}x batched; greedy BLEU "
+                       f"{batched:.1f}x batched; greedy BLEU "
                        f"{r['bleu_greedy']:.2f} vs {source['bleu_greedy']:.2f}.")
     return out
 
@@ -562,7 +569,8 @@ def write_study_report(study: "Study", path: str) -> str:
     else:
         lines += ["Machine:", ""] + [f"* {m}: {', '.join(names)}" for m, names in machines.items()] + [""]
     lines += ["| stage | wall time (min) | started | finished |", "| --- | --- | --- | --- |"]
-    lines += [f"| {r['stage']} | {r['seconds'] / 60:.1f} | {r.get('started', '')} | {r['finished']} |" for r in records]
+    lines += [f"| {r['stage']} | {r['seconds'] / 60:.1f} | {r.get('started', '')} | {r['finished']} |"
+              for r in records]
     side_by_side = []
     if records and os.path.exists(study.side_by_side_marker):
         with open(study.side_by_side_marker) as f:  # adds the gaps between side-by-side stages (process start-up)
@@ -581,17 +589,19 @@ def write_study_report(study: "Study", path: str) -> str:
         with open(results) as f:
             rows = json.load(f)
         first = rows[0]
-        lines += ["", f"Test set: {first.get('test_sentences')} sentences of {TEST_SPLIT}; BLEU and chrF by sacrebleu on "
-                      f"detokenized text; speed on {first.get('device')} with {first.get('threads')} thread(s), batch 1 "
-                      f"timed on the first {first.get('batch1_sentences')} sentences, batched = "
-                      f"{first.get('batch_size')} sentences per call; speed-up over the teacher's greedy decoding.", ""]
+        lines += ["", f"Test set: {first.get('test_sentences')} sentences of {TEST_SPLIT}; BLEU and chrF by sacrebleu "
+                      f"on detokenized text; speed on {first.get('device')} with {first.get('threads')} thread(s), "
+                      f"batch 1 timed on the first {first.get('batch1_sentences')} sentences, batched = "
+                      f"{first.get('batch_size')} sentences per call; speed-up over the teacher's greedy decoding.",
+                  ""]
         lines += [report_table(rows, REPORT_COLUMNS), ""]
         findings = _findings({r["model"]: r for r in rows})
         if findings:
             lines += ["What the papers found, checked on these numbers:", ""] + [f"* {x}" for x in findings] + [""]
         plot = os.path.join(study.work_dir, "report", "bleu_vs_speed.png")
         if os.path.exists(plot):
-            target = os.path.join(os.path.dirname(os.path.abspath(path)), f"multi30k_{study.preset_name}_bleu_vs_speed.png")
+            target = os.path.join(os.path.dirname(os.path.abspath(path)),
+                                  f"multi30k_{study.preset_name}_bleu_vs_speed.png")
             shutil.copyfile(plot, target)
             lines += ["![BLEU against speed](" + os.path.basename(target) + ")", ""]
     text = "\n".join(lines) + "\n"
@@ -620,7 +630,8 @@ def run_side_by_side(names, needs, done, launch, jobs: int, poll_seconds: float 
                 todo.remove(ready[0])
                 running[ready[0]] = (launch(ready[0]), time.perf_counter())
                 beside = [n for n in running if n != ready[0]]
-                print(f"[multi30k] {ready[0]}: started" + (f" beside {', '.join(beside)}" if beside else ""), flush=True)
+                print(f"[multi30k] {ready[0]}: started" + (f" beside {', '.join(beside)}" if beside else ""),
+                      flush=True)
             if not running:
                 break
             time.sleep(poll_seconds)
@@ -630,7 +641,8 @@ def run_side_by_side(names, needs, done, launch, jobs: int, poll_seconds: float 
                     minutes = (time.perf_counter() - start) / 60
                     if proc.returncode:
                         failed.append(name)
-                    print(f"[multi30k] {name}: {'FAILED (exit ' + str(proc.returncode) + ')' if proc.returncode else 'finished'}"
+                    outcome = f"FAILED (exit {proc.returncode})" if proc.returncode else "finished"
+                    print(f"[multi30k] {name}: {outcome}"
                           f" after {minutes:.1f} min", flush=True)
     finally:
         signal.signal(signal.SIGTERM, previous)
@@ -670,7 +682,8 @@ def main(argv=None):
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--preset", choices=sorted(PRESETS), default="cpu")
     parser.add_argument("--work_dir", default=None, help="default: runs/multi30k_<preset>")
-    parser.add_argument("--data_dir", default=DEFAULT_DATA, help="folder with train/val/test_2016_flickr .de.gz/.en.gz")
+    parser.add_argument("--data_dir", default=DEFAULT_DATA,
+                        help="folder with train/val/test_2016_flickr .de.gz/.en.gz")
     parser.add_argument("--stages", nargs="*", default=None, help="run only these stages (in study order)")
     parser.add_argument("--redo", nargs="*", default=(), help="forget these stages' done markers and run them again")
     parser.add_argument("--list", action="store_true", help="list the stages and whether they are done")

@@ -1,4 +1,5 @@
-"""``DistillationTrainingArguments``: ``Seq2SeqTrainingArguments`` plus every knowledge-distillation field."""
+"""``DistillationTrainingArguments``: ``Seq2SeqTrainingArguments`` plus every knowledge-distillation field, and the
+read-only answers to what a run needs (:class:`DistillationMethod`, the teacher, the Seq-KD corpus)."""
 
 from __future__ import annotations
 
@@ -11,147 +12,213 @@ import torch
 from transformers import Seq2SeqTrainingArguments
 from transformers.utils import logging
 
+from .evaluation import resolve_bleu_tokenize
+from .generation import GenerationSettings
 from .hybrid import parse_hybrid_gate
 from .intermediate import LAYER_MAPPING_STRATEGIES
 from .losses import DIVERGENCES
 
 logger = logging.get_logger(__name__)
 
-__all__ = ["DistillationTrainingArguments", "KD_TARGETS", "INTERMEDIATE_LAYERS"]
+__all__ = ["DistillationTrainingArguments", "DistillationMethod", "KD_TARGETS", "INTERMEDIATE_LAYERS"]
 
 KD_TARGETS = ("target", "teacher_target", "seq_inter_target")
 INTERMEDIATE_LAYERS = ("encoder", "decoder", "both")
+
+
+@dataclass(frozen=True)
+class DistillationMethod:
+    """What a run distils, as data (model cards, tags and reports read it; nothing parses a name back).
+
+    Attributes:
+        target: the training target column: ``"target"`` (gold), ``"teacher_target"`` (Seq-KD) or
+            ``"seq_inter_target"`` (Seq-Inter).
+        word_kd: the word-level term (Kim & Rush 2016, Sec. 3.1) is on.
+        ckd: the CKD hidden-state term (Wu et al. 2020) is on.
+        hybrid: the hybrid token/sentence objective (Wei et al. 2024) replaces the word-level term.
+        divergence: the word-level divergence (``"forward_kl"``, ...).
+        continued_from: a saved student this run continued (the staged Seq-KD -> Seq-Inter student), or ``None``.
+        sparsity: the fraction of weights pruned (See et al. 2016), or ``None``.
+    """
+
+    target: str = "target"
+    word_kd: bool = False
+    ckd: bool = False
+    hybrid: bool = False
+    divergence: str = "forward_kl"
+    continued_from: str | None = None
+    sparsity: float | None = None
+
+    @property
+    def name(self) -> str:
+        """A short display name, e.g. ``seq-kd+word-kd`` (for tags and titles only)."""
+        parts = [{"target": "baseline", "teacher_target": "seq-kd", "seq_inter_target": "seq-inter"}[self.target]]
+        parts += [p for p, on in (("hybrid-kd", self.hybrid), ("word-kd", self.word_kd), ("ckd", self.ckd),
+                                  ("pruned", self.sparsity is not None)) if on]
+        return "+".join(parts)
+
+    def with_(self, **changes) -> "DistillationMethod":
+        """A copy with ``changes`` (e.g. ``sparsity=0.8`` for a pruned student)."""
+        return DistillationMethod(**{**self.__dict__, **changes})
 
 
 @dataclass
 class DistillationTrainingArguments(Seq2SeqTrainingArguments):
     r"""
     Configuration for [`DistillationTrainer`]. Every field of `Seq2SeqTrainingArguments` applies; the fields below
-    add knowledge distillation.
+    add knowledge distillation. The loss of one batch is
 
-    The loss of one batch is
+        (1 - alpha - intermediate_loss_weight) * CE(labels)                  # label_smoothing_factor applies
+        + alpha * T^2 * D(p_teacher^T || p_student^T)                         # word-level KD, Kim & Rush 2016 Sec. 3.1
+        + intermediate_loss_weight * L_ckd                                     # CKD, Wu et al. 2020
 
-        (1 - alpha - intermediate_loss_weight) * CE(labels)                       # label_smoothing_factor applies
-        + alpha * T^2 * D(p_teacher^T || p_student^T)                              # word-level KD, Kim & Rush 2016 Sec. 3.1
-        + intermediate_loss_weight * L_ckd                                          # CKD, Wu et al. 2020
+    With `hybrid_gate` set the word-level term becomes `alpha * [g * L_token + (1 - g) * L_sentence]` (Wei et al.
+    2024; `alpha=1` is the paper's objective). Every term is a sum over tokens divided by the token count of the
+    whole accumulated (all-process) batch, so gradient accumulation gives the gradient of one big batch. The
+    properties (`method`, `teacher_runs_during_training`, `needs_seqkd_corpus`, ...) answer what a run needs; the
+    trainer, the recipes and the model card ask them.
 
-    With `hybrid_gate` set, the word-level term is replaced by the hybrid objective of Wei et al. 2024 (still weighted
-    by `alpha`; `alpha=1` is the paper's objective, a smaller `alpha` keeps some gold cross-entropy):
-
-        alpha * [g * L_token + (1 - g) * L_sentence]
-
-    where `L_token` is the word-level KD term above (on the gold prefix) and `L_sentence` the student's cross-entropy
-    on the teacher's argmax output sequence (see `hf_seqkd.hybrid`).
-
-    Every term is a sum over tokens divided by a token count of the whole (accumulated, all-process) batch: target
-    tokens for CE, word-level KD, `L_token` and decoder CKD, source tokens for encoder CKD, teacher-sequence tokens for
-    `L_sentence`; so gradient accumulation gives the gradient of one big batch.
-
-    Under `torchrun` (or `accelerate launch` with several processes) on a machine without an accelerator,
-    `use_cpu` is switched on, so that the processes train together (gloo) instead of each training alone.
+    Under `torchrun` (or `accelerate launch` with several processes) on a machine without an accelerator, `use_cpu`
+    is switched on, so that the processes train together (gloo) instead of each training alone.
 
     Parameters:
-        > Word-level distillation
+        > Teacher
 
         teacher_model_name_or_path (`str` or `None`, *optional*, defaults to `None`):
-            Teacher to load with `AutoModelForSeq2SeqLM.from_pretrained` when no `teacher_model` instance is given to
-            the trainer.
-        alpha (`float`, *optional*, defaults to `0.5`):
-            Weight of the word-level distillation term. `0` trains exactly as a `Seq2SeqTrainer` would (the teacher is
-            not run at all); `1` is pure distillation. Kim & Rush 2016 found 0.5 better than 0.9.
-        temperature (`float`, *optional*, defaults to `1.0`):
-            Softmax temperature applied to both teacher and student logits; the term is multiplied by its square.
-        divergence (`str`, *optional*, defaults to `"forward_kl"`):
-            One of `"forward_kl"` (KL(teacher || student), Kim & Rush's word-level KD), `"reverse_kl"`, `"jsd"`
-            (generalised Jensen-Shannon with `jsd_beta`) or `"tvd"` (total variation distance).
-        jsd_beta (`float`, *optional*, defaults to `0.5`):
-            Teacher weight `beta` of the generalised JSD mixture `m = beta * p_t + (1 - beta) * p_s`; `0 < beta < 1`.
+            Teacher to load with `AutoModelForSeq2SeqLM.from_pretrained` when no `teacher_model` is given to the
+            trainer and the run needs one.
         teacher_dtype (`str` or `None`, *optional*, defaults to `None`):
-            Run the teacher in `"bfloat16"`, `"float16"` or `"float32"`; `None` keeps the dtype it was loaded in.
-        kd_chunk_size (`int`, *optional*, defaults to `1024`):
-            Number of target positions whose vocabulary distributions are processed at once in the KD loss (memory).
+            Run the teacher in `"bfloat16"`, `"float16"` or `"float32"` during training; `None` keeps its dtype.
+        teacher_ctranslate2_dir (`str` or `None`, *optional*, defaults to `None`):
+            The teacher converted with `hf_seqkd.export.to_ctranslate2`: the Seq-KD corpus is translated by
+            CTranslate2 (several times faster on a CPU) instead of `teacher.generate`.
 
-        > Data preparation and evaluation
+        > Word-level distillation (Hinton et al. 2015; Kim & Rush 2016, Sec. 3.1)
+
+        alpha (`float`, *optional*, defaults to `0.5`):
+            Weight of the word-level term. `0` trains exactly as a `Seq2SeqTrainer` would (the teacher does not
+            run); `1` is pure distillation. Kim & Rush 2016 found 0.5 better than 0.9.
+        temperature (`float`, *optional*, defaults to `1.0`):
+            Softmax temperature of both distributions; the term is multiplied by its square.
+        divergence (`str`, *optional*, defaults to `"forward_kl"`):
+            `"forward_kl"` (KL(teacher || student), Kim & Rush's), `"reverse_kl"`, `"jsd"` (generalised
+            Jensen-Shannon with `jsd_beta`) or `"tvd"` (total variation distance).
+        jsd_beta (`float`, *optional*, defaults to `0.5`):
+            Teacher weight of the generalised JSD mixture `m = jsd_beta * p_t + (1 - jsd_beta) * p_s`, in (0, 1).
+        kd_chunk_size (`int`, *optional*, defaults to `1024`):
+            Target positions whose vocabulary distributions are processed at once in the KD loss (memory).
+
+        > Data preparation (the trainer tokenizes raw `source`/`target` data with these)
 
         max_source_length (`int`, *optional*, defaults to `256`):
             Sources are truncated to this many tokens (the number of truncated sentences is logged).
         max_target_length (`int`, *optional*, defaults to `256`):
-            Targets are truncated to this many tokens. Validation with `predict_with_generate` lets translations run
-            this long (unless `generation_max_length` is set), capped at the student's position table.
+            Targets are truncated to this many tokens; validation with `predict_with_generate` lets translations
+            run this long (unless `generation_max_length` is set), capped at the student's position table.
         source_prefix (`str`, *optional*, defaults to `""`):
             Text put before every source, e.g. T5's `"translate German to English: "`.
         bleu_tokenize (`str` or `None`, *optional*, defaults to `None`):
             sacrebleu's tokenizer for BLEU in validation, Seq-Inter and the evaluations (`"13a"`, `"zh"`,
             `"ja-mecab"`, `"char"`, ...); `None` chooses it from the target language
-            (`hf_seqkd.evaluation.resolve_bleu_tokenize`: `zh` for Chinese, `13a` for languages written with spaces).
+            (`hf_seqkd.evaluation.resolve_bleu_tokenize`).
         generation_num_beams (`int` or `None`, *optional*, defaults to `None`):
             Beam size of validation with `predict_with_generate`; `None` decodes greedily, as the greedy column of
             the final evaluation does (Transformers' own default would be the model's generation config).
 
-        > Sequence-level distillation
+        > Sequence-level distillation (Kim & Rush 2016, Sec. 3.2-3.3)
 
         kd_target (`str`, *optional*, defaults to `"target"`):
-            Column to train on: `"target"` (gold references, the baseline), `"teacher_target"` (Seq-KD, Kim & Rush
-            2016 Sec. 3.2) or `"seq_inter_target"` (Seq-Inter, Sec. 3.3). Used by the recipes and
-            [`prepare_distillation_dataset`] when tokenizing.
+            The column to train on: `"target"` (gold references, the baseline), `"teacher_target"` (Seq-KD) or
+            `"seq_inter_target"` (Seq-Inter). Given raw data without it, the trainer builds the Seq-KD corpus.
         gold_mix_ratio (`float`, *optional*, defaults to `0.0`):
             Fraction of training pairs whose target is replaced by the gold reference when `kd_target` is not
             `"target"` (chosen once, reproducibly from `seed`).
+        num_beams (`int`, *optional*, defaults to `5`):
+            The teacher's beam size for the Seq-KD corpus (Kim & Rush used 5).
+        num_return_sequences (`int`, *optional*, defaults to `1`):
+            K, the size of the teacher's K-best list; `seq_inter_target` needs K > 1 (the paper: 35, with a beam of
+            35). At most `num_beams` (an error otherwise, never a silent rewrite).
+        max_new_tokens (`int`, *optional*, defaults to `128`):
+            The longest translation the run generates: the corpus, the hybrid objective's teacher decoding and the
+            recipes' final evaluation.
+        generation_batch_size (`int`, *optional*, defaults to `64`):
+            The most sentences per `generate` call while building the corpus.
+        max_tokens_per_batch (`int` or `None`, *optional*, defaults to `None`):
+            Token budget per `generate` call (sentences x longest source x beams).
+        seq_inter_metric (`str`, *optional*, defaults to `"bleu"`):
+            Similarity to the reference for Seq-Inter: `"bleu"` (smoothed sentence BLEU, the paper's) or `"chrf"`.
+        seqkd_cache_dir (`str` or `None`, *optional*, defaults to `None`):
+            Where the corpus is cached (default `<output_dir>/../seqkd_cache`): a rerun with the same teacher, data
+            and settings reuses it, an interrupted one resumes.
 
         > Intermediate-layer distillation (CKD, Wu et al. 2020)
 
         intermediate_loss_weight (`float`, *optional*, defaults to `0.0`):
-            Weight `beta` of the hidden-state loss; `0` disables it (the paper's example run: `alpha=0.2`,
-            `beta=0.7`). The projections it trains are saved in checkpoints (with the student's weights, under the
-            prefix `hf_seqkd_auxiliary.`) but not in the exported student.
+            Weight of the hidden-state loss; `0` disables it (the paper's example run: `alpha=0.2`, `0.7`). Its
+            projections train as part of the student and are not in the exported student.
         layer_mapping (`str`, *optional*, defaults to `"regular_comb"`):
             A strategy name (`"skip"`, `"regular_comb"`, `"overlap_comb"`, `"skip_middle"`, `"cross_comb"`,
-            `"skip_comb"`; their rule for any teacher/student depth is in `hf_seqkd.intermediate`) or an explicit JSON
-            mapping of 1-based student layers to lists of 1-based teacher layers, e.g.
-            `'{"1": [1, 2, 3], "2": [4, 5, 6]}'` (per stack: `'{"encoder": {...}, "decoder": {...}}'`).
+            `"skip_comb"`; their rule for any depths is in `hf_seqkd.intermediate`) or an explicit JSON mapping of
+            1-based student layers to 1-based teacher layers, e.g. `'{"1": [1, 2, 3], "2": [4, 5, 6]}'`.
         intermediate_layers (`str`, *optional*, defaults to `"encoder"`):
             Which stack to distil: `"encoder"` (the paper's choice), `"decoder"` or `"both"`.
 
         > Hybrid token/sentence distillation (Wei et al. 2024)
 
         hybrid_gate (`str` or `None`, *optional*, defaults to `None`):
-            `None` disables the hybrid objective; `"scalar"` learns one gate `g`; `"input"` computes `g` per sentence
-            from the student's mean-pooled encoder output (a learned `Linear(d_s, 1)`); a number (e.g. `"0.5"`)
-            fixes `g`. Needs `alpha > 0` (the hybrid term's weight). The teacher's output sequences come from the
-            `teacher_labels` column when present, else from greedy decoding (cached per source sentence; its
-            length limit is `generation_max_length`, or twice the source length plus 10).
+            `None` disables the hybrid objective; `"scalar"` learns one gate; `"input"` a gate per sentence from the
+            student's mean-pooled encoder output; a number (e.g. `"0.5"`) fixes it. Needs `alpha > 0`. The teacher's
+            sequences come from the `teacher_target` column (the Seq-KD corpus, built when missing) or, for
+            tokenized data without `teacher_labels`, from greedy decoding (cached per sentence; limit
+            `max_new_tokens`... or twice the source length plus 10 when `generation_max_length` is unset).
         hybrid_gate_init (`float`, *optional*, defaults to `0.5`):
-            Initial gate value for the learned gates; strictly inside `hybrid_gate_bounds`.
+            Initial value of a learned gate; strictly inside `hybrid_gate_bounds`.
         hybrid_gate_learning_rate (`float` or `None`, *optional*, defaults to `None`):
-            Learning rate of a learned gate's parameters (same schedule as the student's); `None` uses a tenth of
-            `learning_rate`. At the full rate an input gate reached its bound within ~300 steps on the toy corpus.
+            Learning rate of a learned gate (same schedule as the student's); `None`: a tenth of `learning_rate`.
         hybrid_gate_bounds (`str`, *optional*, defaults to `"0.1,0.9"`):
-            A learned gate is `lo + (hi - lo) * sigmoid(.)`. A gate trained on the loss it weights moves towards the
-            currently smaller term (its gradient is `L_token - L_sentence`) and, given enough steps, ends at a
-            bound; the bounds keep both terms in the objective. Measurements: `docs/hybrid_gate.md`.
+            A learned gate is `lo + (hi - lo) * sigmoid(.)`. Trained on the loss it weights, a gate moves towards
+            the currently smaller term and ends at a bound; the bounds keep both terms (`docs/hybrid_gate.md`).
     """
 
-    teacher_model_name_or_path: Optional[str] = field(default=None, metadata={"help": "Teacher to load when none is passed."})
-    alpha: float = field(default=0.5, metadata={"help": "Weight of the word-level KD term (0 = plain Seq2SeqTrainer)."})
+    # teacher
+    teacher_model_name_or_path: Optional[str] = field(default=None, metadata={"help": "Teacher to load."})
+    teacher_dtype: Optional[str] = field(default=None, metadata={"help": "bfloat16, float16 or float32."})
+    teacher_ctranslate2_dir: Optional[str] = field(default=None, metadata={"help": "Translate the Seq-KD corpus with "
+                                                                                    "this CTranslate2 teacher."})
+    # word level
+    alpha: float = field(default=0.5, metadata={"help": "Weight of the word-level KD term (0 = Seq2SeqTrainer)."})
     temperature: float = field(default=1.0, metadata={"help": "Softmax temperature for word-level KD."})
     divergence: str = field(default="forward_kl", metadata={"help": f"One of {DIVERGENCES}."})
     jsd_beta: float = field(default=0.5, metadata={"help": "Teacher weight of the generalised JSD mixture."})
-    teacher_dtype: Optional[str] = field(default=None, metadata={"help": "bfloat16, float16 or float32 for the teacher."})
     kd_chunk_size: int = field(default=1024, metadata={"help": "Positions per chunk in the KD loss."})
+    # data preparation
     max_source_length: int = field(default=256, metadata={"help": "Source truncation length (tokens)."})
     max_target_length: int = field(default=256, metadata={"help": "Target truncation length (tokens); also the "
                                                                    "validation generation limit."})
     source_prefix: str = field(default="", metadata={"help": "Text put before every source (T5's task prefix)."})
     bleu_tokenize: Optional[str] = field(default=None, metadata={"help": "sacrebleu tokenizer of BLEU (None: from "
                                                                           "the target language)."})
+    # sequence level
     kd_target: str = field(default="target", metadata={"help": f"Training target column, one of {KD_TARGETS}."})
     gold_mix_ratio: float = field(default=0.0, metadata={"help": "Fraction of pairs kept with the gold target."})
+    num_beams: int = field(default=5, metadata={"help": "The teacher's beam size for the Seq-KD corpus."})
+    num_return_sequences: int = field(default=1, metadata={"help": "K of the teacher's K-best list (Seq-Inter: K > 1, "
+                                                                   "at most num_beams)."})
+    max_new_tokens: int = field(default=128, metadata={"help": "The longest translation generated (corpus, hybrid, "
+                                                               "final evaluation)."})
+    generation_batch_size: int = field(default=64, metadata={"help": "Sentences per generate call (corpus)."})
+    max_tokens_per_batch: Optional[int] = field(default=None, metadata={"help": "Token budget per generate call."})
+    seq_inter_metric: str = field(default="bleu", metadata={"help": "bleu or chrf."})
+    seqkd_cache_dir: Optional[str] = field(default=None, metadata={"help": "Cache of the Seq-KD corpus."})
+    # CKD
     intermediate_loss_weight: float = field(default=0.0, metadata={"help": "Weight of the CKD hidden-state loss."})
     layer_mapping: str = field(default="regular_comb", metadata={"help": "CKD mapping strategy or JSON mapping."})
     intermediate_layers: str = field(default="encoder", metadata={"help": "encoder, decoder or both."})
+    # hybrid
     hybrid_gate: Optional[str] = field(default=None, metadata={"help": "None, 'scalar', 'input' or a fixed float."})
     hybrid_gate_init: float = field(default=0.5, metadata={"help": "Initial value of a learned hybrid gate."})
-    hybrid_gate_learning_rate: Optional[float] = field(default=None, metadata={"help": "Learning rate of a learned gate (None: learning_rate / 10)."})
+    hybrid_gate_learning_rate: Optional[float] = field(default=None, metadata={"help": "Learning rate of a learned "
+                                                                                       "gate (None: lr / 10)."})
     hybrid_gate_bounds: str = field(default="0.1,0.9", metadata={"help": "lo,hi range of a learned gate."})
 
     def __post_init__(self):
@@ -161,6 +228,20 @@ class DistillationTrainingArguments(Seq2SeqTrainingArguments):
             self.use_cpu = True
             logger.info("WORLD_SIZE > 1 and no accelerator: use_cpu=True (distributed training on CPUs, gloo)")
         super().__post_init__()
+        self._check_teacher()
+        self._check_word_level()
+        self._check_sequence_level()
+        self._check_ckd_and_hybrid()
+
+    def _check_teacher(self):
+        if self.teacher_dtype not in (None, "bfloat16", "float16", "float32"):
+            raise ValueError(f"teacher_dtype={self.teacher_dtype!r}: use bfloat16, float16, float32 or None")
+        if self.teacher_ctranslate2_dir and not os.path.isfile(os.path.join(self.teacher_ctranslate2_dir,
+                                                                             "model.bin")):
+            raise ValueError(f"teacher_ctranslate2_dir={self.teacher_ctranslate2_dir}: no CTranslate2 model there "
+                             "(model.bin); convert the teacher with hf_seqkd.export.to_ctranslate2 first")
+
+    def _check_word_level(self):
         if self.divergence not in DIVERGENCES:
             raise ValueError(f"divergence={self.divergence!r} is not one of {DIVERGENCES}")
         if not 0.0 <= self.alpha <= 1.0:
@@ -169,22 +250,31 @@ class DistillationTrainingArguments(Seq2SeqTrainingArguments):
             raise ValueError(f"temperature must be > 0, got {self.temperature}")
         if self.divergence == "jsd" and not 0.0 < self.jsd_beta < 1.0:
             raise ValueError(f"jsd_beta must be in (0, 1), got {self.jsd_beta}")
+
+    def _check_sequence_level(self):
         if self.kd_target not in KD_TARGETS:
             raise ValueError(f"kd_target={self.kd_target!r} is not one of {KD_TARGETS}")
         if not 0.0 <= self.gold_mix_ratio <= 1.0:
             raise ValueError(f"gold_mix_ratio must be in [0, 1], got {self.gold_mix_ratio}")
+        for name in ("max_source_length", "max_target_length"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be a positive number of tokens, got {getattr(self, name)}")
+        self.seqkd_generation  # noqa: B018 - raises on a bad or conflicting beam size / K / limit
+        if self.kd_target == "seq_inter_target" and self.num_return_sequences < 2:
+            raise ValueError(f"kd_target='seq_inter_target' chooses among the teacher's K-best list and needs "
+                             f"num_return_sequences K > 1, got {self.num_return_sequences} (Kim & Rush used K = 35 "
+                             "with num_beams = 35)")
+        if self.seq_inter_metric not in ("bleu", "chrf"):
+            raise ValueError(f"seq_inter_metric={self.seq_inter_metric!r}: use 'bleu' or 'chrf'")
+        if self.bleu_tokenize is not None:
+            self.resolved_bleu_tokenize()  # raises on an unknown tokenizer name
+
+    def _check_ckd_and_hybrid(self):
         if self.intermediate_loss_weight < 0 or self.alpha + self.intermediate_loss_weight > 1.0 + 1e-9:
             raise ValueError(f"need intermediate_loss_weight >= 0 and alpha + intermediate_loss_weight <= 1, got "
                              f"alpha={self.alpha}, intermediate_loss_weight={self.intermediate_loss_weight}")
         if self.intermediate_layers not in INTERMEDIATE_LAYERS:
             raise ValueError(f"intermediate_layers={self.intermediate_layers!r} is not one of {INTERMEDIATE_LAYERS}")
-        if self.teacher_dtype not in (None, "bfloat16", "float16", "float32"):
-            raise ValueError(f"teacher_dtype={self.teacher_dtype!r}: use bfloat16, float16, float32 or None")
-        for name in ("max_source_length", "max_target_length"):
-            if getattr(self, name) < 1:
-                raise ValueError(f"{name} must be a positive number of tokens, got {getattr(self, name)}")
-        if self.bleu_tokenize is not None:
-            self.resolved_bleu_tokenize()  # raises on an unknown tokenizer name
         gate = parse_hybrid_gate(self.hybrid_gate)  # raises on a bad value
         if gate is not None and self.alpha <= 0:
             raise ValueError(f"hybrid_gate={self.hybrid_gate!r} needs alpha > 0: alpha is the weight of the hybrid "
@@ -205,17 +295,16 @@ class DistillationTrainingArguments(Seq2SeqTrainingArguments):
                 raise ValueError(f"layer_mapping={self.layer_mapping!r} is neither a strategy "
                                  f"({', '.join(LAYER_MAPPING_STRATEGIES)}) nor valid JSON ({e.msg})") from None
 
-    def resolved_bleu_tokenize(self, target_language: str | None = None) -> str:
-        """``bleu_tokenize``, or the sacrebleu tokenizer for ``target_language``
-        (:func:`hf_seqkd.evaluation.resolve_bleu_tokenize`)."""
-        from .evaluation import resolve_bleu_tokenize
-
-        return resolve_bleu_tokenize(target_language, self.bleu_tokenize)
-
+    # ------------------------------------------------------------------------ what the run needs (one owner)
     @property
     def uses_hybrid(self) -> bool:
         """The hybrid token/sentence objective replaces the word-level term (``hybrid_gate`` is set)."""
         return self.hybrid_gate is not None
+
+    @property
+    def uses_word_kd(self) -> bool:
+        """The word-level term is on (``alpha > 0`` without the hybrid objective, which replaces it)."""
+        return self.alpha > 0 and not self.uses_hybrid
 
     @property
     def uses_ckd(self) -> bool:
@@ -223,17 +312,83 @@ class DistillationTrainingArguments(Seq2SeqTrainingArguments):
         return self.intermediate_loss_weight > 0
 
     @property
+    def teacher_runs_during_training(self) -> bool:
+        """The teacher's forward pass is part of every training step (word-level, CKD or hybrid terms)."""
+        return self.alpha > 0 or self.uses_ckd or self.uses_hybrid
+
+    @property
+    def needs_teacher_model(self) -> bool:
+        """The run needs the teacher as a Transformers model: during training, or to build the Seq-KD corpus
+        (unless a CTranslate2 teacher builds it)."""
+        return self.teacher_runs_during_training or (self.needs_seqkd_corpus and not self.teacher_ctranslate2_dir)
+
+    @property
+    def needs_seqkd_corpus(self) -> bool:
+        """Raw training data needs the teacher's translations: Seq-KD / Seq-Inter targets, or the hybrid objective's
+        teacher sequences (its ``teacher_target``)."""
+        return self.kd_target != "target" or self.uses_hybrid
+
+    @property
+    def teacher_labels_column(self) -> str | None:
+        """The corpus column tokenized into ``teacher_labels`` (the hybrid objective's sentence-level target)."""
+        return "teacher_target" if self.uses_hybrid else None
+
+    @property
     def has_auxiliary_parameters(self) -> bool:
         """The run trains modules of its own besides the student: CKD projections or a learned hybrid gate."""
         return self.uses_ckd or parse_hybrid_gate(self.hybrid_gate) in ("scalar", "input")
+
+    @property
+    def method(self) -> DistillationMethod:
+        """The distillation method of this run, as data."""
+        return DistillationMethod(target=self.kd_target, word_kd=self.uses_word_kd, ckd=self.uses_ckd,
+                                  hybrid=self.uses_hybrid, divergence=self.divergence)
+
+    @property
+    def seqkd_generation(self) -> GenerationSettings:
+        """How the teacher decodes the Seq-KD corpus (``num_beams``, ``num_return_sequences``, ...)."""
+        return GenerationSettings(num_beams=self.num_beams, num_return_sequences=self.num_return_sequences,
+                                  max_new_tokens=self.max_new_tokens, generation_batch_size=self.generation_batch_size,
+                                  max_tokens_per_batch=self.max_tokens_per_batch)
+
+    def card_hyperparameters(self) -> dict:
+        """The settings of this run's method, for its model card: only those the method used (no corpus settings
+        for a run that built no corpus), ``None`` values left out."""
+        out = {"kd_target": self.kd_target, "learning_rate": self.learning_rate,
+               "num_train_epochs": None if self.max_steps > 0 else self.num_train_epochs,
+               "max_steps": self.max_steps if self.max_steps > 0 else None,
+               "label_smoothing_factor": self.label_smoothing_factor or None}
+        if self.alpha > 0:
+            out.update(alpha=self.alpha, temperature=self.temperature, divergence=self.divergence,
+                       jsd_beta=self.jsd_beta if self.divergence == "jsd" else None)
+        if self.needs_seqkd_corpus:
+            out.update(num_beams=self.num_beams, num_return_sequences=self.num_return_sequences,
+                       max_new_tokens=self.max_new_tokens,
+                       seq_inter_metric=self.seq_inter_metric if self.num_return_sequences > 1 else None,
+                       gold_mix_ratio=self.gold_mix_ratio or None)
+        if self.uses_ckd:
+            out.update(intermediate_loss_weight=self.intermediate_loss_weight, layer_mapping=self.layer_mapping,
+                       intermediate_layers=self.intermediate_layers)
+        if self.uses_hybrid:
+            out.update(hybrid_gate=self.hybrid_gate, hybrid_gate_bounds=self.hybrid_gate_bounds,
+                       hybrid_gate_init=self.hybrid_gate_init,
+                       hybrid_gate_learning_rate=self.hybrid_gate_learning_rate)
+        return {k: v for k, v in out.items() if v is not None}
 
     @property
     def gate_bounds(self) -> tuple[float, float]:
         try:
             lo, hi = (float(x) for x in str(self.hybrid_gate_bounds).split(","))
         except ValueError:
-            raise ValueError(f"hybrid_gate_bounds={self.hybrid_gate_bounds!r}: expected 'lo,hi', e.g. '0.1,0.9'")
+            raise ValueError(f"hybrid_gate_bounds={self.hybrid_gate_bounds!r}: expected 'lo,hi', e.g. '0.1,0.9'") \
+                from None
         return lo, hi
+
+    def resolved_bleu_tokenize(self, target_language: str | None = None) -> str:
+        """``bleu_tokenize``, or the sacrebleu tokenizer for ``target_language``
+        (:func:`hf_seqkd.evaluation.resolve_bleu_tokenize`)."""
+
+        return resolve_bleu_tokenize(target_language, self.bleu_tokenize)
 
 
 def _has_accelerator() -> bool:

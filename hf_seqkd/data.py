@@ -5,6 +5,7 @@ Every loader returns a ``datasets.DatasetDict`` whose splits have the columns ``
 
 from __future__ import annotations
 
+import copy
 import gzip
 import json
 import logging
@@ -13,12 +14,16 @@ import random
 from dataclasses import dataclass
 from typing import Any, Mapping, Sequence
 
+import datasets
+import torch
 from datasets import Dataset, DatasetDict
+from transformers import DataCollatorForSeq2Seq
+from transformers.models.bart.modeling_bart import shift_tokens_right
 
 logger = logging.getLogger(__name__)
 
 __all__ = ["load_parallel_data", "read_lines", "prepare_distillation_dataset", "DistillationDataCollator",
-           "DataError"]
+           "DataError", "select_split", "decoder_inputs_from_labels"]
 
 # file stems of a corpus folder and the split names they become
 _SPLIT_ALIASES = {"train": "train", "val": "validation", "valid": "validation", "dev": "validation",
@@ -211,12 +216,12 @@ def load_parallel_data(
 
 
 def _load_hub_dataset(name, config_name, source_lang, target_lang) -> dict[str, dict[str, list[str]]]:
-    from datasets import load_dataset
 
     try:
-        loaded = load_dataset(name, config_name)
+        loaded = datasets.load_dataset(name, config_name)
     except Exception as e:  # the datasets library raises many types; name the dataset in ours
-        raise DataError(f"could not load {name!r} (config {config_name!r}) as a local path or a Hub dataset: {e}") from e
+        raise DataError(f"could not load {name!r} (config {config_name!r}) as a local path or a Hub dataset: "
+                        f"{e}") from e
     raw = {}
     for split, dataset in loaded.items():
         columns = dataset.column_names
@@ -289,6 +294,37 @@ def prepare_distillation_dataset(
     return Dataset.from_dict(columns)
 
 
+def decoder_inputs_from_labels(model, labels):
+    """Teacher-forcing decoder inputs: ``labels`` shifted right behind the decoder start token (-100 -> pad).
+
+    ``model.prepare_decoder_input_ids_from_labels`` where the model has it; M2M100 and NLLB do not (Transformers 5),
+    so the same shift is done from their config's ``decoder_start_token_id`` and ``pad_token_id``.
+    """
+    if hasattr(model, "prepare_decoder_input_ids_from_labels"):
+        return model.prepare_decoder_input_ids_from_labels(labels=labels)
+
+    config = model.config
+    return shift_tokens_right(labels, config.pad_token_id, config.decoder_start_token_id)
+
+
+def select_split(raw, flag: str, name: str | None, dataset: str):
+    """The split ``name`` of ``raw`` (``None`` for ``""`` or ``"none"``: skipped on purpose); a missing split is an
+    error that names the flag and the splits there are, raised before any long work.
+
+    Args:
+        raw: a ``DatasetDict``.
+        flag: the option that named it (``"--test_split"``), for the message.
+        name: the split's name.
+        dataset: the corpus's name, for the message.
+    """
+    if not name or str(name).lower() == "none":
+        return None
+    if name not in raw:
+        raise ValueError(f"{flag} {name!r} is not a split of {dataset}; its splits are: {', '.join(raw)} "
+                         f"(use {flag} none to do without)")
+    return raw[name]
+
+
 @dataclass
 class DistillationDataCollator:
     """``DataCollatorForSeq2Seq`` that pads on the right and also pads ``teacher_labels`` (with -100).
@@ -304,9 +340,7 @@ class DistillationDataCollator:
     pad_to_multiple_of: int | None = None
 
     def __post_init__(self):
-        import copy
 
-        from transformers import DataCollatorForSeq2Seq
 
         # Always pad on the right, whatever the tokenizer was saved with: left-padded labels would put padding
         # between the decoder start token and the target, and left-padded sources shift absolute positions.
@@ -316,7 +350,6 @@ class DistillationDataCollator:
                                              pad_to_multiple_of=self.pad_to_multiple_of)
 
     def __call__(self, features):
-        import torch
 
         extra = None
         if features and "teacher_labels" in features[0]:

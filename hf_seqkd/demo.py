@@ -2,18 +2,18 @@
 
 ``accelerate launch recipes/seq_kd.py`` with no arguments runs it: it writes the synthetic corpus of
 :mod:`hf_seqkd.toy` (several valid translations per source pattern, as in real data), trains a small Marian
-teacher (cached between runs), then trains the same small student twice with the real recipe, on the gold
-references (baseline) and on the teacher's beam-search output (Seq-KD), and prints the comparison.
+teacher (cached between runs), then trains the same small student twice through the library, exactly as
+``recipes/seq_kd.py`` would (:func:`student_arguments` gives that command), on the gold references (baseline) and on
+the teacher's beam-search output (Seq-KD), and prints the comparison.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 
-from .cli import markdown_table
-
-__all__ = ["run_demo", "DEMO_SIZES"]
+__all__ = ["run_demo", "student_arguments", "DEMO_SIZES"]
 
 # corpus size, teacher (d_model, layers, ffn, steps), student (d_model, layers, ffn), student steps
 # The corpus has sentence-level multimodality (hf_seqkd.toy, `alternative_order`): with this probability a reference
@@ -34,8 +34,15 @@ BANNER = """\
 
 
 def _train_teacher(folder: str, data_folder: str, size: dict, seed: int) -> str:
-    from . import (DistillationDataCollator, DistillationTrainer, DistillationTrainingArguments, load_parallel_data,
-                   prepare_distillation_dataset, tiny_seq2seq_model, train_tokenizer)
+    from . import (
+        DistillationDataCollator,
+        DistillationTrainer,
+        DistillationTrainingArguments,
+        load_parallel_data,
+        prepare_distillation_dataset,
+        tiny_seq2seq_model,
+        train_tokenizer,
+    )
 
     done = os.path.join(folder, "DONE")
     if os.path.exists(done):
@@ -59,23 +66,83 @@ def _train_teacher(folder: str, data_folder: str, size: dict, seed: int) -> str:
     return folder
 
 
-def run_demo(recipe_main, size: str = "full", work_dir: str | None = None, seed: int = 0) -> list[dict]:
-    """Run the demo; ``recipe_main`` is ``recipes/seq_kd.py``'s ``main`` (called once per student).
+def student_arguments(work_dir: str, size: str = "full", kd_target: str = "target", seed: int = 0) -> list[str]:
+    """The ``recipes/seq_kd.py`` command line that trains the demo's student on ``kd_target`` (the demo runs the
+    same steps through the library; it prints this so that a user can rerun one student)."""
+    spec = DEMO_SIZES[size]
+    d_model, layers, ffn = spec["student"]
+    name = "baseline" if kd_target == "target" else "seq_kd"
+    steps = spec["student_steps"]
+    return ["--teacher_model_name_or_path", os.path.join(work_dir, "teacher"), "--dataset",
+            os.path.join(work_dir, "data"), "--source_lang", "src", "--target_lang", "tgt", "--student_init", "config",
+            "--student_d_model", str(d_model), "--student_encoder_layers", str(layers), "--student_decoder_layers",
+            str(layers), "--student_ffn_dim", str(ffn), "--student_attention_heads", "4", "--alpha", "0",
+            "--max_steps", str(steps), "--per_device_train_batch_size", "64", "--learning_rate", "3e-3",
+            "--warmup_steps", str(steps // 10), "--save_strategy", "no", "--eval_strategy", "no",
+            "--report_to", "none",
+            "--logging_steps", str(max(1, steps // 4)), "--seed", str(seed), "--max_new_tokens", "48",
+            "--num_beams", "5", "--seqkd_cache_dir", os.path.join(work_dir, "seqkd_cache"), "--kd_target", kd_target,
+            "--output_dir", os.path.join(work_dir, f"student_{name}")]
+
+
+def _train_student(work_dir: str, size: str, kd_target: str, seed: int, teacher, tokenizer, data) -> list:
+    """One demo student, through the library: the same steps and settings as ``recipes/seq_kd.py`` with
+    :func:`student_arguments` (so the same numbers); returns its :class:`~hf_seqkd.evaluation.EvaluationResult`
+    (the teacher's first for the baseline run)."""
+    from transformers import set_seed
+
+    from . import DistillationTrainer
+    from .cli import DataArguments, EvalArguments, ModelArguments, load_or_make_student, parse_args
+    from .config import DistillationTrainingArguments
+    from .evaluation import evaluate_models
+    from .hub import make_model_card, save_student
+
+    argv = student_arguments(work_dir, size, kd_target, seed)
+    print(f"[demo] training the {'baseline' if kd_target == 'target' else 'Seq-KD'} student on '{kd_target}' "
+          f"(the same as: python recipes/seq_kd.py {' '.join(argv)})")
+    model_args, _, eval_args, args = parse_args((ModelArguments, DataArguments, EvalArguments,
+                                                  DistillationTrainingArguments), argv)
+    set_seed(args.seed)
+    student = load_or_make_student(model_args, teacher)
+    trainer = DistillationTrainer(model=student, teacher_model=teacher, args=args, train_dataset=data["train"],
+                                  processing_class=tokenizer)
+    trainer.train()
+    models = ([("teacher", "teacher", teacher)] if kd_target == "target" else []) + \
+        [("student", "student", trainer.model)]
+    results = evaluate_models(models, tokenizer, data["test"]["source"], data["test"]["target"],
+                              num_beams=max(eval_args.eval_num_beams), batch_size=eval_args.eval_batch_size,
+                              batch1_samples=0, max_new_tokens=args.max_new_tokens)
+    card = make_model_card(teacher_name=args.teacher_model_name_or_path, method=args.method,
+                           hyperparameters=args.card_hyperparameters(), results=results, source_lang="src",
+                           target_lang="tgt", datasets=os.path.join(work_dir, "data"), eval_split="test")
+    save_student(trainer.model, tokenizer, args.output_dir, card)
+    with open(os.path.join(args.output_dir, "results.json"), "w") as f:
+        json.dump([r.to_dict() for r in results], f, indent=2)
+    return results
+
+
+def run_demo(size: str = "full", work_dir: str | None = None, seed: int = 0) -> list[dict]:
+    """Run the demo: the synthetic corpus, a small teacher (cached between runs), a baseline and a Seq-KD student.
 
     Args:
-        recipe_main: the recipe's entry point, taking an argument list.
         size: ``"full"`` (the default demo, a few minutes on a 2-core CPU) or ``"tiny"`` (the CI test).
         work_dir: where data, teacher, students and the Seq-KD cache go (default ``./runs/seq_kd_demo[_tiny]``).
         seed: seed of the corpus and of training.
 
-    Returns the rows of the comparison table.
+    Returns the rows of the comparison table (also in ``<work_dir>/demo_results.json``).
     """
+    from transformers import AutoModelForSeq2SeqLM, AutoTokenizer
+
+    from . import load_parallel_data
+    from .evaluation import add_speedup
+    from .report import markdown_table, signature_line
     from .toy import make_toy_corpus
 
     if size not in DEMO_SIZES:
         raise ValueError(f"unknown demo size {size!r}; use one of {sorted(DEMO_SIZES)}")
     spec = DEMO_SIZES[size]
-    work_dir = os.path.abspath(work_dir or os.path.join("runs", "seq_kd_demo" + ("" if size == "full" else f"_{size}")))
+    default = os.path.join("runs", "seq_kd_demo" + ("" if size == "full" else f"_{size}"))
+    work_dir = os.path.abspath(work_dir or default)
     print(BANNER)
     data_folder = os.path.join(work_dir, "data")
     if not os.path.exists(os.path.join(data_folder, "test.tgt")):
@@ -86,42 +153,31 @@ def run_demo(recipe_main, size: str = "full", work_dir: str | None = None, seed:
             for column, lang in (("source", "src"), ("target", "tgt")):
                 with open(os.path.join(data_folder, f"{split}.{lang}"), "w") as f:
                     f.write("\n".join(corpus[split][column]) + "\n")
-    teacher = _train_teacher(os.path.join(work_dir, "teacher"), data_folder, spec, seed)
+    teacher_dir = _train_teacher(os.path.join(work_dir, "teacher"), data_folder, spec, seed)
+    teacher = AutoModelForSeq2SeqLM.from_pretrained(teacher_dir)
+    tokenizer = AutoTokenizer.from_pretrained(teacher_dir)
+    data = load_parallel_data(data_folder, source_lang="src", target_lang="tgt")
 
-    d_model, layers, ffn = spec["student"]
-    common = ["--teacher_model_name_or_path", teacher, "--dataset", data_folder, "--source_lang", "src",
-              "--target_lang", "tgt", "--student_init", "config", "--student_d_model", str(d_model),
-              "--student_encoder_layers", str(layers), "--student_decoder_layers", str(layers),
-              "--student_ffn_dim", str(ffn), "--student_attention_heads", "4", "--alpha", "0",
-              "--max_steps", str(spec["student_steps"]), "--per_device_train_batch_size", "64",
-              "--learning_rate", "3e-3", "--warmup_steps", str(spec["student_steps"] // 10), "--save_strategy", "no",
-              "--eval_strategy", "no", "--report_to", "none", "--logging_steps", str(max(1, spec["student_steps"] // 4)),
-              "--seed", str(seed), "--max_new_tokens", "48", "--teacher_num_beams", "5",
-              "--seqkd_cache_dir", os.path.join(work_dir, "seqkd_cache")]
-    results = {}
-    for name, target in (("baseline", "target"), ("seq_kd", "teacher_target")):
-        out = os.path.join(work_dir, f"student_{name}")
-        print(f"[demo] training the {name} student on '{target}'")
-        rows = recipe_main(common + ["--kd_target", target, "--output_dir", out,
-                                     "--evaluate_teacher", "true" if name == "baseline" else "false"])
-        results[name] = rows
-    table = [dict(results["baseline"][0], model="teacher"),
-             dict(results["baseline"][-1], model="student, no KD (baseline)"),
-             dict(results["seq_kd"][-1], model="student, Seq-KD")]
-    teacher_speed = table[0].get("sent_per_s_beam") or table[0]["sentences_per_second"]
-    for row in table:
-        row["speedup"] = row["sentences_per_second"] / teacher_speed
-    columns = ["model", "params", "bleu_greedy", "bleu_beam", "chrf", "sentences_per_second", "speedup"]
-    print("\n" + markdown_table(table, columns))
-    gain = table[2]["bleu_greedy"] - table[1]["bleu_greedy"]
+    baseline = _train_student(work_dir, size, "target", seed, teacher, tokenizer, data)
+    seq_kd = _train_student(work_dir, size, "teacher_target", seed, teacher, tokenizer, data)
+    results = [dataclasses.replace(baseline[0], model="teacher"),
+               dataclasses.replace(baseline[-1], model="student, no KD (baseline)"),
+               dataclasses.replace(seq_kd[-1], model="student, Seq-KD")]
+    add_speedup(results)
+    columns = ["model", "params", "bleu_greedy", "bleu_beam", "chrf", "sent_per_s_greedy_batched",
+               "speedup_over_beam"]
+    print("\n" + markdown_table(results, columns) + "\n" + signature_line(results))
+    teacher_row, base, kd = results
+    gain = kd.bleu_greedy - base.bleu_greedy
     verdict = "beats" if gain > 0 else "does NOT beat"
     print(f"\nThe Seq-KD student {verdict} the baseline on greedy BLEU by {gain:+.2f} "
-          f"({table[2]['bleu_greedy']:.2f} vs {table[1]['bleu_greedy']:.2f}); "
-          f"greedy-beam gap: baseline {table[1]['bleu_beam'] - table[1]['bleu_greedy']:+.2f}, "
-          f"Seq-KD {table[2]['bleu_beam'] - table[2]['bleu_greedy']:+.2f}.")
-    print(f"Why: {ALTERNATIVE_ORDER:.0%} of this corpus's references use a second valid word order (verb first, phrases "
-          "reversed). The baseline student has to learn both orders from the references; the teacher's beam search "
-          "always returns the majority order, so the Seq-KD student learns one (Kim & Rush 2016, Sec. 3.2).")
+          f"({kd.bleu_greedy:.2f} vs {base.bleu_greedy:.2f}); "
+          f"greedy-beam gap: baseline {base.bleu_beam - base.bleu_greedy:+.2f}, "
+          f"Seq-KD {kd.bleu_beam - kd.bleu_greedy:+.2f}.")
+    print(f"Why: {ALTERNATIVE_ORDER:.0%} of this corpus's references use a second valid word order (verb first, "
+          "phrases reversed). The baseline student has to learn both orders from the references; the teacher's beam "
+          "search always returns the majority order, so the Seq-KD student learns one (Kim & Rush 2016, Sec. 3.2).")
+    table = [r.to_dict() for r in results]
     with open(os.path.join(work_dir, "demo_results.json"), "w") as f:
         json.dump(table, f, indent=2)
     print(f"\nEverything is in {work_dir}: data/, teacher/ (cached for the next run), student_baseline/, "

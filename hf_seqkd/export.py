@@ -1,37 +1,13 @@
-"""Export a (distilled, possibly pruned) student to CTranslate2 for fast CPU/GPU inference.
+"""Export a (distilled, possibly pruned) student to CTranslate2 for fast CPU/GPU inference, and translate with it.
 
-Kim & Rush (2016) report the decoding speed of their distilled students on CPU and GPU; the
-usual way to serve a Transformers translation model fast today is CTranslate2 (int8 weights on CPU).
-
-* :func:`to_ctranslate2` converts a saved model folder with CTranslate2's own converter
-  (``ctranslate2.converters.TransformersConverter``).
-* :func:`translate_ctranslate2` / :class:`CTranslate2Translator` translate detokenized text with the
-  converted model and the model's Hugging Face tokenizer, and time it (sentences per second).
-
-Marian models and the ``<pad>`` row
------------------------------------
-CTranslate2's stock Marian loader (``MarianMTLoader`` in ``ctranslate2/converters/transformers.py``) assumes
-an opus-mt model: it drops the last vocabulary entry (expected to be ``<pad>``) with its embedding and output
-rows, and makes the decoder start from a *zero* embedding. Transformers' Marian decoder starts from the
-``<pad>`` embedding instead, which is zero in the converted opus-mt checkpoints but *not* in a Marian trained
-with Transformers: the embedding is tied to the output projection, and the softmax gradient of the pad logit
-moves the pad row away from zero during training even though ``nn.Embedding(padding_idx=...)`` freezes it on
-the input side. The stock conversion of a student trained here therefore translates differently (a toy Marian
-trained for 150 steps: 0 of 37 greedy translations identical to Transformers' after the stock conversion, 37
-of 37 after this one; with the pad row zeroed, both conversions match).
-
-:func:`to_ctranslate2` therefore converts Marian models with a small adapter loader,
-:class:`_HFMarianLoader`, which keeps the whole vocabulary (``<pad>`` included, so token ids are those of the
-Hugging Face tokenizer), starts the decoder from the real ``<pad>`` embedding (``decoder_start_token`` =
-``<pad>``, ``start_from_zero_embedding=False``, exactly what Transformers computes) and adds a large negative
-output bias to ``<pad>`` so it is never generated (the stock converter achieves the same by removing the
-token; opus-mt generation configs ban it with ``bad_words_ids``). For an opus-mt model, whose pad row is zero,
-the result computes the same as the stock conversion. BART, mBART and Pegasus use the stock loaders with
-``config.normalize_before`` supplied (Transformers 5 no longer has it; CTranslate2 4.x still reads it) and a
-``bos_token`` when the tokenizer has none; T5 and the other families use the stock loaders unchanged.
-The tokenizer files must be saved beside the model (``tokenizer.save_pretrained(model_dir)``): the converter
-reads the vocabulary with ``AutoTokenizer``; a ``PreTrainedTokenizerFast`` from
-:func:`hf_seqkd.train_tokenizer` (``tokenizer.json``) is all it needs, no SentencePiece ``source.spm``.
+* :func:`to_ctranslate2` converts a saved model folder with CTranslate2's own converter, with adapters where its
+  loaders assume a Hub checkpoint: Marian students trained with Transformers keep their ``<pad>`` row (the
+  decoder's start embedding; the stock loader drops it) and never generate it, vocabularies padded beyond the
+  tokenizer get placeholder tokens that are never generated, BART/mBART/Pegasus get the ``normalize_before`` that
+  Transformers 5 dropped. Why, with the measurements: ``docs/ctranslate2.md``.
+* :class:`CTranslate2Translator` / :func:`translate_ctranslate2` translate text with the converted model and the
+  model's Hugging Face tokenizer, and time it; :meth:`CTranslate2Translator.translate_kbest` is the Seq-KD corpus's
+  CTranslate2 back-end.
 """
 
 from __future__ import annotations
@@ -41,6 +17,11 @@ import threading
 import time
 from pathlib import Path
 from typing import Iterable, Sequence
+
+import torch
+from transformers import AutoTokenizer
+
+from .generation import SEQKD_LENGTH_PENALTY
 
 __all__ = ["to_ctranslate2", "translate_ctranslate2", "CTranslate2Translator", "TimedTranslations"]
 
@@ -65,7 +46,6 @@ def _import_ctranslate2():
 
 def _hf_marian_loader_class():
     """Build the adapter loader lazily (it subclasses a class of the optional ctranslate2 package)."""
-    import torch
     from ctranslate2.converters.transformers import BartLoader, MarianMTLoader
 
     class _HFMarianLoader(MarianMTLoader):
@@ -140,7 +120,6 @@ def _with_padded_vocabulary(loader_class):
     padded to a multiple of 8, say): the missing entries become placeholder tokens (``<hf_seqkd_unused_N>``) whose
     output bias bans them, so the converted model never generates a token the tokenizer cannot decode, which is what
     the original model, trained without such targets, should do too."""
-    import torch
 
     def get_vocabulary(self, model, tokenizer):
         tokens = list(loader_class.get_vocabulary(self, model, tokenizer))
@@ -267,7 +246,6 @@ class CTranslate2Translator:
                  intra_threads: int = 0, inter_threads: int = 1):
         ctranslate2 = _import_ctranslate2()
         if isinstance(tokenizer, (str, os.PathLike)):
-            from transformers import AutoTokenizer
 
             tokenizer = AutoTokenizer.from_pretrained(tokenizer)
         self.tokenizer = tokenizer
@@ -314,6 +292,25 @@ class CTranslate2Translator:
         return out
 
     __call__ = translate
+
+    def translate_kbest(self, texts: Sequence[str], generation, max_source_length: int | None = None):
+        """Per text, the ``generation.num_return_sequences``-best translations (best first) and their scores, as
+        :func:`hf_seqkd.generation.generate_kbest` returns them for a Transformers model.
+
+        The scores are CTranslate2's with ``length_penalty=1.0``: the summed log-probabilities of the generated
+        tokens (``</s>`` included) over their number, the same definition as Transformers'; they agree to about
+        5e-3 (CTranslate2's arithmetic differs; ``bench/RESULTS.md``).
+        """
+
+        tok = self.tokenizer
+        ids = tok(list(texts), truncation=max_source_length is not None, max_length=max_source_length)["input_ids"]
+        results = self.translator.translate_batch(
+            [tok.convert_ids_to_tokens(x) for x in ids], max_batch_size=len(ids), beam_size=generation.num_beams,
+            num_hypotheses=generation.num_return_sequences, max_decoding_length=generation.max_new_tokens,
+            length_penalty=SEQKD_LENGTH_PENALTY, return_scores=True, max_input_length=0)
+        nbest = [tok.batch_decode([tok.convert_tokens_to_ids(h) for h in r.hypotheses], skip_special_tokens=True)
+                 for r in results]
+        return nbest, [[float(x) for x in r.scores] for r in results]
 
 
 def translate_ctranslate2(

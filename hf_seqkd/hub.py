@@ -1,13 +1,10 @@
 """Model cards, saving and publishing distilled students on the Hugging Face Hub.
 
-* :func:`make_model_card` writes a ``README.md`` (YAML front matter with ``model-index`` BLEU/chrF results,
-  built with ``huggingface_hub.ModelCardData``, which works offline) describing the student, the distillation
-  method (Kim & Rush 2016) and its results against the teacher.
-* :func:`save_student` writes model, tokenizer and card into one folder (:func:`write_model_card` the card alone);
-  :func:`push_student` uploads it.
-* :func:`translation_pipeline` / :class:`TranslationPipeline`: Transformers 5 removed the ``"translation"``
-  (and ``"text2text-generation"``) pipeline task (``pipeline("translation", ...)`` raises ``KeyError`` in
-  5.x); this is a drop-in replacement with the same output format, ``[{"translation_text": ...}]``.
+* :func:`make_model_card`: the ``README.md`` of a student, rendered from ``templates/model_card.md`` with
+  ``huggingface_hub.ModelCard.from_template`` (YAML front matter with a ``model-index`` of BLEU/chrF results), from
+  the run's :class:`~hf_seqkd.config.DistillationMethod` and :class:`~hf_seqkd.evaluation.EvaluationResult`.
+* :func:`save_student` writes model, tokenizer and card into one folder; :func:`push_student` uploads it.
+* :func:`translation_pipeline`: the ``"translation"`` pipeline Transformers 5 removed, with languages and prefixes.
 """
 
 from __future__ import annotations
@@ -17,14 +14,26 @@ import re
 from pathlib import Path
 from typing import Any, Mapping, Sequence
 
+from huggingface_hub import EvalResult, HfApi, ModelCard, ModelCardData
+from huggingface_hub.errors import OfflineModeIsEnabled
+from transformers import AutoModelForSeq2SeqLM, AutoTokenizer
+
+from .config import DistillationMethod
+from .evaluation import EvaluationResult, add_speedup
+from .pruning import apply_pruning_masks, pruning_masks
+from .report import markdown_table, signature_line
+
 __all__ = [
     "make_model_card",
+    "method_components",
     "save_student",
     "write_model_card",
     "push_student",
     "translation_pipeline",
     "TranslationPipeline",
 ]
+
+TEMPLATE = Path(__file__).parent / "templates" / "model_card.md"
 
 _KIM_RUSH_BIBTEX = """@inproceedings{kim-rush-2016-sequence,
   title = {Sequence-Level Knowledge Distillation},
@@ -35,57 +44,45 @@ _KIM_RUSH_BIBTEX = """@inproceedings{kim-rush-2016-sequence,
   url = {https://aclanthology.org/D16-1139},
 }"""
 
-# canonical key, column header, accepted spellings (compared after lower-casing, spaces/dashes -> "_")
-_COLUMNS = (
-    ("model", "Model", ("model", "name", "model_name")),
-    ("params", "Parameters", ("params", "parameters", "num_parameters", "n_params", "num_params")),
-    ("nonzero_params", "Non-zero parameters", ("nonzero_params", "nonzero_parameters", "num_nonzero_parameters")),
-    ("bleu_greedy", "BLEU (greedy)", ("bleu_greedy", "bleu", "greedy_bleu", "bleu_greedy_search")),
-    ("bleu_beam", "BLEU (beam)", ("bleu_beam", "beam_bleu", "bleu_beam_search")),
-    ("chrf", "chrF", ("chrf", "chrf_greedy", "chrf++", "chrf_beam")),
-    ("sentences_per_second", "Sentences/s", ("sentences_per_second", "sent_per_s", "sents_per_sec",
-                                             "sentences_per_sec", "speed")),
-    ("speedup", "Speed-up", ("speedup", "speed_up")),
-)
-_ALIASES = {alias: key for key, _, aliases in _COLUMNS for alias in aliases}
-_HEADERS = {key: header for key, header, _ in _COLUMNS}
+# the results table of a card: these columns, where any result has them, then any extra ones
+_CARD_COLUMNS = ["model", "params", "nonzero_params", "bleu_greedy", "bleu_beam", "chrf", "sent_per_s_greedy_batched",
+                 "speedup"]
 _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*(/[\w.-]+)?$")
-
-
-def _canonical(key: str) -> str:
-    norm = re.sub(r"[\s\-]+", "_", str(key).strip().lower())
-    return _ALIASES.get(norm, key)
 
 
 def _looks_like_hub_id(name: str) -> bool:
     return bool(name) and bool(_HUB_ID.match(name)) and not os.path.exists(name)
 
 
-def _method_parts(method: str, hyperparameters: Mapping[str, Any]) -> list[tuple[str, str, str]]:
-    """(tag, title, description) for each component of ``method``."""
-    m = method.lower()
+def method_components(method: DistillationMethod) -> list[tuple[str, str, str]]:
+    """``(tag, title, description)`` of each part of ``method``, as the card and its tags describe them."""
     parts = []
-    if "word" in m:
+    if method.word_kd:
         parts.append(("word-level-kd", "Word-level knowledge distillation",
-                      "The student is trained to match the teacher's per-token output distributions "
-                      "(cross-entropy to the teacher's softmax, mixed with the usual loss on the references; "
-                      "Kim & Rush 2016, Sec. 3.1)."))
-    if "inter" in m:
+                      "The student is trained to match the teacher's per-token output distributions (cross-entropy "
+                      "to the teacher's softmax, mixed with the usual loss on the references; Kim & Rush 2016, "
+                      "Sec. 3.1)."))
+    if method.target == "seq_inter_target":
         parts.append(("sequence-level-interpolation", "Sequence-level interpolation",
-                      "The student is trained on the hypothesis of the teacher's beam closest to the reference "
-                      "(by sentence-level BLEU) instead of the reference (Kim & Rush 2016, Sec. 3.3)."))
-    elif "seq" in m:
+                      "The student is trained on the hypothesis of the teacher's beam closest to the reference (by "
+                      "sentence-level BLEU) instead of the reference (Kim & Rush 2016, Sec. 3.3)."))
+    elif method.target == "teacher_target":
         parts.append(("sequence-level-kd", "Sequence-level knowledge distillation",
                       "The training targets are the teacher's beam-search translations of the training sources "
                       "instead of the references; the student is trained on them with ordinary cross-entropy "
                       "(Kim & Rush 2016, Sec. 3.2)."))
-    if "prun" in m or "sparsity" in hyperparameters:
+    if method.ckd:
+        parts.append(("combinatorial-kd", "Combinatorial intermediate-layer distillation (CKD)",
+                      "Each student layer also learns from a combination of teacher layers, concatenated, projected "
+                      "and compared after L2 normalisation (Wu et al. 2020)."))
+    if method.hybrid:
+        parts.append(("hybrid-kd", "Hybrid token/sentence distillation",
+                      "A gate mixes word-level distillation with training on the teacher's output sequences "
+                      "(Wei et al. 2024)."))
+    if method.sparsity is not None:
         parts.append(("pruning", "Magnitude pruning",
                       "After distillation the smallest-magnitude weights were removed and the student retrained "
                       "with them held at zero (See, Luong & Manning 2016; Kim & Rush 2016, Sec. 5.3)."))
-    if "shrink" in m or "sft" in m.split("+"):
-        parts.append(("shrink-and-fine-tune", "Shrink and fine-tune",
-                      "The student was initialised with a subset of the teacher's layers (Shleifer & Rush 2020)."))
     return parts
 
 
@@ -101,86 +98,38 @@ def _fmt_value(value: Any) -> str:
     return str(value)
 
 
-def _human(n: Any) -> str:
-    if not isinstance(n, (int, float)) or isinstance(n, bool):
-        return str(n)
-    for bound, suffix in ((1e9, "B"), (1e6, "M"), (1e3, "K")):
-        if abs(n) >= bound:
-            return f"{n / bound:.1f}{suffix}"
-    return f"{n:g}" if isinstance(n, float) else str(n)
-
-
-def _fmt_cell(key: str, value: Any) -> str:
-    if value is None or value == "":
-        return "–"
-    if key in ("params", "nonzero_params"):
-        return _human(value)
-    if not isinstance(value, (int, float)) or isinstance(value, bool):
-        return str(value).replace("|", "\\|")
-    if key in ("bleu_greedy", "bleu_beam", "chrf"):
-        return f"{value:.2f}"
-    if key == "sentences_per_second":
-        return f"{value:.1f}"
-    if key == "speedup":
-        return f"{value:.2f}×"
-    return f"{value:.4g}" if isinstance(value, float) else str(value)
-
-
-def _normalise_results(results, teacher_name: str, model_name: str) -> tuple[list[dict], int | None, int | None]:
-    """Rows with canonical keys, the student's row index and the teacher's row index."""
-    if results is None:
-        rows = []
-    elif isinstance(results, Mapping):
-        if results and all(isinstance(v, Mapping) for v in results.values()):
-            rows = [{"model": name, **dict(values)} for name, values in results.items()]
-        else:
-            rows = [{"model": model_name, "role": "student", **dict(results)}]
-    else:
-        rows = [dict(r) for r in results]
-    rows = [{_canonical(k): v for k, v in row.items()} for row in rows]
-
-    def role(row):
-        return str(row.get("role", "")).lower()
-
-    teacher = next((i for i, r in enumerate(rows) if role(r) == "teacher"), None)
+def _roles(results: Sequence[EvaluationResult], teacher_name: str, model_name: str) -> tuple[int | None, int | None]:
+    """The student's and the teacher's index among ``results`` (``role`` first, then the names)."""
+    teacher = next((i for i, r in enumerate(results) if r.role == "teacher"), None)
     if teacher is None:
-        teacher = next((i for i, r in enumerate(rows) if r.get("model") == teacher_name), None)
-    student = next((i for i, r in enumerate(rows) if role(r) == "student"), None)
+        teacher = next((i for i, r in enumerate(results) if r.model == teacher_name), None)
+    student = next((i for i, r in enumerate(results) if r.role == "student"), None)
     if student is None:
-        student = next((i for i, r in enumerate(rows) if r.get("model") == model_name), None)
+        student = next((i for i, r in enumerate(results) if r.model == model_name), None)
     if student is None:
-        student = next((i for i in range(len(rows) - 1, -1, -1) if i != teacher), None)
-    # speed-up against the teacher when not given
-    if teacher is not None and all(r.get("speedup") is None for r in rows):
-        base = rows[teacher].get("sentences_per_second")
-        if isinstance(base, (int, float)) and base > 0:
-            for r in rows:
-                if isinstance(r.get("sentences_per_second"), (int, float)):
-                    r["speedup"] = r["sentences_per_second"] / base
-    return rows, student, teacher
+        student = next((i for i in range(len(results) - 1, -1, -1) if i != teacher), None)
+    return student, teacher
 
 
-def _results_table(rows: list[dict]) -> str:
-    keys = [key for key, _, _ in _COLUMNS if any(r.get(key) is not None for r in rows)]
-    extra = []
-    for r in rows:
-        for k in r:
-            if k not in _HEADERS and k not in ("role",) and k not in extra:
-                extra.append(k)
-    keys += extra
-    lines = ["| " + " | ".join(_HEADERS.get(k, str(k)) for k in keys) + " |",
-             "|" + "|".join("---" if k == "model" else "---:" for k in keys) + "|"]
-    for r in rows:
-        lines.append("| " + " | ".join(_fmt_cell(k, r.get(k)) for k in keys) + " |")
-    return "\n".join(lines)
+def _usage_strings(usage: Mapping[str, Any]) -> dict[str, str]:
+    """The keyword arguments the card's code examples need for the languages and the prefix."""
+    src, tgt, bos = usage.get("src_lang"), usage.get("tgt_lang"), usage.get("forced_bos_token")
+    return {
+        "source_prefix": usage.get("source_prefix") or "",
+        "tokenizer_kwargs": f', src_lang="{src}"' if src else "",
+        "generate_kwargs": f', forced_bos_token_id=tokenizer.convert_tokens_to_ids("{bos}")' if bos else "",
+        "pipeline_kwargs": (f', src_lang="{src}"' if src else "") + (f', tgt_lang="{tgt}"' if tgt else ""),
+        "ctranslate2_kwargs": f', target_prefix=[["{bos}"]]' if bos else "",
+        "ctranslate2_dir": usage.get("ctranslate2_dir") or "",
+    }
 
 
 def make_model_card(
     *,
     teacher_name: str,
-    method: str,
+    method: DistillationMethod,
     hyperparameters: Mapping[str, Any],
-    results: Mapping[str, Any] | Sequence[Mapping[str, Any]] | None,
+    results: Sequence[EvaluationResult] | None,
     source_lang: str,
     target_lang: str,
     datasets: str | Sequence[str] | None = None,
@@ -190,133 +139,75 @@ def make_model_card(
     eval_dataset: str | None = None,
     eval_split: str = "test",
     hub_model_id: str | None = None,
+    usage: Mapping[str, Any] | None = None,
 ) -> str:
     """The text of a ``README.md`` model card for a distilled student.
 
-    The YAML front matter has ``language: [source_lang, target_lang]``, ``license`` (when given), ``tags``
-    (``translation``, ``knowledge-distillation``, ``hf_seqkd`` and one per method component), ``base_model``
-    (the teacher, when it is a Hub id rather than a local path), ``datasets``, ``pipeline_tag: translation``
-    and a ``model-index`` with the student's BLEU (``type: bleu``) and chrF (``type: chrf``) results. The body
-    describes the model and method, lists the hyper-parameters, tabulates the results against the teacher and
-    shows how to use the model.
+    The YAML front matter has ``language``, ``license`` (when given), ``tags`` (``translation``,
+    ``knowledge-distillation``, ``hf_seqkd`` and one per method component), ``base_model`` (the teacher, when it is a
+    Hub id), ``datasets``, ``pipeline_tag: translation`` and a ``model-index`` with the student's BLEU and chrF. The
+    body describes the method, lists the hyper-parameters, tabulates the results against the teacher (with the
+    sacrebleu signatures) and shows how to call the model.
 
     Args:
-        teacher_name: the teacher's Hub id or path (e.g. ``"Helsinki-NLP/opus-mt-de-en"``).
-        method: the distillation method, e.g. ``"seq-kd"``, ``"word-kd"``, ``"seq-inter"``, ``"word+seq-kd"``,
-            ``"seq-kd+pruning"`` (components are recognised by the words word/seq/inter/prun/shrink).
-        hyperparameters: name -> value (beam size of the teacher, learning rate, steps, sparsity, ...).
-        results: the evaluation, either a list of rows (dicts with ``model`` and any of ``params``,
-            ``nonzero_params``, ``bleu_greedy``, ``bleu_beam``, ``chrf``, ``sentences_per_second``,
-            ``speedup``, optionally ``role`` = ``"teacher"``/``"student"``; other keys become extra columns),
-            a mapping ``model name -> metrics``, or a flat metrics mapping for the student alone. The teacher's
-            row is the one with ``role="teacher"`` or ``model == teacher_name``; the student's the one with
-            ``role="student"`` or ``model == model_name``, else the last other row. The speed-up against the
-            teacher is computed from ``sentences_per_second`` when not given.
-        source_lang: source language code (e.g. ``"de"``).
-        target_lang: target language code.
-        datasets: training data set id(s) for the front matter.
-        license: licence id (e.g. ``"apache-2.0"``, ``"cc-by-4.0"``); left out when ``None``.
+        teacher_name: the teacher's Hub id or path.
+        method: the run's :class:`~hf_seqkd.config.DistillationMethod` (``args.method``).
+        hyperparameters: name -> value.
+        results: the evaluation; the teacher's result is the one with ``role="teacher"`` or ``model ==
+            teacher_name``, the student's the one with ``role="student"`` or ``model == model_name``, else the last
+            other one. Speed-ups over the teacher are filled in when missing.
+        source_lang, target_lang: the language pair (front matter, title).
+        datasets: training data set id(s); license: a licence id, left out when ``None``.
         model_name: the student's name (default ``<teacher>-<method>-student``).
-        extra_text: Markdown appended to the body (limitations, training details, ...).
-        eval_dataset: the data set the results are on (default: the first of ``datasets``, else ``"custom"``).
-        eval_split: its split.
-        hub_model_id: the id used in the usage example (default ``model_name``).
-
-    Returns:
-        The card text (front matter + Markdown body).
+        extra_text: Markdown added before the citation.
+        eval_dataset, eval_split: what the results are on (default: the first of ``datasets``, else ``"custom"``).
+        hub_model_id: the id used in the usage examples (default ``model_name``).
+        usage: how the student is called: ``source_prefix``, ``src_lang`` / ``tgt_lang`` (tokenizer language codes),
+            ``forced_bos_token`` (the target-language token ``generate`` must force), ``ctranslate2_dir`` (an
+            exported CTranslate2 folder in the repository).
     """
-    from huggingface_hub import EvalResult, ModelCard, ModelCardData
 
     hyperparameters = dict(hyperparameters or {})
     teacher_short = teacher_name.rstrip("/").split("/")[-1]
-    model_name = model_name or f"{teacher_short}-{_slug(method) or 'distilled'}-student"
+    model_name = model_name or f"{teacher_short}-{_slug(method.name) or 'distilled'}-student"
     hub_model_id = hub_model_id or model_name
-    if isinstance(datasets, str):
-        datasets = [datasets]
-    datasets = list(datasets) if datasets else None
+    datasets = [datasets] if isinstance(datasets, str) else (list(datasets) if datasets else None)
     eval_dataset = eval_dataset or (datasets[0] if datasets else "custom")
+    parts = method_components(method)
+    tags = list(dict.fromkeys(["translation", "knowledge-distillation", "hf_seqkd", _slug(method.name)]
+                              + [p[0] for p in parts]))
 
-    parts = _method_parts(method, hyperparameters)
-    tags = ["translation", "knowledge-distillation", "hf_seqkd"]
-    for tag in [_slug(method)] + [p[0] for p in parts]:
-        if tag and tag not in tags:
-            tags.append(tag)
-
-    rows, student, teacher = _normalise_results(results, teacher_name, model_name)
+    results = [r for r in (results or [])]
+    student, teacher = _roles(results, teacher_name, model_name)
+    if teacher is not None and all(r.speedup is None for r in results):
+        add_speedup(results, reference=teacher)
     eval_results = []
     if student is not None:
-        row = rows[student]
-        for key, metric_type, metric_name in (("bleu_greedy", "bleu", "BLEU (greedy)"),
-                                              ("bleu_beam", "bleu", "BLEU (beam search)"),
-                                              ("chrf", "chrf", "chrF")):
-            value = row.get(key)
-            if isinstance(value, (int, float)) and not isinstance(value, bool):
+        row = results[student]
+        for value, metric_type, metric_name in ((row.bleu_greedy, "bleu", "BLEU (greedy)"),
+                                                (row.bleu_beam, "bleu", "BLEU (beam search)"),
+                                                (row.chrf, "chrf", "chrF")):
+            if value is not None:
                 eval_results.append(EvalResult(
                     task_type="translation", task_name=f"Translation {source_lang}-{target_lang}",
                     dataset_type=eval_dataset, dataset_name=eval_dataset, dataset_split=eval_split,
                     metric_type=metric_type, metric_name=metric_name, metric_value=round(float(value), 4)))
-
-    data = ModelCardData(
-        language=[source_lang, target_lang],
-        license=license,
-        tags=tags,
-        base_model=teacher_name if _looks_like_hub_id(teacher_name) else None,
-        datasets=datasets,
-        model_name=model_name,
-        eval_results=eval_results or None,
-        pipeline_tag="translation",
-        library_name="transformers",
-    )
-
+    data = ModelCardData(language=[source_lang, target_lang], license=license, tags=tags,
+                         base_model=teacher_name if _looks_like_hub_id(teacher_name) else None, datasets=datasets,
+                         model_name=model_name, eval_results=eval_results or None, pipeline_tag="translation",
+                         library_name="transformers")
+    extra_columns = list(dict.fromkeys(k for r in results for k in r.extra))
     teacher_ref = (f"[{teacher_name}](https://huggingface.co/{teacher_name})" if _looks_like_hub_id(teacher_name)
                    else f"`{teacher_name}`")
-    body = [f"# {model_name}", ""]
-    body.append(f"A {source_lang}→{target_lang} translation model distilled from the teacher {teacher_ref} with "
-                "hf_seqkd, an implementation of *Sequence-Level Knowledge Distillation* "
-                "(Kim & Rush, EMNLP 2016) for Hugging Face Transformers.")
-    body += ["", "## Method", "", f"Method: `{method}`.", ""]
-    for _, title, text in parts:
-        body.append(f"- **{title}.** {text}")
-    if parts:
-        body.append("")
-    if hyperparameters:
-        body += ["### Hyper-parameters", "", "| Hyper-parameter | Value |", "|---|---|"]
-        body += [f"| {k} | {_fmt_value(v)} |" for k, v in hyperparameters.items()]
-        body.append("")
-    if rows:
-        body += ["## Results", "",
-                 f"Scores on {eval_dataset} ({eval_split}); speed in sentences per second, speed-up relative to the "
-                 "teacher.",
-                 "", _results_table(rows), ""]
-    body += [
-        "## How to use", "",
-        "```python",
-        "from transformers import AutoModelForSeq2SeqLM, AutoTokenizer",
-        "",
-        f'tokenizer = AutoTokenizer.from_pretrained("{hub_model_id}")',
-        f'model = AutoModelForSeq2SeqLM.from_pretrained("{hub_model_id}")',
-        'batch = tokenizer(["A sentence to translate."], return_tensors="pt", padding=True)',
-        "print(tokenizer.batch_decode(model.generate(**batch, num_beams=5), skip_special_tokens=True))",
-        "```", "",
-        "With Transformers 4.x the translation pipeline works too:", "",
-        "```python",
-        "from transformers import pipeline",
-        "",
-        f'translator = pipeline("translation", model="{hub_model_id}")',
-        'print(translator("A sentence to translate.")[0]["translation_text"])',
-        "```", "",
-        "Transformers 5 removed the `translation` pipeline task; hf_seqkd provides a drop-in replacement:", "",
-        "```python",
-        "from hf_seqkd.hub import translation_pipeline",
-        "",
-        f'translator = translation_pipeline("{hub_model_id}")',
-        'print(translator("A sentence to translate.")[0]["translation_text"])',
-        "```", "",
-    ]
-    if extra_text:
-        body += [extra_text.strip(), ""]
-    body += ["## Citation", "", "```bibtex", _KIM_RUSH_BIBTEX, "```", ""]
-    text = "---\n" + data.to_yaml() + "\n---\n\n" + "\n".join(body)
+    card = ModelCard.from_template(
+        data, template_path=str(TEMPLATE), model_name=model_name, source_lang=source_lang, target_lang=target_lang,
+        teacher_ref=teacher_ref, method_name=method.name, components=[(t, d) for _, t, d in parts],
+        hyperparameters=[(k, _fmt_value(v)) for k, v in hyperparameters.items() if v is not None],
+        results_table=markdown_table(results, _CARD_COLUMNS + extra_columns, human=True) if results else "",
+        signatures=signature_line(results), eval_dataset=eval_dataset, eval_split=eval_split,
+        hub_model_id=hub_model_id, example="A sentence to translate.", extra_text=extra_text.strip(),
+        bibtex=_KIM_RUSH_BIBTEX, **_usage_strings(usage or {}))
+    text = str(card)
     ModelCard(text)  # parses the front matter: fails early on malformed metadata
     return text
 
@@ -337,7 +228,6 @@ def save_student(model, tokenizer, out_dir: str | os.PathLike, card_text: str | 
     Returns:
         ``out_dir`` as a ``Path``.
     """
-    from .pruning import apply_pruning_masks, pruning_masks
 
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
@@ -392,8 +282,6 @@ def push_student(
         FileNotFoundError: ``out_dir`` is not a saved model folder.
         huggingface_hub.errors.OfflineModeIsEnabled: ``HF_HUB_OFFLINE`` is set (raised before any request).
     """
-    from huggingface_hub import HfApi
-    from huggingface_hub.errors import OfflineModeIsEnabled
 
     folder = Path(out_dir)
     if not (folder / "config.json").is_file():
@@ -472,7 +360,6 @@ def translation_pipeline(model, tokenizer=None, device=None, **kwargs) -> Transl
         **kwargs: pipeline arguments (``batch_size``) and generation defaults (``num_beams``,
             ``max_new_tokens``, ...).
     """
-    from transformers import AutoModelForSeq2SeqLM, AutoTokenizer
 
     if isinstance(model, (str, os.PathLike)):
         if tokenizer is None:

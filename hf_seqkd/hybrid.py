@@ -20,14 +20,11 @@ Gates (:func:`make_hybrid_gate`): ``"scalar"`` (one learned ``g``), ``"input"`` 
 from the student's mean-pooled encoder output) or a fixed number. A learned gate is ``lo + (hi - lo) *
 sigmoid(z)``. Since ``dL/dg = L_token - L_sentence`` (per sentence for the input gate), a gate trained on the loss
 it weights moves towards whichever term is currently smaller; the bounds ``(lo, hi)`` and a separate (small)
-learning rate limit how far; see ``docs/hybrid_gate.md`` for what that looks like in practice.
+learning rate limit how far (measurements: ``docs/hybrid_gate.md``).
 
-How the trainer combines it (documented in :class:`hf_seqkd.DistillationTrainingArguments`): the hybrid term
-takes the place of the word-level KD term and is weighted by ``alpha``,
-
-    L = (1 - alpha - beta) * CE(gold) + alpha * L_hybrid + beta * L_ckd,
-
-so ``alpha=1`` (and ``beta=0``) is exactly the paper's objective; ``alpha < 1`` keeps some gold cross-entropy.
+In the trainer the hybrid term replaces the word-level term, weighted by ``alpha``:
+``L = (1 - alpha - w) * CE(gold) + alpha * L_hybrid + w * L_ckd`` (``w = intermediate_loss_weight``; ``alpha=1``,
+``w=0``: the paper's).
 """
 
 from __future__ import annotations
@@ -38,7 +35,7 @@ from typing import Callable, Sequence
 import torch
 from torch import nn
 
-from .evaluation import cap_max_new_tokens
+from .generation import cap_max_new_tokens
 
 __all__ = [
     "DEFAULT_GATE_LR_FACTOR",

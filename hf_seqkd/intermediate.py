@@ -17,7 +17,7 @@ too. The student and teacher widths may differ (``W_i`` takes care of it).
 
 In the trainer the full objective is (Wu et al. 2020's overall loss)
 
-    L = (1 - alpha - beta) * CE + alpha * T^2 * KD + beta * L_ckd,     beta = ``intermediate_loss_weight``.
+    L = (1 - alpha - w) * CE + alpha * T^2 * KD + w * L_ckd,     w = ``intermediate_loss_weight`` (the paper's beta).
 
 There each term is a sum over tokens divided by the token count of the whole accumulated (and, with
 ``average_tokens_across_devices``, all-process) batch, so gradient accumulation is exact: the encoder CKD sum by

@@ -10,7 +10,7 @@ T (Hinton et al. 2015, Sec. 2) and the loss is multiplied by T^2 so its gradient
 
 Other divergences, as compared by Wen et al. 2023 (f-DISTILL) and Agarwal et al. 2024 (GKD):
     reverse_kl  KL(p_s || p_t)
-    jsd         beta * KL(p_t || m) + (1 - beta) * KL(p_s || m),   m = beta * p_t + (1 - beta) * p_s
+    jsd         b * KL(p_t || m) + (1 - b) * KL(p_s || m),   m = b * p_t + (1 - b) * p_s   (b = jsd_beta)
     tvd         0.5 * sum_k |p_t - p_s|
 
 Memory. The divergence is computed over chunks of ``chunk_size`` non-padding positions, in float32, and when
@@ -42,7 +42,7 @@ def _expected_log_ratio(log_p: torch.Tensor, log_q: torch.Tensor) -> torch.Tenso
 
 
 def token_divergence(student_log_probs: torch.Tensor, teacher_log_probs: torch.Tensor, divergence: str = "forward_kl",
-                     beta: float = 0.5) -> torch.Tensor:
+                     jsd_beta: float = 0.5) -> torch.Tensor:
     """Divergence between teacher and student at each position: ``(..., V)`` log-probabilities -> ``(...)``.
 
     Entries of probability exactly zero contribute nothing (``0 * log 0 = 0``), with finite gradients, in any
@@ -57,9 +57,9 @@ def token_divergence(student_log_probs: torch.Tensor, teacher_log_probs: torch.T
         # where both are -inf the mixture is too; any finite stand-in keeps logsumexp's gradient finite there, and
         # both terms are masked at those entries anyway
         both = torch.isneginf(t) & torch.isneginf(s)
-        log_m = torch.logsumexp(torch.stack([t.masked_fill(both, 0.0) + math.log(beta),
-                                             s.masked_fill(both, 0.0) + math.log(1 - beta)]), dim=0)
-        return beta * _expected_log_ratio(t, log_m) + (1 - beta) * _expected_log_ratio(s, log_m)
+        log_m = torch.logsumexp(torch.stack([t.masked_fill(both, 0.0) + math.log(jsd_beta),
+                                             s.masked_fill(both, 0.0) + math.log(1 - jsd_beta)]), dim=0)
+        return jsd_beta * _expected_log_ratio(t, log_m) + (1 - jsd_beta) * _expected_log_ratio(s, log_m)
     if divergence == "tvd":
         return 0.5 * (t.exp() - s.exp()).abs().sum(-1)
     raise ValueError(f"unknown divergence {divergence!r}; choose one of {DIVERGENCES}")
@@ -82,13 +82,13 @@ def token_cross_entropy(logits: torch.Tensor, labels: torch.Tensor, label_smooth
     return ((1 - label_smoothing) * nll + label_smoothing * smooth).masked_fill(~valid, 0.0)
 
 
-def _check(student_logits, teacher_logits, labels, divergence, temperature, beta, vocab_size):
+def _check(student_logits, teacher_logits, labels, divergence, temperature, jsd_beta, vocab_size):
     if divergence not in DIVERGENCES:
         raise ValueError(f"unknown divergence {divergence!r}; choose one of {DIVERGENCES}")
     if temperature <= 0:
         raise ValueError(f"temperature must be > 0, got {temperature}")
-    if divergence == "jsd" and not 0 < beta < 1:
-        raise ValueError(f"jsd needs 0 < beta < 1, got {beta} (beta=0 or 1 makes it identically zero; "
+    if divergence == "jsd" and not 0 < jsd_beta < 1:
+        raise ValueError(f"jsd needs 0 < jsd_beta < 1, got {jsd_beta} (jsd_beta=0 or 1 makes it identically zero; "
                          "use forward_kl / reverse_kl instead)")
     if student_logits.shape[:-1] != teacher_logits.shape[:-1] or student_logits.shape[:-1] != labels.shape:
         raise ValueError(f"shape mismatch: student logits {tuple(student_logits.shape)}, teacher logits "
@@ -118,7 +118,7 @@ class _ChunkedLoss(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, student_logits, teacher_logits, labels, positions, divergence, temperature, beta, vocab_size,
+    def forward(ctx, student_logits, teacher_logits, labels, positions, divergence, temperature, jsd_beta, vocab_size,
                 chunk_size, overwrite_teacher_logits, kd_weight, ce_weight, label_smoothing):
         shape = student_logits.shape
         flat_s = student_logits.reshape(-1, shape[-1])
@@ -142,7 +142,7 @@ class _ChunkedLoss(torch.autograd.Function):
             if kd_weight:
                 t_logp = F.log_softmax(t if temperature == 1 else t / temperature, dim=-1)
                 s_logp = F.log_softmax(s if temperature == 1 else s / temperature, dim=-1)
-                kd = token_divergence(s_logp, t_logp, divergence, beta) * temperature**2
+                kd = token_divergence(s_logp, t_logp, divergence, jsd_beta) * temperature**2
             ce = torch.zeros_like(kd)
             if ce_weight:
                 ce = token_cross_entropy(s, chunk_labels, label_smoothing=label_smoothing)
@@ -202,7 +202,7 @@ def distillation_loss(
     *,
     divergence: str = "forward_kl",
     temperature: float = 1.0,
-    beta: float = 0.5,
+    jsd_beta: float = 0.5,
     ignore_index: int = -100,
     reduction: str = "mean",
     vocab_size: int | None = None,
@@ -216,9 +216,9 @@ def distillation_loss(
         teacher_logits: ``(batch, length, V_t)``, computed on the same decoder inputs; never receives gradients.
         labels: ``(batch, length)``; positions equal to ``ignore_index`` carry no loss.
         divergence: ``"forward_kl"`` (KL(p_t||p_s), the gradient of Kim & Rush's -sum q log p), ``"reverse_kl"``,
-            ``"jsd"`` (generalised, with ``beta``) or ``"tvd"``.
+            ``"jsd"`` (generalised, with ``jsd_beta``) or ``"tvd"``.
         temperature: both distributions are ``softmax(logits / T)``; the loss is multiplied by ``T**2``.
-        beta: the JSD mixture weight of the teacher, ``0 < beta < 1``.
+        jsd_beta: the JSD mixture weight of the teacher, ``0 < jsd_beta < 1``.
         ignore_index: the label value of padding positions.
         reduction: ``"mean"`` over non-ignored positions, ``"sum"`` (e.g. to divide by the Trainer's
             ``num_items_in_batch`` for exact gradient accumulation), or ``"none"`` (``(batch, length)``, zero at
@@ -229,14 +229,14 @@ def distillation_loss(
         overwrite_teacher_logits: let the loss store its gradient in ``teacher_logits``' memory (same shape and
             dtype only); the caller must not use ``teacher_logits`` afterwards.
     """
-    vocab_size = _check(student_logits, teacher_logits, labels, divergence, temperature, beta, vocab_size)
+    vocab_size = _check(student_logits, teacher_logits, labels, divergence, temperature, jsd_beta, vocab_size)
     if reduction not in ("mean", "sum", "none"):
         raise ValueError(f"unknown reduction {reduction!r}; use 'mean', 'sum' or 'none'")
     mask = labels.ne(ignore_index)
     positions = mask.reshape(-1).nonzero().squeeze(-1)
     per_token, _, _ = _ChunkedLoss.apply(
         student_logits, teacher_logits.detach(), labels.clamp(min=0), positions, divergence, float(temperature),
-        float(beta), int(vocab_size), int(chunk_size or _default_chunk_size(vocab_size)), overwrite_teacher_logits,
+        float(jsd_beta), int(vocab_size), int(chunk_size or _default_chunk_size(vocab_size)), overwrite_teacher_logits,
         1.0, 0.0, 0.0)
     return _reduce(per_token, mask, reduction)
 
@@ -251,7 +251,7 @@ def fused_ce_and_distillation_loss(
     label_smoothing: float = 0.0,
     divergence: str = "forward_kl",
     temperature: float = 1.0,
-    beta: float = 0.5,
+    jsd_beta: float = 0.5,
     ignore_index: int = -100,
     reduction: str = "mean",
     vocab_size: int | None = None,
@@ -267,16 +267,17 @@ def fused_ce_and_distillation_loss(
     terms are detached values for logging, reduced the same way. Arguments as in :func:`distillation_loss`;
     ``ce_weight``/``kd_weight`` are fixed numbers.
     """
-    vocab_size = _check(student_logits, teacher_logits, labels, divergence, temperature, beta, vocab_size)
+    vocab_size = _check(student_logits, teacher_logits, labels, divergence, temperature, jsd_beta, vocab_size)
     if reduction not in ("mean", "sum", "none"):
         raise ValueError(f"unknown reduction {reduction!r}; use 'mean', 'sum' or 'none'")
     mask = labels.ne(ignore_index)
     positions = mask.reshape(-1).nonzero().squeeze(-1)
     combined, kd, ce = _ChunkedLoss.apply(
         student_logits, teacher_logits.detach(), labels.clamp(min=0), positions, divergence, float(temperature),
-        float(beta), int(vocab_size), int(chunk_size or _default_chunk_size(vocab_size)), overwrite_teacher_logits,
+        float(jsd_beta), int(vocab_size), int(chunk_size or _default_chunk_size(vocab_size)), overwrite_teacher_logits,
         float(kd_weight), float(ce_weight), float(label_smoothing))
-    return _reduce(combined, mask, reduction), _reduce(ce.detach(), mask, reduction), _reduce(kd.detach(), mask, reduction)
+    return (_reduce(combined, mask, reduction), _reduce(ce.detach(), mask, reduction),
+            _reduce(kd.detach(), mask, reduction))
 
 
 def sequence_cross_entropy(logits: torch.Tensor, labels: torch.Tensor, *, label_smoothing: float = 0.0,

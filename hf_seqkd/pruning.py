@@ -31,28 +31,10 @@ Weight classes (:func:`weight_class`, from parameter names of Marian, BART/mBART
 Layer norms and biases (every parameter of fewer than two dimensions) are never pruned, nor are parameters
 with ``requires_grad=False`` (Marian's sinusoidal position table).
 
-How the masks are kept (design choice)
---------------------------------------
-``torch.nn.utils.prune`` renames ``weight`` to ``weight_orig`` + ``weight_mask`` (state-dict names change, so
-``save_pretrained`` / Trainer checkpoints no longer load into a plain model) and its forward pre-hook
-recomputes the weight from a tied tensor in three modules at once; ``torch.nn.utils.parametrize`` breaks
-Transformers' ``tie_weights`` and saving. Here instead the weights stay plain ``nn.Parameter`` tensors with the
-pruned entries *set to zero in place*, and the boolean keep-masks (name -> mask) live on the model
-(``model.hf_seqkd_pruning_masks``). Three mechanisms keep the zeros fixed during retraining:
-
-1. a gradient hook on every pruned parameter zeroes the gradient at pruned positions, so the optimizer never
-   sees one: Adam/AdamW moments stay zero there and SGD, Adam(W) and weight decay leave the zero at zero
-   (tested with AdamW steps in a plain loop);
-2. a forward pre-hook on the model re-applies the masks before every forward pass *in training mode* (this
-   catches optimizers that move weights without a gradient, e.g. an optimizer carrying momentum from before
-   pruning, or weights loaded over the pruned ones); it costs nothing at inference;
-3. :class:`PruningCallback` (a ``TrainerCallback``) re-applies the masks at the start of training and after
-   every optimizer step (``on_step_end``, before checkpoints are written), so Trainer checkpoints hold exact
-   zeros whatever the optimizer. Pass it to ``DistillationTrainer``/``Seq2SeqTrainer(callbacks=[...])``.
-
-Because the weights are ordinary tensors with zeros in them, ``save_pretrained`` works at any time, also while
-masks are active: the folder holds plain weights and loads with ``AutoModelForSeq2SeqLM.from_pretrained``.
-:func:`fold_pruning` (alias :func:`remove_pruning`) zeroes once more, removes the hooks and forgets the masks.
+Masks: the pruned weights are set to zero in place and stay plain tensors (checkpoints and ``save_pretrained`` load
+as plain models); the keep-masks live on the model (``model.hf_seqkd_pruning_masks``) and are held by a gradient hook,
+a training-mode forward pre-hook and :class:`PruningCallback`; :func:`fold_pruning` forgets them. Why this rather
+than ``torch.nn.utils.prune``: ``docs/pruning.md``.
 """
 
 from __future__ import annotations
@@ -76,6 +58,8 @@ __all__ = [
     "PruningCallback",
     "WEIGHT_CLASSES",
     "DEFAULT_PRUNED_CLASSES",
+    "sparsity_name",
+    "pruned_sparsity",
 ]
 
 WEIGHT_CLASSES = ("embeddings", "attention", "feed_forward", "output", "other", "positions")
@@ -275,13 +259,13 @@ def prune_model(
         total = sum(s.numel() for s in scores.values())
         masks = _keep_masks(scores, int(round(sparsity * total)))
     elif scope == "class_uniform":
-        for cls, params in by_class.items():
+        for params in by_class.values():
             scores = {n: p.abs() for n, p in params.items()}
             total = sum(s.numel() for s in scores.values())
             masks.update(_keep_masks(scores, int(round(sparsity * total))))
     else:  # class_distribution: rank |w| / std(class) globally (See et al. 2016)
         scores = {}
-        for cls, params in by_class.items():
+        for params in by_class.values():
             std = torch.cat([p.reshape(-1).float() for p in params.values()]).std().item()
             std = std if std > 0 else 1.0
             scores.update({n: p.abs().float() / std for n, p in params.items()})
@@ -341,7 +325,7 @@ def sparsity_report(model: nn.Module, *, classifier: Callable[[str], str] | None
     total = count_parameters(model)
     nonzero = count_parameters(model, nonzero=True)
     classes: dict[str, dict] = {}
-    for name, (cls, param) in _prunable(model, classifier).items():
+    for cls, param in _prunable(model, classifier).values():
         entry = classes.setdefault(cls, {"total": 0, "nonzero": 0, "tensors": 0})
         entry["total"] += param.numel()
         entry["nonzero"] += int(torch.count_nonzero(param).item())
@@ -407,3 +391,17 @@ class PruningCallback(_TrainerCallback):
             apply_pruning_masks(model, self._masks_for(model))
 
     on_train_end = on_step_end
+
+
+def sparsity_name(sparsity: float) -> str:
+    """The output sub-folder of a sparsity: 0.8 -> ``sparsity-80``, 0.05 -> ``sparsity-05``, 0.875 ->
+    ``sparsity-87.5``."""
+    percent = round(sparsity * 100, 2)
+    return f"sparsity-{percent:g}" if percent % 1 else f"sparsity-{int(percent):02d}"
+
+
+def pruned_sparsity(report: dict, include=None) -> float:
+    """Measured sparsity of the weight classes that were pruned (from ``sparsity_report``)."""
+    classes = [c for c in (include or DEFAULT_PRUNED_CLASSES) if c in report["classes"]]
+    total = sum(report["classes"][c]["total"] for c in classes)
+    return 1.0 - sum(report["classes"][c]["nonzero"] for c in classes) / total if total else 0.0

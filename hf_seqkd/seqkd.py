@@ -1,36 +1,17 @@
-"""Sequence-level knowledge distillation data: the teacher translates the training set with beam search.
+"""Sequence-level knowledge distillation data (Kim & Rush 2016): the teacher translates the training set.
 
-Kim & Rush (2016), "Sequence-Level Knowledge Distillation":
+* Sec. 3.2 (Seq-KD): the teacher's beam search over every training source; the student trains on the 1-best.
+  :func:`build_seqkd_dataset` adds ``teacher_target`` and ``teacher_score`` (its length-normalised log-probability).
+* Sec. 3.3 (Seq-Inter): the K-best list (``teacher_nbest``, ``teacher_nbest_scores``) and the candidate closest to
+  the reference by smoothed sentence BLEU (``seq_inter_target``, :func:`select_seq_inter`).
 
-* Sec. 3.2 (Seq-KD): run the teacher's beam search over every training source and train the student on the
-  1-best output instead of (or next to) the reference. :func:`build_seqkd_dataset` adds the columns
-  ``teacher_target`` (the 1-best text) and ``teacher_score`` (its length-normalised log-probability).
-* Sec. 3.3 (Seq-Inter): keep the K-best list and train on the candidate closest to the reference (smoothed
-  sentence BLEU in the paper). ``num_return_sequences=K`` adds ``teacher_nbest``/``teacher_nbest_scores``;
-  ``seq_inter=True`` adds ``seq_inter_target``, chosen by :func:`select_seq_inter`.
-
-How :func:`build_seqkd_dataset` does the work
----------------------------------------------
-1. The rows are cut into shards of ``shard_size`` consecutive rows (original order). Shard ``i`` belongs to
-   process ``i % num_processes`` (torchrun / accelerate), so processes never share work.
-2. Inside a shard the sources are tokenized once, sorted by token length (longest first) and cut into
-   pre-formed batches of at most ``batch_size`` sentences and ``max_tokens_per_batch`` tokens (padded source
-   tokens x ``num_beams``). Similar lengths mean little padding and, because beam search runs until the
-   longest output of a batch is done, few wasted decoder steps.
-3. The generation itself is a ``datasets.Dataset.map(batched=True, batch_size=1)`` over a small dataset
-   whose rows *are* those batches (columns ``_rows``/``_sources``/``_targets``); each call runs one
-   ``teacher.generate`` and returns one output row per sentence (a batched map may return more rows than it
-   was given). The shard's rows are then put back in their original order.
-4. With ``cache_dir`` every finished shard is written to ``cache_dir/<fingerprint>/`` (tmp file, then
-   ``os.replace``: a shard file is complete or absent), so a killed run resumes from its finished shards.
-   After all processes are done (``wait_for_everyone``) each process assembles the same result from the
-   shards and the main process writes ``result.parquet``; a rerun with the same inputs just loads that.
-   The fingerprint (sha256) covers every byte of the teacher's weights, its config and generation config,
-   the tokenizer, the source texts (and target texts for Seq-Inter) and every setting that changes the
-   output. Batching settings (``batch_size``, ``max_tokens_per_batch``, ``sort_by_length``, ``shard_size``)
-   are performance knobs and not part of it: with attention masks a sentence's beam search does not depend
-   on its batch neighbours (up to float rounding, see the tests). Shard files are named by their row range,
-   so resuming with a different ``shard_size`` regenerates the shards (the old files are ignored).
+How the work is done: rows are cut into shards of ``shard_size`` (shard ``i`` belongs to process ``i % N``); inside a
+shard, sources are length-sorted into batches (``generation_batch_size`` sentences, ``max_tokens_per_batch``
+tokens), translated by a ``datasets.Dataset.map`` whose rows are those batches, and put back in order. With
+``cache_dir`` each finished shard is written atomically under a sha256 fingerprint of everything that changes the
+output (the teacher's weights and configs, the tokenizer's files and settings, the texts, the generation settings),
+so a killed run resumes and a rerun loads the result. Batching settings are not part of the fingerprint: with
+attention masks and right padding a sentence's translation does not depend on its neighbours.
 """
 
 from __future__ import annotations
@@ -40,27 +21,29 @@ import copy
 import hashlib
 import json
 import os
+import tempfile
 from dataclasses import dataclass
 from typing import Any, Sequence
 
+import datasets
+import pyarrow as pa
+import pyarrow.parquet as pq
 import torch
-from transformers import DynamicCache, EncoderDecoderCache
+from accelerate import PartialState
+from datasets import Dataset, concatenate_datasets
+from datasets.table import InMemoryTable
+from sacrebleu.metrics import BLEU, CHRF
+from tqdm.auto import tqdm
 
-from .evaluation import cap_max_new_tokens, max_source_positions
+from .export import CTranslate2Translator
+from .generation import SEQKD_LENGTH_PENALTY, GenerationSettings, generate_kbest, max_source_positions
 
 __all__ = [
     "build_seqkd_dataset",
     "select_seq_inter",
     "make_length_batches",
     "model_fingerprint",
-    "SEQKD_LENGTH_PENALTY",
 ]
-
-# Beam search ranks and scores hypotheses by sum(log p) / length ** length_penalty (HF generate, where the
-# length counts the generated tokens including </s>). With 1.0 the score is the per-token mean log-probability,
-# the "length-normalised" score reported as ``teacher_score``; it is passed explicitly so a teacher's own
-# generation_config (e.g. length_penalty=0.6) cannot silently change what the score means.
-SEQKD_LENGTH_PENALTY = 1.0
 
 _CACHE_FORMAT_VERSION = 2
 _RESULT_FILE = "result.parquet"
@@ -78,7 +61,6 @@ def _sentence_similarity(candidate: str, reference: str, metric: str, tokenize: 
         return 0.0  # an empty candidate shares nothing with the reference (and sacrebleu need not see it)
     key = (metric, tokenize if metric == "bleu" else None)
     if key not in _METRICS:
-        from sacrebleu.metrics import BLEU, CHRF
 
         # Exactly what sacrebleu.sentence_bleu(c, [r], smooth_method="exp", tokenize=...) / sentence_chrf(c, [r])
         # build on every call; made once here because Seq-Inter scores K candidates for every training sentence.
@@ -186,7 +168,6 @@ def _tokenizer_fingerprint(tokenizer) -> str:
     ``save_pretrained`` writes (vocabularies, SentencePiece models, merges, configuration; minus the keys that only
     record how it was loaded), and the settings that live on the object (languages set after loading, padding and
     truncation sides, the post-processor of a fast tokenizer as it is now)."""
-    import tempfile
 
     h = hashlib.sha256()
     with tempfile.TemporaryDirectory() as folder:
@@ -294,153 +275,87 @@ def make_length_batches(
 # Generation
 
 
-class _SelfAttentionReorderingCache(EncoderDecoderCache):
-    """An encoder-decoder cache whose beam-search reordering leaves the cross-attention part alone (see
-    :func:`_beam_search_cache`)."""
+@dataclass(frozen=True)
+class _CorpusJob:
+    """What one corpus build asks of the teacher (everything that changes its output is in here)."""
 
-    def reorder_cache(self, beam_idx):
-        self.self_attention_cache.reorder_cache(beam_idx)
-
-
-@dataclass
-class _GenerationSettings:
-    num_beams: int
-    num_return_sequences: int
-    max_new_tokens: int
+    generation: GenerationSettings
     max_source_length: int | None
     seq_inter: bool
     seq_inter_metric: str
-    bleu_tokenize: str = "13a"
+    bleu_tokenize: str
 
-
-def _beam_search_cache(model):
-    """A fresh KV cache for one beam-search ``generate`` call of an encoder-decoder model, or ``None``.
-
-    After every step, beam search reorders the whole cache along the rows (``beam_idx``). The cross-attention keys
-    and values are the same for every beam of a sentence (computed from its encoder output, which ``generate``
-    copies ``num_beams`` times), and the reordering never moves a row to another sentence, so reordering them is an
-    expensive identity: this cache reorders the self-attention part only. The result is bit for bit the same; the
-    time saved was about 3% of beam search for a 3-layer Marian teacher on a CPU (``bench/RESULTS.md``).
-    """
-    if not getattr(model.config, "is_encoder_decoder", False):
-        return None
-    return _SelfAttentionReorderingCache(DynamicCache(config=model.config), DynamicCache(config=model.config))
+    def fingerprint_settings(self, dtype, source_prefix: str) -> dict:
+        """The settings the cache key covers; the batching knobs are left out (they do not change the output)."""
+        settings = {"num_beams": self.generation.num_beams,
+                    "num_return_sequences": self.generation.num_return_sequences,
+                    "max_new_tokens": self.generation.max_new_tokens, "max_source_length": self.max_source_length,
+                    "seq_inter": self.seq_inter, "length_penalty": SEQKD_LENGTH_PENALTY, "do_sample": False,
+                    "dtype": str(dtype), "source_prefix": source_prefix}
+        if self.seq_inter:
+            settings["seq_inter_metric"] = self.seq_inter_metric
+            if self.seq_inter_metric == "bleu":
+                settings["bleu_tokenize"] = self.bleu_tokenize
+        return settings
 
 
 def _is_ctranslate2(teacher) -> bool:
-    from .export import CTranslate2Translator
 
     return isinstance(teacher, CTranslate2Translator)
 
 
-def _translate_ctranslate2(translator, tokenizer, texts: list[str], cfg: _GenerationSettings):
-    """One ``translate_batch`` call of a CTranslate2 teacher, with the same outputs as :func:`_translate`.
-
-    The scores are CTranslate2's with ``length_penalty=1.0``: the summed log-probabilities divided by the number of
-    generated tokens including ``</s>``, the same definition as Transformers' ``sequences_scores`` (measured: equal
-    to 1e-5 for a converted Marian in float32).
-    """
-    ids = tokenizer(texts, truncation=cfg.max_source_length is not None, max_length=cfg.max_source_length)["input_ids"]
-    results = translator.translator.translate_batch(
-        [tokenizer.convert_ids_to_tokens(x) for x in ids], max_batch_size=len(texts), beam_size=cfg.num_beams,
-        num_hypotheses=cfg.num_return_sequences, max_decoding_length=cfg.max_new_tokens,
-        length_penalty=SEQKD_LENGTH_PENALTY, return_scores=True,
-        max_input_length=0)
-    nbest = [tokenizer.batch_decode([tokenizer.convert_tokens_to_ids(h) for h in r.hypotheses],
-                                    skip_special_tokens=True) for r in results]
-    return nbest, [[float(x) for x in r.scores] for r in results]
-
-
-@torch.inference_mode()
-def _translate(model, tokenizer, texts: list[str], cfg: _GenerationSettings):
-    """One ``generate`` call: per text, its K-best translations and their length-normalised log-probs."""
+def _kbest(model, tokenizer, texts: list[str], job: _CorpusJob):
+    """Per text, the teacher's K-best translations and their length-normalised log-probabilities."""
     if _is_ctranslate2(model):
-        return _translate_ctranslate2(model, tokenizer, texts, cfg)
-    enc = tokenizer(texts, return_tensors="pt", padding=True, padding_side="right",
-                    truncation=cfg.max_source_length is not None, max_length=cfg.max_source_length)
-    cache = _beam_search_cache(model) if cfg.num_beams > 1 else None
-    out = model.generate(
-        input_ids=enc["input_ids"].to(model.device),
-        attention_mask=enc["attention_mask"].to(model.device),
-        **({"past_key_values": cache} if cache is not None else {}),
-        num_beams=cfg.num_beams,
-        num_return_sequences=cfg.num_return_sequences,
-        max_new_tokens=cap_max_new_tokens(model, cfg.max_new_tokens),  # a runaway output is cut, never a crash
-        do_sample=False,
-        length_penalty=SEQKD_LENGTH_PENALTY,
-        use_cache=True,
-        output_scores=True,  # beam search returns sequences_scores only together with the step scores
-        return_dict_in_generate=True,
-    )
-    decoded = tokenizer.batch_decode(out.sequences, skip_special_tokens=True)
-    if cfg.num_beams > 1:
-        # sum of the generated tokens' log-probs / (number of generated tokens incl. </s>) ** 1.0
-        scores = out.sequences_scores.float().tolist()
-    else:
-        scores = _greedy_scores(model, out)
-    k = cfg.num_return_sequences
-    return ([decoded[i * k:(i + 1) * k] for i in range(len(texts))],
-            [scores[i * k:(i + 1) * k] for i in range(len(texts))])
+        return model.translate_kbest(texts, job.generation, max_source_length=job.max_source_length)
+    return generate_kbest(model, tokenizer, texts, job.generation, max_source_length=job.max_source_length)
 
 
-def _greedy_scores(model, out) -> list[float]:
-    """Mean log-probability of the generated tokens up to and including the first </s> (greedy search)."""
-    token_logprobs = model.compute_transition_scores(out.sequences, out.scores, normalize_logits=True)
-    generated = out.sequences[:, -token_logprobs.shape[1]:]
-    eos = model.generation_config.eos_token_id
-    eos = eos if eos is not None else model.config.eos_token_id
-    eos = torch.tensor(eos if isinstance(eos, (list, tuple)) else [eos], device=generated.device)
-    is_eos = torch.isin(generated, eos).int()
-    keep = (is_eos.cumsum(dim=1) - is_eos) == 0  # positions before or at the first </s>
-    total = torch.where(keep, token_logprobs.float(), torch.zeros_like(token_logprobs, dtype=torch.float)).sum(1)
-    return (total / keep.sum(dim=1).clamp(min=1)).tolist()
-
-
-def _generate_batches(batch, *, model, tokenizer, cfg: _GenerationSettings, progress) -> dict[str, list]:
+def _generate_batches(batch, *, model, tokenizer, job: _CorpusJob, progress) -> dict[str, list]:
     """``Dataset.map`` function: each input row is one pre-formed batch, each output row one sentence."""
-    out: dict[str, list] = {name: [] for name in _output_columns(cfg, with_row=True)}
-    targets = batch["_targets"] if cfg.seq_inter else [None] * len(batch["_rows"])
+    out: dict[str, list] = {name: [] for name in _output_columns(job, with_row=True)}
+    targets = batch["_targets"] if job.seq_inter else [None] * len(batch["_rows"])
     for rows, texts, refs in zip(batch["_rows"], batch["_sources"], targets):
-        nbest, nbest_scores = _translate(model, tokenizer, texts, cfg)
+        nbest, nbest_scores = _kbest(model, tokenizer, texts, job)
         out["_row"].extend(rows)
         out["teacher_target"].extend(c[0] for c in nbest)
         out["teacher_score"].extend(s[0] for s in nbest_scores)
-        if cfg.num_return_sequences > 1:
+        if job.generation.num_return_sequences > 1:
             out["teacher_nbest"].extend(nbest)
             out["teacher_nbest_scores"].extend(nbest_scores)
-        if cfg.seq_inter:
-            out["seq_inter_target"].extend(select_seq_inter(c, r, cfg.seq_inter_metric, s, tokenize=cfg.bleu_tokenize)
+        if job.seq_inter:
+            out["seq_inter_target"].extend(select_seq_inter(c, r, job.seq_inter_metric, s, tokenize=job.bleu_tokenize)
                                            for c, s, r in zip(nbest, nbest_scores, refs))
         progress.update(len(rows))
     return out
 
 
-def _output_columns(cfg: _GenerationSettings, with_row: bool = False) -> list[str]:
+def _output_columns(job: _CorpusJob, with_row: bool = False) -> list[str]:
     names = (["_row"] if with_row else []) + ["teacher_target", "teacher_score"]
-    if cfg.num_return_sequences > 1:
+    if job.generation.num_return_sequences > 1:
         names += ["teacher_nbest", "teacher_nbest_scores"]
-    if cfg.seq_inter:
+    if job.seq_inter:
         names += ["seq_inter_target"]
     return names
 
 
-def _generate_shard(model, tokenizer, sources, targets, first_row: int, cfg: _GenerationSettings, *,
-                    batch_size: int, max_tokens_per_batch: int | None, sort_by_length: bool, progress):
+def _generate_shard(model, tokenizer, sources, targets, first_row: int, job: _CorpusJob, *, sort_by_length: bool,
+                    progress):
     """Translate one shard; returns a pyarrow table with ``_row`` and the output columns, in row order."""
-    from datasets import Dataset
 
-    lengths = [len(ids) for ids in tokenizer(sources, truncation=cfg.max_source_length is not None,
-                                             max_length=cfg.max_source_length)["input_ids"]]
-    batches = make_length_batches(lengths, batch_size=batch_size, max_tokens_per_batch=max_tokens_per_batch,
-                                  num_beams=cfg.num_beams, sort_by_length=sort_by_length)
+    lengths = [len(ids) for ids in tokenizer(sources, truncation=job.max_source_length is not None,
+                                             max_length=job.max_source_length)["input_ids"]]
+    batches = make_length_batches(lengths, batch_size=job.generation.generation_batch_size,
+                                  max_tokens_per_batch=job.generation.max_tokens_per_batch,
+                                  num_beams=job.generation.num_beams, sort_by_length=sort_by_length)
     columns = {"_rows": [[first_row + i for i in b] for b in batches],
                "_sources": [[sources[i] for i in b] for b in batches]}
-    if cfg.seq_inter:
+    if job.seq_inter:
         columns["_targets"] = [[targets[i] for i in b] for b in batches]
     batch_table = Dataset.from_dict(columns)
     done = batch_table.map(
         _generate_batches,
-        fn_kwargs=dict(model=model, tokenizer=tokenizer, cfg=cfg, progress=progress),
+        fn_kwargs=dict(model=model, tokenizer=tokenizer, job=job, progress=progress),
         batched=True,
         batch_size=1,  # one pre-formed (length-sorted, token-budgeted) batch per call
         remove_columns=batch_table.column_names,
@@ -502,13 +417,11 @@ class _ShardStore:
     def load(self, start: int, end: int):
         if self.directory is None:
             return self.memory[(start, end)]
-        import pyarrow.parquet as pq
 
         return pq.read_table(self._path(start, end))
 
 
 def _write_parquet_atomic(table, path: str) -> None:
-    import pyarrow.parquet as pq
 
     tmp = f"{path}.tmp-{os.getpid()}"
     pq.write_table(table, tmp)
@@ -554,33 +467,26 @@ def _max_source_length(tokenizer, teacher) -> int | None:
     return max_source_positions(teacher if not _is_ctranslate2(teacher) else None, tokenizer)
 
 
-def _check_arguments(dataset, *, num_beams, num_return_sequences, max_new_tokens, batch_size,
-                     max_tokens_per_batch, shard_size, seq_inter, seq_inter_metric, source_column, target_column):
-    from datasets import Dataset
+def _check_arguments(dataset, generation, *, shard_size, seq_inter, seq_inter_metric, source_column, target_column):
 
     if not isinstance(dataset, Dataset):
         hint = " (pick a split, e.g. dataset['train'])" if hasattr(dataset, "keys") else ""
         raise TypeError(f"build_seqkd_dataset needs a datasets.Dataset, got {type(dataset).__name__}{hint}")
+    if not isinstance(generation, GenerationSettings):
+        raise TypeError(f"build_seqkd_dataset: generation must be a GenerationSettings, got "
+                        f"{type(generation).__name__} (e.g. GenerationSettings(num_beams=5, num_return_sequences=5))")
     if source_column not in dataset.column_names:
         raise ValueError(f"build_seqkd_dataset: source column {source_column!r} not in the dataset; "
                          f"available columns: {dataset.column_names}")
     if len(dataset) == 0:
         raise ValueError("build_seqkd_dataset: the dataset is empty; there is nothing for the teacher to translate")
-    for name, value in (("num_beams", num_beams), ("max_new_tokens", max_new_tokens),
-                        ("batch_size", batch_size), ("shard_size", shard_size)):
-        if not isinstance(value, int) or value < 1:
-            raise ValueError(f"build_seqkd_dataset: {name} must be a positive integer, got {value!r}")
-    if not isinstance(num_return_sequences, int) or not 1 <= num_return_sequences <= num_beams:
-        raise ValueError(f"build_seqkd_dataset: num_return_sequences must be between 1 and num_beams={num_beams}, "
-                         f"got {num_return_sequences!r} (beam search returns at most num_beams hypotheses)")
-    if max_tokens_per_batch is not None and (not isinstance(max_tokens_per_batch, int) or max_tokens_per_batch < 1):
-        raise ValueError(f"build_seqkd_dataset: max_tokens_per_batch must be a positive integer or None, "
-                         f"got {max_tokens_per_batch!r}")
+    if not isinstance(shard_size, int) or shard_size < 1:
+        raise ValueError(f"build_seqkd_dataset: shard_size must be a positive integer, got {shard_size!r}")
     if seq_inter:
-        if num_return_sequences < 2:
+        if generation.num_return_sequences < 2:
             raise ValueError("build_seqkd_dataset: seq_inter=True chooses among the teacher's K-best list "
                              "(Kim & Rush 2016, Sec. 3.3) and needs num_return_sequences > 1 "
-                             f"(got {num_return_sequences})")
+                             f"(got {generation.num_return_sequences})")
         if target_column not in dataset.column_names:
             raise ValueError(f"build_seqkd_dataset: seq_inter=True compares the K-best list with the reference, "
                              f"but the target column {target_column!r} is not in the dataset; available columns: "
@@ -601,7 +507,6 @@ def _texts(dataset, column: str, prefix: str = "") -> list[str]:
 
 @contextlib.contextmanager
 def _datasets_progress_bars_off():
-    import datasets
 
     was_enabled = datasets.is_progress_bar_enabled()
     datasets.disable_progress_bars()  # the per-batch map bars would only hide our sentences/s bar
@@ -616,19 +521,15 @@ def build_seqkd_dataset(
     dataset,
     teacher,
     tokenizer,
+    generation: GenerationSettings | None = None,
     *,
-    num_beams: int = 5,
-    num_return_sequences: int = 1,
-    max_new_tokens: int = 128,
-    batch_size: int = 32,
-    max_tokens_per_batch: int | None = None,
-    sort_by_length: bool = True,
     seq_inter: bool = False,
     seq_inter_metric: str = "bleu",
     bleu_tokenize: str = "13a",
+    source_prefix: str = "",
     source_column: str = "source",
     target_column: str = "target",
-    source_prefix: str = "",
+    sort_by_length: bool = True,
     cache_dir: str | os.PathLike | None = None,
     shard_size: int = 1000,
     dtype: torch.dtype | str | None = None,
@@ -637,58 +538,50 @@ def build_seqkd_dataset(
     show_progress: bool = True,
     teacher_fingerprint: str | None = None,
 ):
-    """Sequence-level KD data: the dataset with the teacher's beam-search translations of its sources.
-
-    Kim & Rush (2016), Sec. 3.2: the student is trained on the teacher's 1-best beam output; Sec. 3.3
-    (Seq-Inter): on the K-best candidate closest to the reference. See the module docstring for how the work
-    is sharded, batched (``Dataset.map`` over pre-formed length-sorted batches), cached and split over processes.
+    """Sequence-level KD data: the dataset with the teacher's beam-search translations of its sources (Kim & Rush
+    2016, Sec. 3.2; Sec. 3.3 with ``seq_inter``). The module docstring says how the work is batched, cached, resumed
+    and split over processes.
 
     Added columns (existing columns of the same names are replaced):
 
     * ``teacher_target``: the 1-best translation (``tokenizer.batch_decode(..., skip_special_tokens=True)``);
-    * ``teacher_score``: its length-normalised log-probability, i.e. the mean log-probability per generated
-      token including ``</s>`` (beam search: HF's ``sequences_scores`` with ``length_penalty=1.0``, set
-      explicitly; greedy: the same mean from ``compute_transition_scores``, i.e. of the log-softmax of the
-      processed logits);
+    * ``teacher_score``: its length-normalised log-probability, the mean processed log-probability per generated
+      token including ``</s>`` (what beam search ranks by with ``length_penalty=1.0``, set explicitly; for greedy
+      search the mean of ``compute_transition_scores(normalize_logits=True)``), computed without keeping every
+      step's full scores (:class:`hf_seqkd.generation.ScoreRecorder`);
     * with ``num_return_sequences=K > 1``: ``teacher_nbest`` (K texts, best first) and ``teacher_nbest_scores``;
     * with ``seq_inter=True``: ``seq_inter_target`` = :func:`select_seq_inter` of the K-best and the reference.
 
     Args:
         dataset: a ``datasets.Dataset`` with a text column of sources.
-        teacher: an encoder-decoder ``PreTrainedModel`` (a DDP/accelerate wrapper is unwrapped). It is used in
-            eval mode under ``torch.inference_mode()``; a device move is undone afterwards and a dtype change
-            happens on a copy, so the caller's model is left as it was. Or a
-            :class:`hf_seqkd.export.CTranslate2Translator` (the teacher converted with
-            :func:`hf_seqkd.export.to_ctranslate2`): CTranslate2's beam search, several times faster on a CPU
-            (``bench/generation.py``); the scores have the same definition, ``dtype``/``device`` do not apply.
-        tokenizer: the teacher's tokenizer (pads on the right; used to encode sources and decode outputs).
-        num_beams: beam size (1 = greedy search).
-        num_return_sequences: K, the size of the returned K-best list (``1 <= K <= num_beams``).
-        max_new_tokens: the longest translation, in tokens.
-        batch_size: the most sentences per ``generate`` call.
-        max_tokens_per_batch: token budget per ``generate`` call, counted as sentences x longest source in the
-            batch (tokens) x ``num_beams``; ``None`` for no budget (``batch_size`` only). A longer sentence than
-            the budget allows gets a batch of its own. Mind the memory: to return ``sequences_scores`` HF keeps
-            every step's (sentences x beams x vocabulary) log-probabilities until the call ends.
-        sort_by_length: form batches from length-sorted sources (longest first) within each shard; the result
-            is always in the original order.
+        teacher: an encoder-decoder ``PreTrainedModel`` (a DDP/accelerate wrapper is unwrapped), used in eval mode
+            under ``torch.inference_mode()``; a device move is undone afterwards and a dtype change happens on a
+            copy. Or a :class:`hf_seqkd.export.CTranslate2Translator` (the teacher converted with
+            :func:`hf_seqkd.export.to_ctranslate2`): CTranslate2's beam search, several times faster on a CPU; its
+            scores have the same definition and agree with Transformers' to about 5e-3 (``bench/RESULTS.md``);
+            ``dtype``/``device`` do not apply.
+        tokenizer: the teacher's tokenizer (used to encode sources, right-padded, and decode outputs).
+        generation: :class:`~hf_seqkd.generation.GenerationSettings` (beam size, K, length limit, batch sizes);
+            default ``GenerationSettings()`` (beam 5, 1-best, 128 tokens, 64 sentences per call).
         seq_inter: add ``seq_inter_target`` (needs ``num_return_sequences > 1`` and ``target_column``).
         seq_inter_metric: ``"bleu"`` (smoothed sentence BLEU, as in the paper) or ``"chrf"``.
         bleu_tokenize: sacrebleu's tokenizer for Seq-Inter's sentence BLEU (``"zh"`` for Chinese targets; see
             :func:`hf_seqkd.evaluation.resolve_bleu_tokenize`).
+        source_prefix: text put before every source (e.g. ``"translate German to English: "`` for T5).
         source_column: the column with the source texts.
         target_column: the column with the references (used by ``seq_inter`` only).
-        source_prefix: text put before every source (e.g. ``"translate German to English: "`` for T5).
-        cache_dir: where finished shards and the final result are kept (under ``cache_dir/<sha256>/``), for
-            reuse and resumption; ``None`` keeps nothing (single process only).
+        sort_by_length: form batches from length-sorted sources (longest first) within each shard; the result is
+            always in the original order.
+        cache_dir: where finished shards and the final result are kept (under ``cache_dir/<sha256>/``), for reuse
+            and resumption; ``None`` keeps nothing (single process only).
         shard_size: rows per shard, the unit of saving, resuming and splitting over processes.
-        dtype: the teacher's dtype during generation (``torch.dtype`` or a name); default: bf16 (fp16 where
-            bf16 is unsupported) on CUDA, the teacher's own dtype elsewhere.
+        dtype: the teacher's dtype during generation (``torch.dtype`` or a name); default: bf16 (fp16 where bf16
+            is unsupported) on CUDA, the teacher's own dtype elsewhere.
         device: where to generate; default: the accelerate state's device (the process's GPU, else the CPU).
-        accelerator: an ``accelerate.Accelerator`` (or ``PartialState``) giving the process layout; default:
-            ``accelerate.PartialState()`` (``cpu=True`` on machines without an accelerator), which picks up
-            torchrun / ``accelerate launch``.
-        show_progress: show a tqdm bar (sentences, sentences/s) on each node's main process.
+        accelerator: an ``accelerate.Accelerator`` (or ``PartialState``) giving the process layout; default
+            ``accelerate.PartialState()`` (``cpu=True`` without an accelerator), which picks up torchrun /
+            ``accelerate launch``.
+        show_progress: a tqdm bar (sentences, sentences/s) on each node's main process.
         teacher_fingerprint: a string identifying the teacher for the cache instead of hashing all its weights
             (e.g. a checkpoint id with revision); you are responsible for it changing when the weights do.
 
@@ -696,91 +589,95 @@ def build_seqkd_dataset(
         A ``datasets.Dataset``: every input row once, in the original order, with the added columns.
 
     Raises:
-        TypeError: ``dataset`` is not a ``datasets.Dataset``.
+        TypeError: ``dataset`` is not a ``datasets.Dataset``, ``generation`` not a ``GenerationSettings``.
         ValueError: a missing source/target column, an empty dataset, invalid sizes, ``seq_inter`` without a
             K-best list or a reference column, several processes without a shared ``cache_dir``.
     """
-    from accelerate import PartialState
-    from datasets import Dataset, concatenate_datasets
-    from datasets.table import InMemoryTable
-    from tqdm.auto import tqdm
 
-    _check_arguments(dataset, num_beams=num_beams, num_return_sequences=num_return_sequences,
-                     max_new_tokens=max_new_tokens, batch_size=batch_size, max_tokens_per_batch=max_tokens_per_batch,
-                     shard_size=shard_size, seq_inter=seq_inter, seq_inter_metric=seq_inter_metric,
-                     source_column=source_column, target_column=target_column)
-    # PartialState picks up torchrun / `accelerate launch`; on a machine without an accelerator it needs
-    # cpu=True to see a multi-process (gloo) launch at all. An already initialised state is reused as it is.
+    generation = generation if generation is not None else GenerationSettings()
+    _check_arguments(dataset, generation, shard_size=shard_size, seq_inter=seq_inter,
+                     seq_inter_metric=seq_inter_metric, source_column=source_column, target_column=target_column)
+    # PartialState picks up torchrun / `accelerate launch`; on a machine without an accelerator it needs cpu=True to
+    # see a multi-process (gloo) launch at all. An already initialised state is reused as it is.
     state = accelerator if accelerator is not None else PartialState(cpu=not _has_accelerator())
-    num_processes, rank = state.num_processes, state.process_index
-    if num_processes > 1 and cache_dir is None:
-        raise ValueError(f"build_seqkd_dataset runs on {num_processes} processes: pass a cache_dir on a file "
+    if state.num_processes > 1 and cache_dir is None:
+        raise ValueError(f"build_seqkd_dataset runs on {state.num_processes} processes: pass a cache_dir on a file "
                          f"system all of them share; the processes exchange their shards through it")
-    if not hasattr(teacher, "generate") and hasattr(teacher, "module"):
+    if not hasattr(teacher, "generate") and not _is_ctranslate2(teacher) and hasattr(teacher, "module"):
         teacher = teacher.module  # DistributedDataParallel / accelerate wrapper
     device = torch.device(device) if device is not None else torch.device(state.device)
     dtype = _resolve_dtype(dtype, device, teacher)
-
     sources = _texts(dataset, source_column, source_prefix)
     targets = _texts(dataset, target_column) if seq_inter else None
-    cfg = _GenerationSettings(num_beams=num_beams, num_return_sequences=num_return_sequences,
-                              max_new_tokens=max_new_tokens, max_source_length=_max_source_length(tokenizer, teacher),
-                              seq_inter=seq_inter, seq_inter_metric=seq_inter_metric, bleu_tokenize=bleu_tokenize)
-    new_columns = _output_columns(cfg)
-
-    def attach(table):
-        generated = Dataset(InMemoryTable(table.select(new_columns)))
-        kept = dataset.remove_columns([c for c in new_columns if c in dataset.column_names])
-        return concatenate_datasets([kept, generated], axis=1)
+    job = _CorpusJob(generation=generation, max_source_length=_max_source_length(tokenizer, teacher),
+                     seq_inter=seq_inter, seq_inter_metric=seq_inter_metric, bleu_tokenize=bleu_tokenize)
 
     with _datasets_progress_bars_off():
-        store = _ShardStore(None)
+        store, result_path = _ShardStore(None), None
         if cache_dir is not None:
-            settings = dict(vars(cfg), length_penalty=SEQKD_LENGTH_PENALTY, do_sample=False, dtype=str(dtype),
-                            source_prefix=source_prefix)
-            if not seq_inter:
-                settings.pop("seq_inter_metric")
-            if not seq_inter or seq_inter_metric != "bleu":
-                settings.pop("bleu_tokenize")
+            settings = job.fingerprint_settings(dtype, source_prefix)
             fingerprint = _fingerprint(teacher, tokenizer, sources, targets, settings, teacher_fingerprint)
             directory = os.path.join(os.fspath(cache_dir), fingerprint)
             result_path = os.path.join(directory, _RESULT_FILE)
             if os.path.exists(result_path):  # a finished run with the same inputs: nothing to generate
-                import pyarrow.parquet as pq
 
-                return attach(pq.read_table(result_path))
+                return _attach(dataset, pq.read_table(result_path), job)
             os.makedirs(directory, exist_ok=True)
             if state.is_main_process:
                 _write_text_atomic(json.dumps(dict(settings, num_rows=len(sources)), indent=2, default=str),
                                    os.path.join(directory, "settings.json"))
             store = _ShardStore(directory)
-
-        # Shard i covers rows [i * shard_size, (i + 1) * shard_size) and belongs to process i % num_processes.
-        shards = [(start, min(start + shard_size, len(sources))) for start in range(0, len(sources), shard_size)]
-        todo = [(s, e) for i, (s, e) in enumerate(shards) if i % num_processes == rank and not store.has(s, e)]
-        if todo:
-            progress = tqdm(total=sum(e - s for s, e in todo), unit="sent", dynamic_ncols=True,
-                            desc=f"teacher beam search (process {rank + 1}/{num_processes})" if num_processes > 1
-                            else "teacher beam search",
-                            disable=not (show_progress and state.is_local_main_process))
-            with _teacher_for_generation(teacher, device, dtype) as model:
-                for start, end in todo:
-                    table = _generate_shard(model, tokenizer, sources[start:end],
-                                            targets[start:end] if seq_inter else None, start, cfg,
-                                            batch_size=batch_size, max_tokens_per_batch=max_tokens_per_batch,
-                                            sort_by_length=sort_by_length, progress=progress)
-                    store.save(start, end, table)
-            progress.close()
-        state.wait_for_everyone()  # every shard is on disk now
-
-        import pyarrow as pa
-
-        tables = [store.load(s, e) for s, e in shards]
-        result = pa.concat_tables([t.cast(tables[0].schema) for t in tables])
-        rows = result.column("_row").to_pylist()
-        if rows != list(range(len(sources))):
-            raise RuntimeError(f"build_seqkd_dataset: the shards do not cover rows 0..{len(sources) - 1} exactly "
-                               f"once; the cache under {cache_dir} may be corrupt")
-        if cache_dir is not None and state.is_main_process:
+        _generate_missing_shards(teacher, tokenizer, sources, targets, job, store, state, shard_size=shard_size,
+                                 device=device, dtype=dtype, sort_by_length=sort_by_length,
+                                 show_progress=show_progress)
+        result = _assemble(store, len(sources), shard_size, cache_dir)
+        if result_path is not None and state.is_main_process:
             _write_parquet_atomic(result, result_path)
-        return attach(result)
+        return _attach(dataset, result, job)
+
+
+def _shards(num_rows: int, shard_size: int) -> list[tuple[int, int]]:
+    """Shard ``i`` covers rows ``[i * shard_size, (i + 1) * shard_size)``."""
+    return [(start, min(start + shard_size, num_rows)) for start in range(0, num_rows, shard_size)]
+
+
+def _generate_missing_shards(teacher, tokenizer, sources, targets, job, store, state, *, shard_size, device, dtype,
+                             sort_by_length, show_progress) -> None:
+    """Translate this process's shards (shard ``i`` belongs to process ``i % N``) that are not stored yet, then
+    wait for every process."""
+
+    rank, num_processes = state.process_index, state.num_processes
+    todo = [(s, e) for i, (s, e) in enumerate(_shards(len(sources), shard_size))
+            if i % num_processes == rank and not store.has(s, e)]
+    if todo:
+        progress = tqdm(total=sum(e - s for s, e in todo), unit="sent", dynamic_ncols=True,
+                        desc=f"teacher beam search (process {rank + 1}/{num_processes})" if num_processes > 1
+                        else "teacher beam search", disable=not (show_progress and state.is_local_main_process))
+        with _teacher_for_generation(teacher, device, dtype) as model:
+            for start, end in todo:
+                table = _generate_shard(model, tokenizer, sources[start:end],
+                                        targets[start:end] if targets is not None else None, start, job,
+                                        sort_by_length=sort_by_length, progress=progress)
+                store.save(start, end, table)
+        progress.close()
+    state.wait_for_everyone()  # every shard is on disk now
+
+
+def _assemble(store, num_rows: int, shard_size: int, cache_dir):
+    """The shards' rows in order, checked to cover every row exactly once."""
+
+    tables = [store.load(s, e) for s, e in _shards(num_rows, shard_size)]
+    result = pa.concat_tables([t.cast(tables[0].schema) for t in tables])
+    if result.column("_row").to_pylist() != list(range(num_rows)):
+        raise RuntimeError(f"build_seqkd_dataset: the shards do not cover rows 0..{num_rows - 1} exactly once; the "
+                           f"cache under {cache_dir} may be corrupt")
+    return result
+
+
+def _attach(dataset, table, job: _CorpusJob):
+    """``dataset`` with the generated columns of ``table`` (replacing columns of the same names)."""
+
+    new_columns = _output_columns(job)
+    generated = Dataset(InMemoryTable(table.select(new_columns)))
+    kept = dataset.remove_columns([c for c in new_columns if c in dataset.column_names])
+    return concatenate_datasets([kept, generated], axis=1)

@@ -17,7 +17,8 @@ import re
 from typing import Iterable, Sequence
 
 import torch
-from transformers import PreTrainedModel
+from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, processors, trainers
+from transformers import AutoModelForSeq2SeqLM, PreTrainedModel, PreTrainedTokenizerFast
 
 __all__ = [
     "layers_to_copy",
@@ -38,7 +39,8 @@ _SHLEIFER_RUSH_LAYER_MAPS = {
 # Per model family: the config attributes holding the encoder/decoder depth and the state-dict prefixes of
 # the layer stacks.
 _DEPTH_ATTRIBUTES = (("encoder_layers", "decoder_layers"), ("num_layers", "num_decoder_layers"))
-_LAYER_KEY = re.compile(r"^(?P<prefix>(?:.*\.)?(?P<side>encoder|decoder)\.(?:layers|block))\.(?P<index>\d+)\.(?P<rest>.*)$")
+_LAYER_KEY = re.compile(
+    r"^(?P<prefix>(?:.*\.)?(?P<side>encoder|decoder)\.(?:layers|block))\.(?P<index>\d+)\.(?P<rest>.*)$")
 
 
 def layers_to_copy(num_teacher_layers: int, num_student_layers: int) -> list[int]:
@@ -153,7 +155,6 @@ def make_student_from_config(
     token embeddings by sqrt(d_model): without it a from-scratch Marian's token embeddings are far weaker than
     its sinusoidal positions and it learns to ignore its source.
     """
-    from transformers import AutoModelForSeq2SeqLM
 
     config = copy.deepcopy(getattr(teacher_or_config, "config", teacher_or_config))
     enc_attr, dec_attr = _depths(config)
@@ -211,8 +212,6 @@ def train_tokenizer(
             at script boundaries. ``False`` lets merges join words and punctuation (``"▁fence."``): on Multi30k
             that spent 1,243 of 8,000 entries on such pairs.
     """
-    from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, processors, trainers
-    from transformers import PreTrainedTokenizerFast
 
     norm = [normalizers.NFKC()] + ([normalizers.Lowercase()] if lowercase else [])
     specials = ["</s>", "<unk>"]
@@ -260,8 +259,14 @@ def tiny_seq2seq_model(
     The decoder starts from ``<pad>`` (as Marian and T5 do) and ends with ``</s>``; Marian uses
     ``scale_embedding=True`` (see :func:`make_student_from_config`).
     """
-    from transformers import BartConfig, BartForConditionalGeneration, MarianConfig, MarianMTModel, T5Config
-    from transformers import T5ForConditionalGeneration
+    from transformers import (
+        BartConfig,
+        BartForConditionalGeneration,
+        MarianConfig,
+        MarianMTModel,
+        T5Config,
+        T5ForConditionalGeneration,
+    )
 
     if seed is not None:
         torch.manual_seed(seed)
@@ -272,7 +277,8 @@ def tiny_seq2seq_model(
     if family == "marian":
         config = MarianConfig(vocab_size=vocab, d_model=d_model, encoder_layers=encoder_layers,
                               decoder_layers=decoder_layers, encoder_attention_heads=attention_heads,
-                              decoder_attention_heads=attention_heads, encoder_ffn_dim=ffn_dim, decoder_ffn_dim=ffn_dim,
+                              decoder_attention_heads=attention_heads, encoder_ffn_dim=ffn_dim,
+                              decoder_ffn_dim=ffn_dim,
                               dropout=dropout, attention_dropout=0.0, activation_dropout=0.0,
                               max_position_embeddings=max_position_embeddings, scale_embedding=True,
                               share_encoder_decoder_embeddings=True, forced_eos_token_id=tokenizer.eos_token_id,

@@ -21,6 +21,8 @@ from __future__ import annotations
 
 import random
 
+from datasets import Dataset, DatasetDict
+
 __all__ = ["make_toy_corpus", "TOY_LEXICON"]
 
 _SYLLABLES_SRC = ["ka", "lo", "mi", "ren", "tu", "sa", "vo", "del", "pri", "gun", "ha", "bel", "zor", "mek", "ti"]
@@ -100,7 +102,6 @@ def make_toy_corpus(num_train: int = 4000, num_test: int = 200, seed: int = 0, a
     if not 0.0 <= alternative_order < 0.5:
         raise ValueError(f"alternative_order must be in [0, 0.5) so that the usual order stays the majority, "
                          f"got {alternative_order}")
-    from datasets import Dataset, DatasetDict
 
     rng = random.Random(seed)
     splits = {"train": num_train, "validation": num_test, "test": num_test}

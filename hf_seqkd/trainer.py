@@ -1,43 +1,40 @@
-"""``DistillationTrainer``: a ``Seq2SeqTrainer`` that adds the loss against a teacher.
+"""``DistillationTrainer``: a ``Seq2SeqTrainer`` that owns a distillation run: it prepares the data its arguments
+describe (tokenization, the Seq-KD corpus when a method needs one) and adds the loss against a teacher.
 
-The trainer owns the wiring, the losses live in :mod:`hf_seqkd.losses` (word level), :mod:`hf_seqkd.intermediate`
-(CKD) and :mod:`hf_seqkd.hybrid` (the gated token/sentence objective).
-
-The auxiliary modules (CKD's projections, the hybrid gate: ``trainer.distillation_modules``, an
-:class:`~hf_seqkd.auxiliary.AuxiliaryModules`) are part of the student while ``train()`` runs, so the training loop
-zeroes, accumulates, clips, synchronises, checkpoints and restores them as it does the student's parameters; the
-saved and exported student is the plain student.
+The losses live in :mod:`hf_seqkd.losses` (word level), :mod:`hf_seqkd.intermediate` (CKD) and
+:mod:`hf_seqkd.hybrid` (the gated token/sentence objective); the auxiliary modules (CKD projections, hybrid gate) in
+:mod:`hf_seqkd.auxiliary`, which makes them part of the student while ``train()`` runs.
 """
 
 from __future__ import annotations
 
 import os
 from collections import defaultdict
+from dataclasses import dataclass
 
 import torch
-from torch import nn
 from transformers import AutoModelForSeq2SeqLM, PreTrainedModel, Seq2SeqTrainer
 from transformers.modeling_outputs import Seq2SeqLMOutput
-from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 from transformers.utils import logging
 
-from .config import DistillationTrainingArguments
-from .evaluation import cap_max_new_tokens, max_target_positions
 from .auxiliary import AuxiliaryModules
-from .hybrid import TeacherSequenceCache, hybrid_loss, parse_hybrid_gate
+from .config import DistillationTrainingArguments
+from .data import DataError, DistillationDataCollator, decoder_inputs_from_labels, prepare_distillation_dataset
+from .evaluation import make_compute_metrics
+from .export import CTranslate2Translator
+from .generation import cap_max_new_tokens, max_target_positions
+from .hybrid import TeacherSequenceCache, hybrid_loss
 from .losses import distillation_loss, fused_ce_and_distillation_loss, sequence_cross_entropy
+from .seqkd import build_seqkd_dataset
 
 logger = logging.get_logger(__name__)
 
-__all__ = ["DistillationTrainer", "check_shared_vocabulary", "DISTILLATION_MODULES_NAME"]
+__all__ = ["DistillationTrainer", "check_shared_vocabulary"]
 
 _DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
 
 # Columns the trainer consumes itself: kept by `remove_unused_columns`, removed before the student's forward.
 EXTRA_LABEL_COLUMNS = ("teacher_labels",)
-
-# File of the auxiliary modules (CKD projections, hybrid gate) inside a checkpoint folder.
-DISTILLATION_MODULES_NAME = "distillation_modules.safetensors"
 
 
 def _vocab_rows(model: PreTrainedModel) -> int:
@@ -68,9 +65,9 @@ def check_shared_vocabulary(teacher: PreTrainedModel, student: PreTrainedModel, 
 def _check_distinct(student, teacher) -> None:
     """The teacher is frozen: it must not be the student, nor share a parameter with it."""
     if teacher is student:
-        raise ValueError("the same model was passed as model= (the student) and teacher_model=: the teacher is frozen, "
-                         "so the student would not train; pass a separate teacher (e.g. make_student(teacher, ...) "
-                         "builds a student from it)")
+        raise ValueError("the same model was passed as model= (the student) and teacher_model=: the teacher is "
+                         "frozen, so the student would not train; pass a separate teacher (e.g. "
+                         "make_student(teacher, ...) builds a student from it)")
     shared = {id(p) for p in student.parameters()} & {id(p) for p in teacher.parameters()}
     if shared:
         raise ValueError(f"the student and the teacher share {len(shared)} parameter tensor(s): freezing the teacher "
@@ -85,60 +82,156 @@ def _pad_to(tensor: torch.Tensor, length: int, value: int) -> torch.Tensor:
     return torch.nn.functional.pad(tensor, (0, length - tensor.shape[1]), value=value)
 
 
-class DistillationTrainer(Seq2SeqTrainer):
-    """A ``Seq2SeqTrainer`` whose loss adds distillation from a teacher.
+@dataclass
+class _Batch:
+    """One micro-batch, ready for the loss: the gold-prefix inputs (what the teacher sees), the student's inputs
+    (twice as many rows with the hybrid objective), and the token counts that normalise each term."""
 
-    ``loss = (1 - alpha - beta) * CE + alpha * T^2 * D(p_teacher || p_student) + beta * L_ckd``, and with
-    ``hybrid_gate`` set the word-level term becomes ``alpha * [g * L_token + (1 - g) * L_sentence]`` (see
-    [`DistillationTrainingArguments`] and the module docstring for the auxiliary modules).
+    inputs: dict
+    student_inputs: dict
+    labels: torch.Tensor
+    teacher_labels: torch.Tensor | None
+    size: int
+    gold_length: int
+    source_mask: torch.Tensor
+    local_tokens: torch.Tensor  # target tokens of this micro-batch (for logs)
+    n_target: torch.Tensor  # the counts that divide the sums: of the whole accumulated batch while training
+    n_source: torch.Tensor
+    n_teacher: torch.Tensor | None
+
+
+class DistillationTrainer(Seq2SeqTrainer):
+    """A ``Seq2SeqTrainer`` whose loss adds distillation from a teacher, and which prepares its own data.
+
+    ``loss = (1 - alpha - w) * CE + alpha * T^2 * D(p_teacher || p_student) + w * L_ckd`` (``w`` =
+    ``intermediate_loss_weight``); with ``hybrid_gate``
+    the word-level term becomes ``alpha * [g * L_token + (1 - g) * L_sentence]`` (see
+    [`DistillationTrainingArguments`]).
 
     Args:
         model: the student.
-        teacher_model: the teacher (an instance). When ``None``, ``args.teacher_model_name_or_path`` is loaded.
-            It runs in eval mode without gradients on the accelerator's device, in ``args.teacher_dtype``, sees
-            the same ``input_ids``, ``attention_mask`` and ``decoder_input_ids`` as the student and is never
-            saved in checkpoints.
+        teacher_model: the teacher (an instance). When ``None`` and the run needs one (its properties
+            ``teacher_runs_during_training`` / ``needs_seqkd_corpus``), ``args.teacher_model_name_or_path`` is
+            loaded; a teacher the run does not need is not loaded at all. It runs in eval mode without gradients
+            on the accelerator's device, in ``args.teacher_dtype``, and is never saved.
         args: [`DistillationTrainingArguments`].
-        **kwargs: everything ``Seq2SeqTrainer`` takes (datasets, ``data_collator``, ``processing_class``, ...).
+        train_dataset, eval_dataset: raw parallel data (``source``, ``target`` and, when present, the Seq-KD
+            columns ``teacher_target`` / ``seq_inter_target``) or already tokenized data (``input_ids``,
+            ``labels``, optionally ``teacher_labels``). Raw data is tokenized with ``processing_class`` as the
+            arguments describe (``kd_target``, ``gold_mix_ratio``, lengths, ``source_prefix``); the Seq-KD corpus
+            is built first when the method needs columns the data lacks.
+        processing_class: the tokenizer (needed for raw data).
+        data_collator: default :class:`~hf_seqkd.DistillationDataCollator` for the tokenizer.
+        compute_metrics: default, with ``predict_with_generate`` and raw evaluation data, BLEU/chrF against the
+            raw references (:func:`~hf_seqkd.make_compute_metrics`).
+        **kwargs: everything else ``Seq2SeqTrainer`` takes.
 
     Attributes:
-        teacher_model: the prepared teacher (``None`` when ``alpha == 0`` and nothing else needs it).
-        distillation_modules: ``nn.ModuleDict`` of the auxiliary trainable modules (may be empty).
-        teacher_sequences: the :class:`~hf_seqkd.hybrid.TeacherSequenceCache` of greedy teacher outputs
-            (hybrid objective without a ``teacher_labels`` column).
+        method: the run's :class:`~hf_seqkd.config.DistillationMethod`.
+        teacher_model: the prepared teacher (``None`` when training does not run it).
+        distillation_modules: the :class:`~hf_seqkd.auxiliary.AuxiliaryModules` (may be empty).
+        teacher_sequences: the :class:`~hf_seqkd.hybrid.TeacherSequenceCache` of greedy teacher outputs (hybrid
+            objective on tokenized data without ``teacher_labels``).
     """
 
     _tag_names = ["hf_seqkd", "knowledge-distillation"]
 
-    def __init__(self, model=None, teacher_model=None, args: DistillationTrainingArguments | None = None, **kwargs):
+    def __init__(self, model=None, teacher_model=None, args: DistillationTrainingArguments | None = None,
+                 train_dataset=None, eval_dataset=None, processing_class=None, data_collator=None,
+                 compute_metrics=None, **kwargs):
         if args is None:
             args = DistillationTrainingArguments(output_dir="tmp_trainer")
         if not isinstance(args, DistillationTrainingArguments):
             raise TypeError(f"DistillationTrainer needs DistillationTrainingArguments, got {type(args).__name__}")
-        self.uses_teacher = self._needs_teacher(args)
-        if self.uses_teacher and teacher_model is None:
-            if args.teacher_model_name_or_path is None:
-                raise ValueError("word-level / intermediate / hybrid distillation needs a teacher: pass teacher_model= "
-                                 "or set teacher_model_name_or_path (or use alpha=0 for plain training)")
-            teacher_model = AutoModelForSeq2SeqLM.from_pretrained(args.teacher_model_name_or_path)
+        self.method = args.method
+        self.uses_teacher = args.teacher_runs_during_training
+        teacher_model = self._teacher_if_needed(teacher_model, args, train_dataset)
         self.kd_vocab_size = None
         if self.uses_teacher:
             _check_distinct(model, teacher_model)
-            self.kd_vocab_size = check_shared_vocabulary(teacher_model, model, kwargs.get("processing_class"))
+            self.kd_vocab_size = check_shared_vocabulary(teacher_model, model, processing_class)
+        train_dataset = self._prepare_dataset(train_dataset, args, processing_class, teacher_model, training=True)
+        eval_dataset, references = self._prepare_eval_dataset(eval_dataset, args, processing_class)
+        if data_collator is None and processing_class is not None:
+            data_collator = DistillationDataCollator(processing_class, model=model)
+        if compute_metrics is None and args.predict_with_generate and references is not None:
+            compute_metrics = make_compute_metrics(processing_class, references,
+                                                   tokenize=args.resolved_bleu_tokenize())
         self._kd_metrics = {"train": defaultdict(list), "eval": defaultdict(list)}
         self._batch_counts = None  # token counts of the current accumulated batch (see get_batch_samples)
-        self.hybrid_gate_kind = parse_hybrid_gate(args.hybrid_gate)
         self.teacher_sequences = TeacherSequenceCache(max_new_tokens=args.generation_max_length)
         self._check_auxiliary_settings(args)
-        super().__init__(model=model, args=args, **kwargs)
+        super().__init__(model=model, args=args, train_dataset=train_dataset, eval_dataset=eval_dataset,
+                         processing_class=processing_class, data_collator=data_collator,
+                         compute_metrics=compute_metrics, **kwargs)
         self.teacher_model = self._prepare_teacher(teacher_model) if self.uses_teacher else None
         # built after Trainer.__init__ has seeded the RNGs (args.seed): the projections' initialisation is reproducible
         self.distillation_modules = self._build_distillation_modules(args, model, self.teacher_model)
 
     # ----------------------------------------------------------------------------------------------- set-up
     @staticmethod
-    def _needs_teacher(args: DistillationTrainingArguments) -> bool:
-        return args.alpha > 0 or args.intermediate_loss_weight > 0 or args.hybrid_gate is not None
+    def _needs_corpus(args, dataset) -> bool:
+        """Raw training data lacks the columns the method trains on (then the teacher builds the corpus)."""
+        if dataset is None or "input_ids" in dataset.column_names or not args.needs_seqkd_corpus:
+            return False
+        wanted = {args.kd_target, args.teacher_labels_column} - {None, "target"}
+        return not wanted <= set(dataset.column_names)
+
+    def _teacher_if_needed(self, teacher, args, train_dataset):
+        """The teacher instance, loaded from ``teacher_model_name_or_path`` only when the run needs it: during
+        training, or to build the Seq-KD corpus with Transformers (not with a CTranslate2 teacher)."""
+        needed = self.uses_teacher or (self._needs_corpus(args, train_dataset) and not args.teacher_ctranslate2_dir)
+        if teacher is not None or not needed:
+            return teacher
+        if args.teacher_model_name_or_path is None:
+            raise ValueError(f"method {args.method.name!r} needs a teacher (word-level, intermediate and hybrid "
+                             "distillation run it; a Seq-KD corpus is built with it): pass teacher_model= or set "
+                             "teacher_model_name_or_path (or use alpha=0 and kd_target='target' for plain training)")
+        return AutoModelForSeq2SeqLM.from_pretrained(args.teacher_model_name_or_path)
+
+    def _prepare_dataset(self, dataset, args, tokenizer, teacher, training: bool):
+        """Tokenized data as it is; raw data completed with the Seq-KD corpus when needed, then tokenized."""
+        if dataset is None or "input_ids" in dataset.column_names:
+            return dataset
+        if "source" not in dataset.column_names:
+            raise DataError(f"the {'training' if training else 'evaluation'} data has neither token ids "
+                            f"(input_ids) nor a 'source' text column; columns: {dataset.column_names}")
+        if tokenizer is None:
+            raise ValueError("raw source/target data needs the tokenizer: pass processing_class=tokenizer")
+        if training and self._needs_corpus(args, dataset):
+            dataset = self.build_seqkd_corpus(dataset, teacher, tokenizer, args)
+        return prepare_distillation_dataset(
+            dataset, tokenizer, target_column=args.kd_target if training else "target",
+            max_source_length=args.max_source_length, max_target_length=args.max_target_length,
+            source_prefix=args.source_prefix, gold_mix_ratio=args.gold_mix_ratio if training else 0.0,
+            teacher_labels_column=args.teacher_labels_column if training else None, seed=args.seed)
+
+    def _prepare_eval_dataset(self, dataset, args, tokenizer):
+        """The tokenized evaluation data and, for raw data, its reference texts (what validation BLEU scores
+        against)."""
+        if dataset is None or isinstance(dataset, dict):
+            return dataset, None
+        references = list(dataset["target"]) if "input_ids" not in dataset.column_names else None
+        return self._prepare_dataset(dataset, args, tokenizer, None, training=False), references
+
+    @staticmethod
+    def build_seqkd_corpus(dataset, teacher, tokenizer, args: DistillationTrainingArguments):
+        """The raw training data with the teacher's Seq-KD columns (Kim & Rush 2016, Sec. 3.2-3.3), built with
+        :func:`~hf_seqkd.build_seqkd_dataset` (cached in ``seqkd_cache_dir``, resumable, sharded over processes) by
+        the Transformers teacher or ``teacher_ctranslate2_dir``. With ``num_return_sequences`` K > 1 the Seq-Inter
+        choice is always added (cheap next to the beam search), so Seq-KD and Seq-Inter runs with the same
+        settings share one cached corpus."""
+
+        cache_dir = args.seqkd_cache_dir or os.path.join(os.path.dirname(os.path.abspath(args.output_dir)),
+                                                         "seqkd_cache")
+        if args.teacher_ctranslate2_dir:
+
+            device = "cuda" if str(args.device).startswith("cuda") else "cpu"
+            teacher = CTranslate2Translator(args.teacher_ctranslate2_dir, tokenizer, device=device)
+        return build_seqkd_dataset(
+            dataset, teacher, tokenizer, args.seqkd_generation, seq_inter=args.num_return_sequences > 1,
+            seq_inter_metric=args.seq_inter_metric, bleu_tokenize=args.resolved_bleu_tokenize(),
+            source_prefix=args.source_prefix, cache_dir=cache_dir)
 
     def _prepare_teacher(self, teacher: PreTrainedModel) -> PreTrainedModel:
         teacher.eval()
@@ -152,8 +245,8 @@ class DistillationTrainer(Seq2SeqTrainer):
         if not (self.uses_teacher and args.has_auxiliary_parameters):
             return
         if args.deepspeed:
-            raise ValueError("CKD projections / a learned hybrid gate are not supported with DeepSpeed yet; use DDP or "
-                             "FSDP")
+            raise ValueError("CKD projections / a learned hybrid gate are not supported with DeepSpeed yet; use DDP "
+                             "or FSDP")
         if args.ddp_find_unused_parameters:
             raise ValueError("ddp_find_unused_parameters=True cannot be used with CKD projections or a learned hybrid "
                              "gate: they are used after the student's forward pass, which DDP's unused-parameter "
@@ -179,9 +272,8 @@ class DistillationTrainer(Seq2SeqTrainer):
     # ---------------------------------------------------------------------------------- auxiliary modules
     def train(self, *args, **kwargs):
         """``Seq2SeqTrainer.train`` with the auxiliary modules (CKD projections, learned gate) registered as a
-        submodule of the student meanwhile (:class:`~hf_seqkd.auxiliary.AuxiliaryModules`): the loop zeroes, clips,
-        synchronises, checkpoints and restores them with the student's parameters. The student it leaves behind
-        is the plain student."""
+        submodule of the student meanwhile: the loop zeroes, clips, synchronises, checkpoints and restores them with
+        the student's parameters. The student it leaves behind is the plain student."""
         with self.distillation_modules.attached_to(self.accelerator.unwrap_model(self.model)):
             return super().train(*args, **kwargs)
 
@@ -195,7 +287,7 @@ class DistillationTrainer(Seq2SeqTrainer):
         for group in optimizer.param_groups:
             group["params"] = [p for p in group["params"] if id(p) not in gate_ids]
         present = {id(p) for group in optimizer.param_groups for p in group["params"]}
-        others = [p for n, p in self.distillation_modules.named_parameters()
+        others = [p for p in self.distillation_modules.parameters()
                   if p.requires_grad and id(p) not in present and id(p) not in gate_ids]
         if others:
             optimizer.add_param_group({"params": others, "weight_decay": self.args.weight_decay,
@@ -214,12 +306,12 @@ class DistillationTrainer(Seq2SeqTrainer):
         self._batch_counts = None
         if not self.uses_teacher or num_items_in_batch is None or not batch_samples:
             return batch_samples, num_items_in_batch
-        if self.hybrid_gate_kind is not None:
+        if self.args.uses_hybrid:
             for batch in batch_samples:
                 if "teacher_labels" not in batch:
                     batch["teacher_labels"] = self._teacher_labels(batch)
         counts = {"source": sum(self._source_mask(b).sum() for b in batch_samples)}
-        if self.hybrid_gate_kind is not None:
+        if self.args.uses_hybrid:
             counts["teacher"] = sum(b["teacher_labels"].ne(-100).sum() for b in batch_samples)
         for name, value in counts.items():
             value = value.to(device)
@@ -239,101 +331,47 @@ class DistillationTrainer(Seq2SeqTrainer):
         """The teacher's greedy output for each source of the batch as labels (-100 padded), cached."""
         return self.teacher_sequences.labels(self.teacher_model, inputs["input_ids"], inputs.get("attention_mask"))
 
-    # ------------------------------------------------------------------------------------------------ loss
-    def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
-        if not self.uses_teacher:
-            inputs = {k: v for k, v in inputs.items() if k not in EXTRA_LABEL_COLUMNS}
-            return super().compute_loss(model, inputs, return_outputs=return_outputs,
-                                        num_items_in_batch=num_items_in_batch)
-        args = self.args
+    def _distillation_batch(self, model, inputs, num_items_in_batch) -> _Batch:
+        """Split a collated batch into what the loss needs. The token counts divide the terms: those of this
+        micro-batch, or, while training, of the whole accumulated (with ``average_tokens_across_devices``,
+        all-process) batch, so gradient accumulation is exact."""
         inputs = dict(inputs)
         labels = inputs.pop("labels")
-        extras = {k: inputs.pop(k) for k in EXTRA_LABEL_COLUMNS if k in inputs}
+        teacher_labels = inputs.pop("teacher_labels", None)
         student = self.accelerator.unwrap_model(model)
         if "decoder_input_ids" not in inputs:
-            inputs["decoder_input_ids"] = student.prepare_decoder_input_ids_from_labels(labels=labels)
-        batch_size, gold_length = labels.shape
-        hybrid = self.hybrid_gate_kind is not None
-
-        # Token counts that normalise the terms: of this micro-batch, or of the whole accumulated (and, with
-        # average_tokens_across_devices, all-process) batch during training, for exact gradient accumulation.
-        num_tokens = labels.ne(-100).sum()
+            inputs["decoder_input_ids"] = decoder_inputs_from_labels(student, labels)
+        size, gold_length = labels.shape
         source_mask = self._source_mask(inputs)
+        local_tokens = labels.ne(-100).sum()
         global_counts = num_items_in_batch is not None and self._batch_counts is not None and model.training
-        n_target = num_items_in_batch if num_items_in_batch is not None else num_tokens.clamp(min=1)
+        n_target = num_items_in_batch if num_items_in_batch is not None else local_tokens.clamp(min=1)
         n_source = self._batch_counts["source"] if global_counts else source_mask.sum().clamp(min=1)
-
-        student_inputs = inputs
-        if hybrid:
+        student_inputs, n_teacher = inputs, None
+        if self.args.uses_hybrid:
             # L_sentence needs the student on the teacher's sequence: one forward pass over [gold; teacher] decoder
-            # inputs (source repeated), so a DDP-wrapped student runs forward once per backward.
-            teacher_labels = extras.get("teacher_labels")
+            # inputs (source repeated), so a DDP-wrapped student runs forward once per backward
             if teacher_labels is None:
                 teacher_labels = self._teacher_labels(inputs)
             teacher_labels = teacher_labels.to(labels.device)
             length = max(labels.shape[1], teacher_labels.shape[1])
             pad_id = student.config.pad_token_id if student.config.pad_token_id is not None else 0
-            labels = _pad_to(labels, length, -100)
-            teacher_labels = _pad_to(teacher_labels, length, -100)
+            labels, teacher_labels = _pad_to(labels, length, -100), _pad_to(teacher_labels, length, -100)
             inputs["decoder_input_ids"] = _pad_to(inputs["decoder_input_ids"], length, pad_id)
             if "decoder_attention_mask" in inputs:
                 inputs["decoder_attention_mask"] = _pad_to(inputs["decoder_attention_mask"], length, 0)
             student_inputs = self._stack_hybrid_inputs(inputs, teacher_labels, student)
             n_teacher = (self._batch_counts["teacher"] if global_counts and "teacher" in self._batch_counts
                          else teacher_labels.ne(-100).sum().clamp(min=1))
-
-        wants_hidden = self._wants_hidden_states()
-        outputs = model(**student_inputs, output_hidden_states=wants_hidden)
-        logits = outputs.logits[:batch_size]  # the gold-prefix half (the whole output without hybrid)
-        teacher_outputs = self._teacher_forward(inputs)
-
-        terms = {}  # name -> (value already divided by its token count, weight)
-        ce_weight = 1.0 - args.alpha - args.intermediate_loss_weight
-        kd_kwargs = dict(divergence=args.divergence, temperature=args.temperature, beta=args.jsd_beta,
-                         vocab_size=self.kd_vocab_size, chunk_size=args.kd_chunk_size, overwrite_teacher_logits=True)
-        if not hybrid:
-            # (1 - alpha - beta) * CE + alpha * KD in one chunked pass (Kim & Rush 2016, Eq. 4 mixture)
-            combined, ce_sum, kd_sum = fused_ce_and_distillation_loss(
-                logits, teacher_outputs.logits, labels, ce_weight=ce_weight, kd_weight=args.alpha,
-                label_smoothing=args.label_smoothing_factor, reduction="sum", **kd_kwargs)
-            terms["ce+kd"] = (combined / n_target, 1.0)
-            self._record("loss_ce", ce_sum / num_tokens.clamp(min=1))
-            self._record("loss_kd", kd_sum / num_tokens.clamp(min=1))
-        else:
-            # Wei et al. 2024: g * L_token + (1 - g) * L_sentence, per sentence so that an input gate can weight
-            # them; the gold CE keeps the weight 1 - alpha - beta
-            ce_sum = sequence_cross_entropy(logits, labels, label_smoothing=args.label_smoothing_factor,
-                                            reduction="sum")
-            terms["ce"] = (ce_sum / n_target, ce_weight)
-            self._record("loss_ce", ce_sum / num_tokens.clamp(min=1))
-            token = distillation_loss(logits, teacher_outputs.logits, labels, reduction="none", **kd_kwargs).sum(-1)
-            sentence = sequence_cross_entropy(outputs.logits[batch_size:], teacher_labels,
-                                              label_smoothing=args.label_smoothing_factor, reduction="none").sum(-1)
-            gate = self.distillation_modules["hybrid_gate"](outputs.encoder_last_hidden_state[:batch_size],
-                                                            source_mask)
-            terms["hybrid"] = (hybrid_loss(token, sentence, gate, n_target, n_teacher), args.alpha)
-            self._record("loss_token", token.sum() / num_tokens.clamp(min=1))
-            self._record("loss_sentence", sentence.sum() / teacher_labels.ne(-100).sum().clamp(min=1))
-            self._record("hybrid_gate", gate.mean())
-        if args.intermediate_loss_weight > 0:
-            ckd, ckd_logged = self._ckd_loss(outputs, teacher_outputs, source_mask, labels, batch_size,
-                                             n_source, n_target, num_tokens)
-            terms["ckd"] = (ckd, args.intermediate_loss_weight)
-            self._record("loss_ckd", ckd_logged)
-
-        loss = sum(weight * value for value, weight in terms.values())
-        if args.average_tokens_across_devices and num_items_in_batch is not None and self.model.training:
-            loss = loss * self.accelerator.num_processes  # DDP averages gradients over processes
-        if not return_outputs:
-            return loss
-        return loss, Seq2SeqLMOutput(loss=loss, logits=logits[:, :gold_length],
-                                     encoder_last_hidden_state=outputs.encoder_last_hidden_state[:batch_size])
+        return _Batch(inputs=inputs, student_inputs=student_inputs, labels=labels, teacher_labels=teacher_labels,
+                      size=size, gold_length=gold_length, source_mask=source_mask, local_tokens=local_tokens,
+                      n_target=n_target, n_source=n_source, n_teacher=n_teacher)
 
     @staticmethod
     def _stack_hybrid_inputs(inputs: dict, teacher_labels: torch.Tensor, student) -> dict:
         """Student inputs for ``2 * batch`` rows: the gold decoder inputs, then the teacher sequence's."""
         batch_size = teacher_labels.shape[0]
-        teacher_decoder = student.prepare_decoder_input_ids_from_labels(labels=teacher_labels)
+        teacher_decoder = decoder_inputs_from_labels(student, teacher_labels)
         stacked = {}
         for key, value in inputs.items():
             if key == "decoder_input_ids":
@@ -348,22 +386,88 @@ class DistillationTrainer(Seq2SeqTrainer):
                 stacked[key] = value
         return stacked
 
-    def _ckd_loss(self, outputs, teacher_outputs, source_mask, labels, batch_size, n_source, n_target, num_tokens):
-        """CKD (Wu et al. 2020): sums over tokens, the encoder's divided by source tokens, the decoder's by
-        target tokens, added over stacks. Returns (the loss term, its per-token value on this batch for logs)."""
+    # ------------------------------------------------------------------------------------------------ loss
+    def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+        if not self.uses_teacher:
+            inputs = {k: v for k, v in inputs.items() if k not in EXTRA_LABEL_COLUMNS}
+            return super().compute_loss(model, inputs, return_outputs=return_outputs,
+                                        num_items_in_batch=num_items_in_batch)
+        batch = self._distillation_batch(model, inputs, num_items_in_batch)
+        outputs = model(**batch.student_inputs, output_hidden_states=self.args.uses_ckd)
+        teacher_outputs = self._teacher_forward(batch.inputs)
+        terms = (self._hybrid_terms if self.args.uses_hybrid else self._word_level_terms)(outputs, teacher_outputs,
+                                                                                           batch)
+        if self.args.uses_ckd:
+            terms["ckd"] = (self._ckd_term(outputs, teacher_outputs, batch), self.args.intermediate_loss_weight)
+        loss = sum(weight * value for value, weight in terms.values())
+        if self.args.average_tokens_across_devices and num_items_in_batch is not None and self.model.training:
+            loss = loss * self.accelerator.num_processes  # DDP averages gradients over processes
+        if not return_outputs:
+            return loss
+        return loss, Seq2SeqLMOutput(loss=loss, logits=outputs.logits[:batch.size, :batch.gold_length],
+                                     encoder_last_hidden_state=outputs.encoder_last_hidden_state[:batch.size])
+
+    def _kd_kwargs(self) -> dict:
+        args = self.args
+        # overwrite_teacher_logits: the loss stores its gradient in the teacher logits' memory (not used afterwards)
+        return dict(divergence=args.divergence, temperature=args.temperature, jsd_beta=args.jsd_beta,
+                    vocab_size=self.kd_vocab_size, chunk_size=args.kd_chunk_size, overwrite_teacher_logits=True)
+
+    @property
+    def _ce_weight(self) -> float:
+        return 1.0 - self.args.alpha - self.args.intermediate_loss_weight
+
+    def _word_level_terms(self, outputs, teacher_outputs, batch: _Batch) -> dict:
+        """``(1 - alpha - w) * CE + alpha * KD`` in one chunked pass (Kim & Rush 2016, Eq. 4 mixture); returns
+        ``{name: (value divided by its token count, weight)}``."""
+        combined, ce_sum, kd_sum = fused_ce_and_distillation_loss(
+            outputs.logits, teacher_outputs.logits, batch.labels, ce_weight=self._ce_weight, kd_weight=self.args.alpha,
+            label_smoothing=self.args.label_smoothing_factor, reduction="sum", **self._kd_kwargs())
+        self._record("loss_ce", ce_sum / batch.local_tokens.clamp(min=1))
+        self._record("loss_kd", kd_sum / batch.local_tokens.clamp(min=1))
+        return {"ce+kd": (combined / batch.n_target, 1.0)}
+
+    def _hybrid_terms(self, outputs, teacher_outputs, batch: _Batch) -> dict:
+        """Wei et al. 2024: ``g * L_token + (1 - g) * L_sentence``, per sentence so that an input gate can weight
+        them; the gold CE keeps the weight ``1 - alpha - intermediate_loss_weight``."""
+        args, n = self.args, batch.size
+        logits = outputs.logits[:n]
+        ce_sum = sequence_cross_entropy(logits, batch.labels, label_smoothing=args.label_smoothing_factor,
+                                        reduction="sum")
+        token = distillation_loss(logits, teacher_outputs.logits, batch.labels, reduction="none",
+                                  **self._kd_kwargs()).sum(-1)
+        sentence = sequence_cross_entropy(outputs.logits[n:], batch.teacher_labels,
+                                          label_smoothing=args.label_smoothing_factor, reduction="none").sum(-1)
+        gate = self.distillation_modules["hybrid_gate"](outputs.encoder_last_hidden_state[:n], batch.source_mask)
+        self._record("loss_ce", ce_sum / batch.local_tokens.clamp(min=1))
+        self._record("loss_token", token.sum() / batch.local_tokens.clamp(min=1))
+        self._record("loss_sentence", sentence.sum() / batch.teacher_labels.ne(-100).sum().clamp(min=1))
+        self._record("hybrid_gate", gate.mean())
+        return {"ce": (ce_sum / batch.n_target, self._ce_weight),
+                "hybrid": (hybrid_loss(token, sentence, gate, batch.n_target, batch.n_teacher), args.alpha)}
+
+    def _ckd_term(self, outputs, teacher_outputs, batch: _Batch):
+        """CKD (Wu et al. 2020): sums over tokens, the encoder's divided by source tokens, the decoder's by target
+        tokens, added over stacks."""
         total, logged = 0.0, 0.0
         for stack, module in self.distillation_modules["ckd"].items():
-            student_states = getattr(outputs, f"{stack}_hidden_states")
+            student_states = [h[:batch.size] for h in getattr(outputs, f"{stack}_hidden_states")]
             teacher_states = getattr(teacher_outputs, f"{stack}_hidden_states")
-            student_states = [h[:batch_size] for h in student_states]
             if stack == "encoder":
-                mask, count, local = source_mask, n_source, source_mask.sum()
+                mask, count, local = batch.source_mask, batch.n_source, batch.source_mask.sum()
             else:
-                mask, count, local = labels.ne(-100), n_target, num_tokens
+                mask, count, local = batch.labels.ne(-100), batch.n_target, batch.local_tokens
             value = module(student_states, teacher_states, mask, reduction="sum")
             total = total + value / count
             logged = logged + value.detach() / local.clamp(min=1)
-        return total, logged
+        self._record("loss_ckd", logged)
+        return total
+
+    @torch.no_grad()
+    def _teacher_forward(self, inputs):
+        teacher_inputs = {k: inputs[k] for k in ("input_ids", "attention_mask", "decoder_input_ids",
+                                                 "decoder_attention_mask") if k in inputs}
+        return self.teacher_model(**teacher_inputs, output_hidden_states=self.args.uses_ckd)
 
     # ------------------------------------------------------------------------------------------ validation
     def evaluate(self, eval_dataset=None, ignore_keys=None, metric_key_prefix: str = "eval", **gen_kwargs):
@@ -404,15 +508,6 @@ class DistillationTrainer(Seq2SeqTrainer):
         if self.args.predict_with_generate and not prediction_loss_only:
             inputs = {k: v for k, v in inputs.items() if k not in EXTRA_LABEL_COLUMNS}
         return super().prediction_step(model, inputs, prediction_loss_only, ignore_keys=ignore_keys, **gen_kwargs)
-
-    def _wants_hidden_states(self) -> bool:
-        return self.args.intermediate_loss_weight > 0
-
-    @torch.no_grad()
-    def _teacher_forward(self, inputs):
-        teacher_inputs = {k: inputs[k] for k in ("input_ids", "attention_mask", "decoder_input_ids",
-                                                 "decoder_attention_mask") if k in inputs}
-        return self.teacher_model(**teacher_inputs, output_hidden_states=self._wants_hidden_states())
 
     # --------------------------------------------------------------------------------------------- logging
     def _record(self, name: str, value) -> None:

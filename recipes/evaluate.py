@@ -26,6 +26,7 @@ from typing import Optional
 
 from hf_seqkd import load_parallel_data
 from hf_seqkd.cli import DataArguments, parse_args
+from hf_seqkd.data import select_split
 from hf_seqkd.evaluation import resolve_bleu_tokenize
 from hf_seqkd.report import compare_models, parse_model_specs, report_table, write_report
 
@@ -90,10 +91,9 @@ def main(argv=None):
     # 1. The test split
     raw = load_parallel_data(data_args.dataset, source_lang=data_args.source_lang, target_lang=data_args.target_lang,
                              config_name=data_args.dataset_config)
-    if data_args.test_split not in raw:
-        raise ValueError(f"--test_split {data_args.test_split!r} is not in {data_args.dataset} "
-                         f"(splits: {', '.join(raw)})")
-    test = raw[data_args.test_split]
+    test = select_split(raw, "--test_split", data_args.test_split, data_args.dataset)
+    if test is None:
+        raise ValueError("--test_split is required: the split to compare the models on")
     if data_args.max_test_samples:
         test = test.select(range(min(data_args.max_test_samples, len(test))))
 
@@ -105,15 +105,15 @@ def main(argv=None):
                           max_new_tokens=args.max_new_tokens,
                           source_prefix=args.source_prefix,
                           bleu_tokenize=resolve_bleu_tokenize(data_args.target_lang, args.bleu_tokenize))
-    for row in rows:
-        row["dataset"], row["split"] = data_args.dataset, data_args.test_split
+    for result in rows:
+        result.dataset, result.split = data_args.dataset, data_args.test_split
 
     # 3. Markdown table, JSON and the BLEU-against-speed plot
     paths = write_report(rows, args.output_dir, title=f"Model comparison on {data_args.dataset} "
                                                       f"({data_args.test_split})")
     print(report_table(rows))
     print(f"Wrote {paths['markdown']}, {paths['json']} and {paths['plot']}")
-    return rows
+    return [r.to_dict() for r in rows]
 
 
 if __name__ == "__main__":

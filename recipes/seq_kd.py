@@ -1,4 +1,4 @@
-"""Sequence-level knowledge distillation (Kim & Rush 2016, Sec. 3.2-3.3): the front door of hf_seqkd.
+"""Distil a seq2seq teacher into a student, by any of hf_seqkd's methods: the front door of hf_seqkd.
 
     accelerate launch recipes/seq_kd.py                                  # the offline demo (no arguments)
     python recipes/seq_kd.py --demo --demo_size tiny --demo_dir /tmp/demo   # a smaller demo (the CI test)
@@ -6,105 +6,96 @@
     accelerate launch recipes/seq_kd.py --teacher_model_name_or_path T --dataset D --source_lang de \
         --target_lang en --kd_target teacher_target --output_dir out/seqkd_student
 
-Steps, top to bottom:
- 1. load the teacher, its tokenizer and the corpus;
- 2. build (or reuse from the cache) the Seq-KD corpus: the teacher's beam-search translation of every training
-    source (`teacher_target`), its K-best list and the Seq-Inter target when asked (`build_seqkd_dataset`, spread
-    over all processes under `accelerate launch`);
- 3. make the student (`make_student` copies teacher layers, or a from-config size, or `--init_student_from` a
-    saved student for the staged Seq-KD -> Seq-Inter fine-tuning);
- 4. train it on `--kd_target` (`target` = baseline, `teacher_target` = Seq-KD, `seq_inter_target` = Seq-Inter),
-    with word-level KD on top when `--alpha > 0`;
- 5. evaluate teacher and student on the test split (BLEU, chrF, greedy and beam, sentences/s, speed-up);
- 6. save the student with its tokenizer and a model card (and push it with `--push_to_hub --hub_model_id`).
-
-The paper's best student, staged (see README, "Seq-KD, Seq-Inter and Word-KD staged"):
+The method is set by the training arguments: `--kd_target target|teacher_target|seq_inter_target` (gold, Seq-KD,
+Seq-Inter; Kim & Rush 2016), `--alpha` (word-level KD), `--intermediate_loss_weight` (CKD), `--hybrid_gate`
+(hybrid KD); `--alpha 0 --kd_target target` trains the baseline. The paper's best student, staged:
     python recipes/seq_kd.py --config C.yaml --kd_target teacher_target --output_dir out/stage1
-    python recipes/seq_kd.py --config C.yaml --kd_target seq_inter_target --nbest_size 35 --alpha 0.5 \
-        --init_student_from out/stage1 --learning_rate 1e-4 --output_dir out/stage2
+    python recipes/seq_kd.py --config C.yaml --kd_target seq_inter_target --num_beams 35 --num_return_sequences 35 \
+        --alpha 0.5 --init_student_from out/stage1 --learning_rate 1e-4 --output_dir out/stage2
 """
 
+import json
+import os
 import sys
 
 from transformers import AutoModelForSeq2SeqLM, AutoTokenizer, set_seed
 
-from hf_seqkd import (
-    DistillationDataCollator,
-    DistillationTrainer,
-    DistillationTrainingArguments,
-    load_parallel_data,
-    make_compute_metrics,
-    prepare_distillation_dataset,
-)
-from hf_seqkd.cli import (DataArguments, EvalArguments, ModelArguments, SeqKDArguments, build_seqkd_corpus,
-                          check_teacher_ctranslate2_dir, dataclass_to_dict, evaluate_on_test_split, kd_method_name,
-                          load_or_make_student, parse_args, save_and_publish_student, select_splits)
+from hf_seqkd import DistillationTrainer, DistillationTrainingArguments, load_parallel_data
+from hf_seqkd.cli import DataArguments, EvalArguments, ModelArguments, load_or_make_student, parse_args, select_splits
+from hf_seqkd.evaluation import evaluate_models
+from hf_seqkd.hub import make_model_card, push_student, save_student
+from hf_seqkd.report import markdown_table, signature_line
+
+ARGUMENTS = (ModelArguments, DataArguments, EvalArguments, DistillationTrainingArguments)
+TABLE = ["model", "params", "bleu_greedy", "bleu_beam", "chrf", "sent_per_s_greedy_batched", "speedup_over_beam"]
 
 
 def main(argv=None):
     argv = sys.argv[1:] if argv is None else list(argv)
-    if not argv or argv[0] == "--demo":  # the offline demo: --demo [--demo_size tiny] [--demo_dir DIR]
-        from hf_seqkd.demo import run_demo
-
-        given = argv[1:]  # the options after --demo (none when the recipe is run without arguments)
-        options = dict(zip(given[::2], given[1::2]))
-        unknown = [a for a in given[::2] if a not in ("--demo_size", "--demo_dir")]
-        if unknown or len(given) % 2:
-            raise ValueError(f"--demo takes only --demo_size full|tiny and --demo_dir DIR, got {given}")
-        return run_demo(main, size=options.get("--demo_size", "full"), work_dir=options.get("--demo_dir"))
-    model_args, data_args, eval_args, seqkd_args, training_args = parse_args(
-        (ModelArguments, DataArguments, EvalArguments, SeqKDArguments, DistillationTrainingArguments), argv)
+    if not argv or argv[0] == "--demo":
+        return demo(argv[1:])
+    model_args, data_args, eval_args, training_args = parse_args(ARGUMENTS, argv)
     if not training_args.teacher_model_name_or_path or not data_args.dataset:
         raise ValueError("--teacher_model_name_or_path and --dataset are required (run with no arguments for the "
                          "offline demo)")
+    if training_args.push_to_hub and not training_args.hub_model_id:
+        raise ValueError("--push_to_hub needs --hub_model_id (e.g. your-name/opus-mt-de-en-seqkd-student)")
     set_seed(training_args.seed)
 
-    # 1. Teacher, tokenizer, corpus, student: everything a user names is loaded or checked before the long steps
-    check_teacher_ctranslate2_dir(seqkd_args.teacher_ctranslate2_dir)
+    # 1. Teacher, tokenizer, splits, student: everything a user names is loaded or checked before the long steps
     teacher = AutoModelForSeq2SeqLM.from_pretrained(training_args.teacher_model_name_or_path)
     tokenizer = AutoTokenizer.from_pretrained(model_args.tokenizer_name_or_path
                                               or training_args.teacher_model_name_or_path)
     raw = load_parallel_data(data_args.dataset, source_lang=data_args.source_lang, target_lang=data_args.target_lang,
                              config_name=data_args.dataset_config)
-    train_raw, eval_raw, test = select_splits(raw, data_args, training_args)
+    train, validation, test = select_splits(raw, data_args, training_args)
     student = load_or_make_student(model_args, teacher)
-    bleu_tokenize = training_args.resolved_bleu_tokenize(data_args.target_lang)
 
-    # 2. The Seq-KD corpus: the teacher's beam search over every training source (cached, resumable, sharded over
-    #    the processes), when training on it (--kd_target teacher_target / seq_inter_target) or for --hybrid_gate
-    train_raw = build_seqkd_corpus(train_raw, teacher, tokenizer, seqkd_args, training_args, data_args)
-    tokenize = dict(tokenizer=tokenizer, max_source_length=training_args.max_source_length,
-                    max_target_length=training_args.max_target_length, source_prefix=training_args.source_prefix)
-    hybrid = training_args.hybrid_gate is not None and "teacher_target" in train_raw.column_names
-    train_set = prepare_distillation_dataset(train_raw, target_column=training_args.kd_target,
-                                             gold_mix_ratio=training_args.gold_mix_ratio, seed=training_args.seed,
-                                             teacher_labels_column="teacher_target" if hybrid else None, **tokenize)
-    eval_set = None if eval_raw is None else prepare_distillation_dataset(eval_raw, **tokenize)
-
-    # 3. Train
-    trainer = DistillationTrainer(
-        model=student, teacher_model=teacher, args=training_args, train_dataset=train_set, eval_dataset=eval_set,
-        data_collator=DistillationDataCollator(tokenizer, model=student), processing_class=tokenizer,
-        compute_metrics=make_compute_metrics(tokenizer, eval_raw["target"], tokenize=bleu_tokenize)
-        if training_args.predict_with_generate and eval_raw is not None else None)
+    # 2. Train: the trainer builds (or reuses) the Seq-KD corpus when the method needs it, tokenizes, trains
+    trainer = DistillationTrainer(model=student, teacher_model=teacher, args=training_args, train_dataset=train,
+                                  eval_dataset=validation, processing_class=tokenizer)
     trainer.train(resume_from_checkpoint=training_args.resume_from_checkpoint)
     if not trainer.is_world_process_zero():
         return None
 
-    # 5. Evaluate teacher and student on the test split
-    rows = evaluate_on_test_split(test, teacher, trainer.model, tokenizer, data_args, eval_args, trainer.args.device,
-                                  source_prefix=training_args.source_prefix, bleu_tokenize=bleu_tokenize)
+    # 3. Teacher and student on the test split: BLEU, chrF (greedy and beam), sentences/s, parameters
+    models = ([("teacher", "teacher", teacher.to(trainer.args.device))] if eval_args.evaluate_teacher else [])
+    results = [] if test is None else evaluate_models(
+        models + [("student", "student", trainer.model)], tokenizer, test["source"], test["target"],
+        num_beams=max(eval_args.eval_num_beams), batch_size=eval_args.eval_batch_size, batch1_samples=0,
+        max_new_tokens=training_args.max_new_tokens, source_prefix=training_args.source_prefix,
+        bleu_tokenize=training_args.resolved_bleu_tokenize(data_args.target_lang))
+    if results:
+        print(markdown_table(results, TABLE) + "\n" + signature_line(results))
 
-    # 6. Save the student with its tokenizer, a model card and results.json; push with --push_to_hub
-    hyperparameters = {**dataclass_to_dict(seqkd_args), "alpha": training_args.alpha,
-                       "temperature": training_args.temperature, "kd_target": training_args.kd_target,
-                       "learning_rate": training_args.learning_rate, "num_train_epochs": training_args.num_train_epochs,
-                       "max_steps": training_args.max_steps if training_args.max_steps > 0 else None,
-                       "init_student_from": model_args.init_student_from}
-    save_and_publish_student(trainer.model, tokenizer, training_args, data_args, method=kd_method_name(training_args),
-                             hyperparameters=hyperparameters, results=rows, license=seqkd_args.model_card_license)
-    print(f"Student, tokenizer, model card (README.md) and results.json saved to {training_args.output_dir}")
+    # 4. The student with its tokenizer, a model card and results.json; pushed with --push_to_hub
+    out = training_args.output_dir
+    card = make_model_card(
+        teacher_name=training_args.teacher_model_name_or_path,
+        method=training_args.method.with_(continued_from=model_args.init_student_from),
+        hyperparameters={**training_args.card_hyperparameters(), "init_student_from": model_args.init_student_from},
+        results=results, source_lang=data_args.source_lang or "src", target_lang=data_args.target_lang or "tgt",
+        datasets=data_args.dataset, license=model_args.model_card_license, eval_split=data_args.test_split,
+        hub_model_id=training_args.hub_model_id, usage={"source_prefix": training_args.source_prefix})
+    save_student(trainer.model, tokenizer, out, card)
+    rows = [r.to_dict() for r in results]
+    with open(os.path.join(out, "results.json"), "w") as f:
+        json.dump(rows, f, indent=2)
+    if training_args.push_to_hub:
+        push_student(out, training_args.hub_model_id, private=bool(training_args.hub_private_repo),
+                     token=training_args.hub_token)
+    print(f"Student, tokenizer, model card (README.md) and results.json saved to {out}")
     return rows
+
+
+def demo(options):
+    """``--demo [--demo_size full|tiny] [--demo_dir DIR]``: the offline demo (:mod:`hf_seqkd.demo`)."""
+    from hf_seqkd.demo import run_demo
+
+    given = dict(zip(options[::2], options[1::2]))
+    if len(options) % 2 or set(given) - {"--demo_size", "--demo_dir"}:
+        raise ValueError(f"--demo takes only --demo_size full|tiny and --demo_dir DIR, got {options}")
+    return run_demo(size=given.get("--demo_size", "full"), work_dir=given.get("--demo_dir"))
 
 
 if __name__ == "__main__":

@@ -2,7 +2,7 @@
 
 from torch.utils.data import SequentialSampler
 
-from hf_seqkd import DistillationTrainer, DistillationTrainingArguments
+from hf_seqkd import DistillationTrainer, DistillationTrainingArguments, GenerationSettings, build_seqkd_dataset
 
 
 class InOrder:
@@ -23,3 +23,19 @@ def training_args(tmp_path, cls=DistillationTrainingArguments, **overrides):
                 warmup_steps=0, disable_tqdm=True, dataloader_num_workers=0, use_cpu=True)
     base.update(overrides)
     return cls(**base)
+
+
+def build(dataset, teacher, tokenizer, *, num_beams=5, num_return_sequences=1, max_new_tokens=128, batch_size=64,
+          max_tokens_per_batch=None, **kwargs):
+    """``build_seqkd_dataset`` with the generation settings given as keywords (as the corpus tests were written)."""
+    return build_seqkd_dataset(dataset, teacher, tokenizer, GenerationSettings(
+        num_beams=num_beams, num_return_sequences=num_return_sequences, max_new_tokens=max_new_tokens,
+        generation_batch_size=batch_size, max_tokens_per_batch=max_tokens_per_batch), **kwargs)
+
+
+def write_split_files(folder, corpus, sizes: dict) -> None:
+    """The first ``n`` pairs of each split of ``corpus`` as ``SPLIT.src`` / ``SPLIT.tgt`` files in ``folder``."""
+    for split, n in sizes.items():
+        part = corpus[split].select(range(n))
+        (folder / f"{split}.src").write_text("\n".join(part["source"]) + "\n")
+        (folder / f"{split}.tgt").write_text("\n".join(part["target"]) + "\n")

@@ -21,7 +21,8 @@ from accelerate import PartialState  # noqa: E402
 from datasets import Dataset  # noqa: E402
 from transformers import AutoModelForSeq2SeqLM, AutoTokenizer  # noqa: E402
 
-from hf_seqkd.seqkd import build_seqkd_dataset  # noqa: E402
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from _helpers import build  # noqa: E402
 
 
 def main():
@@ -41,8 +42,7 @@ def main():
         return original_generate(*args, **kwargs)
 
     teacher.generate = recording_generate
-    result = build_seqkd_dataset(dataset, teacher, tokenizer, cache_dir=cache_dir, show_progress=False,
-                                 **data["kwargs"])
+    result = build(dataset, teacher, tokenizer, cache_dir=cache_dir, show_progress=False, **data["kwargs"])
     state = PartialState()  # initialised by build_seqkd_dataset from the torchrun environment
     assert state.num_processes == 2, f"expected 2 processes, got {state.num_processes}"
     rank = state.process_index

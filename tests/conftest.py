@@ -12,6 +12,7 @@ import pytest  # noqa: E402
 import torch  # noqa: E402
 
 from hf_seqkd import make_toy_corpus, prepare_distillation_dataset, tiny_seq2seq_model, train_tokenizer  # noqa: E402
+
 from model_families import family_snapshots  # noqa: E402,F401  (session fixture: the Hub-like family replicas)
 
 torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))

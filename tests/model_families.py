@@ -173,7 +173,8 @@ def corpus(n_templated: int = 400, seed: int = SEED) -> list[tuple[str, str]]:
     rng = random.Random(seed)
     combos = [(s, v, o, p) for s in _SUBJECTS for v in _VERBS for o in _OBJECTS for p in _PLACES]
     pairs = []
-    for (de_s, en_s, plural), (de_v, de_vp, en_v, en_vp), (de_o, en_o), (de_p, en_p) in rng.sample(combos, n_templated):
+    for subject, verb, obj, place in rng.sample(combos, n_templated):
+        (de_s, en_s, plural), (de_v, de_vp, en_v, en_vp), (de_o, en_o), (de_p, en_p) = subject, verb, obj, place
         de = " ".join(x for x in (de_s, de_vp if plural else de_v, de_o, de_p) if x) + "."
         en = " ".join(x for x in (en_s, en_vp if plural else en_v, en_o, en_p) if x) + "."
         pairs.append((de, en))

@@ -9,6 +9,8 @@ from transformers import GenerationMixin
 
 from hf_seqkd import DataError, DistillationTrainer, tiny_seq2seq_model
 
+from _helpers import write_split_files
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 pytestmark = pytest.mark.usefixtures("torch_one_thread")
@@ -24,7 +26,8 @@ def load_recipe(name):
 @pytest.fixture(scope="module")
 def teacher_dir(tokenizer, tmp_path_factory):
     out = tmp_path_factory.mktemp("teacher")
-    tiny_seq2seq_model(tokenizer, "marian", d_model=16, encoder_layers=2, decoder_layers=1, seed=0).save_pretrained(out)
+    model = tiny_seq2seq_model(tokenizer, "marian", d_model=16, encoder_layers=2, decoder_layers=1, seed=0)
+    model.save_pretrained(out)
     tokenizer.save_pretrained(out)
     return out
 
@@ -32,10 +35,7 @@ def teacher_dir(tokenizer, tmp_path_factory):
 @pytest.fixture(scope="module")
 def data_dir(toy_corpus, tmp_path_factory):
     folder = tmp_path_factory.mktemp("data")
-    for split, n in {"train": 16, "validation": 4, "test": 4}.items():
-        part = toy_corpus[split].select(range(n))
-        (folder / f"{split}.src").write_text("\n".join(part["source"]) + "\n")
-        (folder / f"{split}.tgt").write_text("\n".join(part["target"]) + "\n")
+    write_split_files(folder, toy_corpus, {"train": 16, "validation": 4, "test": 4})
     return folder
 
 
@@ -88,8 +88,8 @@ def test_empty_files_are_a_named_error(teacher_dir, tmp_path, no_long_work):
     (["--teacher_ctranslate2_dir", "/no/such/ct2"], r"/no/such/ct2"),
     (["--student_init", "config", "--student_d_model", "30", "--student_attention_heads", "4"], r"30.*4"),
 ])
-def test_bad_student_and_teacher_settings_are_refused_before_the_corpus(extra, message, teacher_dir, data_dir, tmp_path,
-                                                                        no_long_work):
+def test_bad_student_and_teacher_settings_are_refused_before_the_corpus(extra, message, teacher_dir, data_dir,
+                                                                        tmp_path, no_long_work):
     argv = _argv(teacher_dir, data_dir, tmp_path, "--kd_target", "teacher_target") + extra
     with pytest.raises((ValueError, OSError), match=message):
         load_recipe("seq_kd").main(argv)

@@ -1,4 +1,4 @@
-"""End to end: a tiny teacher learns the toy task, then recipes/train_student.py distils a student from it."""
+"""End to end: a tiny teacher learns the toy task, then recipes/seq_kd.py distils a student from it."""
 
 import importlib.util
 import json
@@ -38,7 +38,8 @@ def trained_teacher(tmp_path_factory):
     args = DistillationTrainingArguments(output_dir=str(folder / "run"), alpha=0.0, max_steps=300,
                                          per_device_train_batch_size=32, learning_rate=3e-3, warmup_steps=30,
                                          report_to=[], save_strategy="no", use_cpu=True, disable_tqdm=True)
-    DistillationTrainer(model=teacher, args=args, train_dataset=prepare_distillation_dataset(corpus["train"], tokenizer),
+    DistillationTrainer(model=teacher, args=args,
+                        train_dataset=prepare_distillation_dataset(corpus["train"], tokenizer),
                         data_collator=DistillationDataCollator(tokenizer, teacher)).train()
     teacher.save_pretrained(folder / "model")
     tokenizer.save_pretrained(folder / "model")
@@ -51,6 +52,7 @@ def trained_teacher(tmp_path_factory):
             "teacher": teacher}
 
 
+@pytest.mark.slow
 def test_teacher_learns_the_toy_task(trained_teacher):
     test = trained_teacher["corpus"]["test"]
     result = evaluate_translation(trained_teacher["teacher"], trained_teacher["tokenizer"], test["source"],
@@ -61,8 +63,9 @@ def test_teacher_learns_the_toy_task(trained_teacher):
     assert result["bleu"] > 10 and result["bleu"] > baseline["bleu"] + 10
 
 
-def test_train_student_recipe_with_word_kd(trained_teacher, tmp_path):
-    recipe = load_recipe("train_student")
+@pytest.mark.slow
+def test_seq_kd_recipe_with_word_kd(trained_teacher, tmp_path):
+    recipe = load_recipe("seq_kd")
     out = tmp_path / "student"
     rows = recipe.main([
         "--teacher_model_name_or_path", trained_teacher["model"], "--dataset", trained_teacher["data"],
@@ -86,8 +89,9 @@ def test_train_student_recipe_with_word_kd(trained_teacher, tmp_path):
     assert "knowledge-distillation" in card and "baseline+word-kd" in card and "alpha" in card
 
 
+@pytest.mark.slow
 def test_recipe_rejects_unknown_options(trained_teacher, tmp_path):
-    recipe = load_recipe("train_student")
+    recipe = load_recipe("seq_kd")
     with pytest.raises(ValueError, match=r"unknown option\(s\): \['--not_an_option'"):
         recipe.main(["--teacher_model_name_or_path", trained_teacher["model"], "--dataset", trained_teacher["data"],
                      "--output_dir", str(tmp_path), "--not_an_option", "1"])

@@ -8,6 +8,7 @@ import torch
 
 from hf_seqkd import corpus_scores, evaluate_translation, make_compute_metrics, select_seq_inter, translate
 
+
 def resolve_bleu_tokenize(*args):
     from hf_seqkd.evaluation import resolve_bleu_tokenize as resolve
 
@@ -73,7 +74,8 @@ def test_compute_metrics_scores_against_the_raw_references(tokenizer):
     labels = tokenizer(text_target=references, max_length=12, truncation=True)["input_ids"]
     width = max(map(len, labels))
     label_ids = np.array([x + [-100] * (width - len(x)) for x in labels])
-    predictions = np.array([[tokenizer.pad_token_id] + x + [tokenizer.pad_token_id] * (width - len(x)) for x in labels])
+    pad = tokenizer.pad_token_id
+    predictions = np.array([[pad] + x + [pad] * (width - len(x)) for x in labels])
     hypotheses = [t.strip() for t in tokenizer.batch_decode(predictions, skip_special_tokens=True)]
     assert hypotheses != references  # the tokenizer loses something here
     expected = sacrebleu.corpus_bleu(hypotheses, [references]).score
@@ -135,8 +137,12 @@ def test_validation_lets_translations_run_as_long_as_the_targets(tmp_path, token
     generate that honours the limit it is given."""
     from datasets import Dataset
 
-    from hf_seqkd import (DistillationDataCollator, DistillationTrainer, prepare_distillation_dataset,
-                          tiny_seq2seq_model)
+    from hf_seqkd import (
+        DistillationDataCollator,
+        DistillationTrainer,
+        prepare_distillation_dataset,
+        tiny_seq2seq_model,
+    )
 
     from _helpers import training_args
 
@@ -148,7 +154,7 @@ def test_validation_lets_translations_run_as_long_as_the_targets(tmp_path, token
     assert min(lengths) <= 14 and max(lengths) >= 30
     student = tiny_seq2seq_model(tokenizer, "marian", d_model=16, encoder_layers=1, decoder_layers=1, seed=0)
     default_limit = 20  # what generate() uses when neither the call nor the generation config sets a length
-    answers = {tuple(s): l for s, l in zip(encoded["input_ids"], encoded["labels"])}
+    answers = {tuple(s): y for s, y in zip(encoded["input_ids"], encoded["labels"])}
     start, pad = student.config.decoder_start_token_id, tokenizer.pad_token_id
 
     def generate(input_ids=None, attention_mask=None, max_new_tokens=None, max_length=None, **kwargs):
@@ -160,7 +166,8 @@ def test_validation_lets_translations_run_as_long_as_the_targets(tmp_path, token
 
     student.generate = generate
     trainer = DistillationTrainer(model=student, train_dataset=encoded, eval_dataset=encoded,
-                                  data_collator=DistillationDataCollator(tokenizer, student), processing_class=tokenizer,
+                                  data_collator=DistillationDataCollator(tokenizer, student),
+                                  processing_class=tokenizer,
                                   compute_metrics=make_compute_metrics(tokenizer, references=texts),
                                   args=training_args(tmp_path, alpha=0.0, predict_with_generate=True,
                                                      per_device_eval_batch_size=8))

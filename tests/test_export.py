@@ -177,7 +177,7 @@ def test_seqkd_corpus_from_a_ctranslate2_teacher_matches_transformers(trained_ma
     (length-normalised log-probabilities) as with the Transformers teacher; its cache is keyed by the files."""
     from transformers import AutoModelForSeq2SeqLM
 
-    from hf_seqkd import build_seqkd_dataset
+    from _helpers import build
 
     model = AutoModelForSeq2SeqLM.from_pretrained(trained_marian_dir).eval()
     translator = CTranslate2Translator(to_ctranslate2(trained_marian_dir, tmp_path / "ct2", quantization="float32"),
@@ -186,9 +186,9 @@ def test_seqkd_corpus_from_a_ctranslate2_teacher_matches_transformers(trained_ma
     k = 1 if num_beams == 1 else 2
     settings = dict(num_beams=num_beams, num_return_sequences=k, max_new_tokens=MAX_NEW, show_progress=False)
     with _one_thread():
-        reference = build_seqkd_dataset(data, model, tokenizer, **settings)
+        reference = build(data, model, tokenizer, **settings)
     cache = tmp_path / "cache"
-    out = build_seqkd_dataset(data, translator, tokenizer, cache_dir=cache, **settings)
+    out = build(data, translator, tokenizer, cache_dir=cache, **settings)
     assert out["source"] == data["source"]
     same = [i for i, (a, b) in enumerate(zip(out["teacher_target"], reference["teacher_target"])) if a == b]
     assert len(same) >= 0.9 * len(data), f"only {len(same)} of {len(data)} translations agree"
@@ -205,15 +205,15 @@ def test_seqkd_corpus_from_a_ctranslate2_teacher_matches_transformers(trained_ma
             raise AssertionError("translate_batch called although the result is cached")
 
     real, translator.translator = translator.translator, NoTranslation()
-    again = build_seqkd_dataset(data, translator, tokenizer, cache_dir=cache, **settings)
+    again = build(data, translator, tokenizer, cache_dir=cache, **settings)
     assert again["teacher_target"] == out["teacher_target"]
     translator.translator = real
     with pytest.raises(ValueError, match="compute type"):
-        build_seqkd_dataset(data, translator, tokenizer, dtype="bfloat16", **settings)
+        build(data, translator, tokenizer, dtype="bfloat16", **settings)
     # another conversion of the same model (int8 weights) is another teacher: a new cache entry
     int8 = CTranslate2Translator(to_ctranslate2(trained_marian_dir, tmp_path / "ct2_int8", quantization="int8"),
                                  tokenizer, intra_threads=1)
-    build_seqkd_dataset(data, int8, tokenizer, cache_dir=cache, **settings)
+    build(data, int8, tokenizer, cache_dir=cache, **settings)
     assert len([d for d in cache.iterdir() if d.is_dir()]) == 2
 
 
@@ -234,7 +234,8 @@ def test_a_student_with_a_padded_vocabulary_exports_and_translates_alike(trained
     tokenizer.save_pretrained(tmp_path / "padded")
     out = to_ctranslate2(tmp_path / "padded", tmp_path / "ct2", quantization="float32")
     vocab = json.loads((tmp_path / "ct2" / "shared_vocabulary.json").read_text())
-    assert len(vocab) == rows and vocab[:len(tokenizer)] == tokenizer.convert_ids_to_tokens(list(range(len(tokenizer))))
+    assert len(vocab) == rows
+    assert vocab[:len(tokenizer)] == tokenizer.convert_ids_to_tokens(list(range(len(tokenizer))))
     with torch.no_grad(), _one_thread():
         ids = model.generate(**tokenizer(sources, return_tensors="pt", padding=True), num_beams=1, do_sample=False,
                              max_new_tokens=MAX_NEW, suppress_tokens=list(range(len(tokenizer), rows)))

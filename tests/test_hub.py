@@ -7,25 +7,20 @@ import pytest
 import torch
 import yaml
 
+from hf_seqkd import DistillationMethod, EvaluationResult
 from hf_seqkd.hub import make_model_card, push_student, save_student, translation_pipeline
 
-
-@pytest.fixture(autouse=True)
-def _one_torch_thread():
-    """One torch thread: on a busy 2-core machine two OpenMP threads spin-wait and run ~10x slower."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("torch_one_thread")  # tests/conftest.py
 
 
 TEACHER = "Helsinki-NLP/opus-mt-de-en"
 ROWS = [
-    {"model": TEACHER, "params": 74_410_496, "bleu_greedy": 30.14, "bleu_beam": 31.2, "chrf": 55.5,
-     "sentences_per_second": 10.0},
-    {"model": "opus-mt-de-en-seqkd-6-3", "params": 49_000_000, "BLEU greedy": 28.456, "bleu_beam": 29.013,
-     "chrF": 53.21, "sentences_per_second": 35.0, "notes": "k=5"},
+    EvaluationResult(model=TEACHER, params=74_410_496, bleu_greedy=30.14, bleu_beam=31.2, chrf_greedy=55.5,
+                     sent_per_s_greedy_batched=10.0),
+    EvaluationResult(model="opus-mt-de-en-seqkd-6-3", params=49_000_000, bleu_greedy=28.456, bleu_beam=29.013,
+                     chrf_greedy=53.21, sent_per_s_greedy_batched=35.0, extra={"notes": "k=5"}),
 ]
+SEQ_KD = DistillationMethod(target="teacher_target")
 
 
 def _front_matter(card: str) -> dict:
@@ -36,7 +31,7 @@ def _front_matter(card: str) -> dict:
 
 def test_model_card_front_matter_and_body():
     card = make_model_card(
-        teacher_name=TEACHER, method="seq-kd", hyperparameters={"teacher_beam": 5, "learning_rate": 3e-4,
+        teacher_name=TEACHER, method=SEQ_KD, hyperparameters={"teacher_beam": 5, "learning_rate": 3e-4,
                                                                 "max_steps": 20000},
         results=ROWS, source_lang="de", target_lang="en", datasets=["wmt16"], license="cc-by-4.0",
         model_name="opus-mt-de-en-seqkd-6-3", extra_text="Trained on one GPU.", hub_model_id="me/opus-seqkd")
@@ -76,8 +71,9 @@ def test_model_card_front_matter_and_body():
 def test_model_card_with_local_teacher_flat_results_and_no_license(tmp_path):
     teacher_dir = tmp_path / "teacher"
     teacher_dir.mkdir()
-    card = make_model_card(teacher_name=str(teacher_dir), method="word+seq-kd+pruning",
-                           hyperparameters={"sparsity": 0.8}, results={"bleu_beam": 12.5, "chrf": 40.0},
+    method = DistillationMethod(target="teacher_target", word_kd=True, sparsity=0.8)
+    card = make_model_card(teacher_name=str(teacher_dir), method=method, hyperparameters={"sparsity": 0.8},
+                           results=[EvaluationResult(model="student", bleu_beam=12.5, chrf_beam=40.0)],
                            source_lang="xx", target_lang="yy")
     meta, body = _front_matter(card)
     assert "license" not in meta and "base_model" not in meta  # a local path is no Hub id
@@ -88,9 +84,11 @@ def test_model_card_with_local_teacher_flat_results_and_no_license(tmp_path):
     assert "Sec. 5.3" in body and "12.50" in body
 
 
-def test_model_card_results_as_mapping_of_models():
-    card = make_model_card(teacher_name=TEACHER, method="seq-inter", hyperparameters={},
-                           results={TEACHER: {"bleu": 30.0}, "student": {"bleu": 27.0}},
+def test_model_card_results_of_several_models():
+    card = make_model_card(teacher_name=TEACHER, method=DistillationMethod(target="seq_inter_target"),
+                           hyperparameters={},
+                           results=[EvaluationResult(model=TEACHER, bleu_greedy=30.0),
+                                    EvaluationResult(model="student", bleu_greedy=27.0)],
                            source_lang="de", target_lang="en", model_name="student")
     meta, body = _front_matter(card)
     assert meta["model-index"][0]["results"][0]["metrics"][0]["value"] == 27.0  # the student's, not the teacher's
@@ -102,7 +100,7 @@ def test_save_student_loads_and_translates(tiny_marian, tokenizer, tmp_path):
     import transformers
     from transformers import AutoModelForSeq2SeqLM, AutoTokenizer
 
-    card = make_model_card(teacher_name=TEACHER, method="seq-kd", hyperparameters={}, results=ROWS,
+    card = make_model_card(teacher_name=TEACHER, method=SEQ_KD, hyperparameters={}, results=ROWS,
                            source_lang="de", target_lang="en")
     out = save_student(tiny_marian, tokenizer, tmp_path / "student", card)
     assert (out / "README.md").read_text(encoding="utf-8") == card

@@ -17,6 +17,7 @@ from hf_seqkd import (
     prepare_distillation_dataset,
     tiny_seq2seq_model,
 )
+from hf_seqkd.auxiliary import ATTRIBUTE
 from hf_seqkd.hybrid import (
     FixedGate,
     InputGate,
@@ -26,10 +27,10 @@ from hf_seqkd.hybrid import (
     make_hybrid_gate,
     sequences_to_labels,
 )
-from hf_seqkd.auxiliary import ATTRIBUTE
 from hf_seqkd.losses import sequence_cross_entropy
 
 from _helpers import SequentialTrainer, training_args
+
 
 def _args(tmp_path, **kw):
     return training_args(tmp_path, **{**dict(alpha=1.0, hybrid_gate="scalar", generation_max_length=8), **kw})
@@ -65,14 +66,7 @@ def _manual_terms(student, teacher, batch):
     return token, sentence, ce, gold.encoder_last_hidden_state
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """These models are tiny: intra-op threads only add overhead, and on a busy machine OpenMP's waiting threads
-    make them several times slower. Restored after each test."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("torch_one_thread")  # tests/conftest.py
 
 
 # ------------------------------------------------------------------------------------------------- the loss
@@ -199,7 +193,8 @@ def test_gate_has_its_own_learning_rate_and_is_logged(tmp_path, tokenizer, seqkd
                    if any(p is trainer.distillation_modules["hybrid_gate"].logit for p in g["params"])]
     assert len(gate_groups) == 1 and gate_groups[0]["lr"] == pytest.approx(0.5)
     logged = [h for h in trainer.state.log_history if "loss" in h]
-    assert len(logged) == 3 and all({"hybrid_gate", "loss_token", "loss_sentence", "loss_ce"} <= set(h) for h in logged)
+    assert len(logged) == 3
+    assert all({"hybrid_gate", "loss_token", "loss_sentence", "loss_ce"} <= set(h) for h in logged)
     assert logged[0]["hybrid_gate"] == pytest.approx(0.5)
     assert logged[-1]["hybrid_gate"] > 0.6  # Adam with lr 0.5: about 0.5 logit units per step towards L_token
     default = DistillationTrainer(model=tiny_marian, teacher_model=teacher, train_dataset=seqkd_set,
@@ -425,6 +420,7 @@ def make_trainer(out, **kw):
 '''
 
 
+@pytest.mark.slow
 def test_two_processes_equal_one_big_batch(tmp_path):
     """Under torchrun (gloo, CPU), the gate and the projections get process 0's initial values and averaged
     gradients: both processes end with the same modules, equal to one process training on both halves."""

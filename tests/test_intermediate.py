@@ -30,15 +30,7 @@ from hf_seqkd.losses import sequence_cross_entropy
 
 from _helpers import SequentialTrainer, training_args
 
-
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """These models are tiny: intra-op threads only add overhead, and on a busy machine OpenMP's waiting threads
-    make them several times slower. Restored after each test."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("torch_one_thread")  # tests/conftest.py
 
 
 # ------------------------------------------------------------------------------------------------ mappings

@@ -46,7 +46,7 @@ def test_matches_reference_value_and_gradient(divergence, temperature):
     student, teacher, labels = _inputs()
     beta = 0.3
     s1 = student.clone().requires_grad_(True)
-    loss = distillation_loss(s1, teacher, labels, divergence=divergence, temperature=temperature, beta=beta,
+    loss = distillation_loss(s1, teacher, labels, divergence=divergence, temperature=temperature, jsd_beta=beta,
                              chunk_size=4)  # several chunks
     s2 = student.clone().double().requires_grad_(True)
     ref = reference_loss(s2, teacher.double(), labels, divergence, temperature, beta)
@@ -66,7 +66,8 @@ def test_reverse_and_forward_kl_differ_on_asymmetric_inputs():
 def test_zero_when_distributions_match():
     student, _, labels = _inputs(2)
     for divergence in DIVERGENCES:
-        assert distillation_loss(student, student.clone(), labels, divergence=divergence).item() == pytest.approx(0, abs=1e-5)
+        value = distillation_loss(student, student.clone(), labels, divergence=divergence).item()
+        assert value == pytest.approx(0, abs=1e-5)
 
 
 def test_padding_positions_do_not_change_value_or_gradient():
@@ -210,7 +211,7 @@ def test_a_banned_token_contributes_nothing(divergence, dtype, fused):
     student, teacher, labels, (r_student, r_teacher, r_labels), banned = _with_banned_token(dtype)
     s = student.clone().requires_grad_(True)
     r = r_student.clone().to(dtype).requires_grad_(True)
-    kw = dict(divergence=divergence, temperature=2.0, beta=0.3, chunk_size=4)
+    kw = dict(divergence=divergence, temperature=2.0, jsd_beta=0.3, chunk_size=4)
     if fused:
         loss = fused_ce_and_distillation_loss(s, teacher, labels, ce_weight=0.5, kd_weight=0.5, **kw)[0]
         ref = fused_ce_and_distillation_loss(r, r_teacher.to(dtype), r_labels, ce_weight=0.5, kd_weight=0.5, **kw)[0]
@@ -237,7 +238,7 @@ def test_token_divergence_with_zero_probabilities_is_finite_in_half_precision():
         for divergence in DIVERGENCES:
             s = torch.log_softmax(logits_s.float(), -1).to(dtype).requires_grad_(True)
             t = torch.log_softmax(logits_t.float(), -1).to(dtype)
-            value = token_divergence(s, t, divergence, beta=0.5)
+            value = token_divergence(s, t, divergence, jsd_beta=0.5)
             value.sum().backward()
             assert torch.isfinite(value).all() and torch.isfinite(s.grad).all(), (divergence, dtype)
 

@@ -6,22 +6,21 @@ from pathlib import Path
 
 import pytest
 import sentencepiece as spm
-import torch
 import transformers
 from transformers import AutoModelForSeq2SeqLM, AutoTokenizer
 
-from model_families import (  # noqa: F401  (family_snapshots is a session fixture)
+from model_families import (
     ENGLISH_EXAMPLES,
     FAMILIES,
     GERMAN_EXAMPLES,
     SPECS,
     corpus,
     family_of,
-    family_snapshots,
     reference_generate,
 )
 
-pytestmark = pytest.mark.filterwarnings("ignore:Recommended. pip install sacremoses")
+pytestmark = [pytest.mark.filterwarnings("ignore:Recommended. pip install sacremoses"),
+              pytest.mark.usefixtures("torch_one_thread")]  # tests/conftest.py
 
 MODEL_CLASS = {"marian": "MarianMTModel", "t5": "T5ForConditionalGeneration", "bart": "BartForConditionalGeneration",
                "mbart50": "MBartForConditionalGeneration", "m2m100": "M2M100ForConditionalGeneration",
@@ -34,13 +33,6 @@ TOKENIZER_FILES = {"marian": {"source.spm", "target.spm", "vocab.json"}, "t5": {
 DECODER_START = {"marian": "pad", "t5": "pad", "bart": "eos", "mbart50": "eos", "m2m100": "eos", "nllb": "eos"}
 
 
-@pytest.fixture(autouse=True)
-def _one_torch_thread():
-    """One torch thread: on a busy 2-core machine two OpenMP threads spin-wait and run ~10x slower."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 def _load(folder, name):

@@ -18,14 +18,7 @@ from hf_seqkd.pruning import (
     weight_class,
 )
 
-
-@pytest.fixture(autouse=True)
-def _one_torch_thread():
-    """One torch thread: on a busy 2-core machine two OpenMP threads spin-wait and run ~10x slower."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("torch_one_thread")  # tests/conftest.py
 
 
 def _weights(model):
@@ -91,7 +84,7 @@ def test_class_uniform_prunes_each_class_by_the_target(tokenizer):
         masks = prune_model(model, sparsity=0.6, scope="class_uniform")
         report = sparsity_report(model)
         by_class = {}
-        for name, mask in masks.items():
+        for name in masks:
             by_class.setdefault(weight_class(name), []).append(name)
         assert set(by_class) == {"embeddings", "attention", "feed_forward"}
         for cls, names in by_class.items():
@@ -129,7 +122,8 @@ def test_tied_embedding_pruned_once_and_counted_once(tiny_marian):
     masks = prune_model(model, sparsity=0.5)
     # one tensor, one mask, no alias names
     assert "model.shared.weight" in masks
-    assert not {"lm_head.weight", "model.encoder.embed_tokens.weight", "model.decoder.embed_tokens.weight"} & set(masks)
+    tied_copies = {"lm_head.weight", "model.encoder.embed_tokens.weight", "model.decoder.embed_tokens.weight"}
+    assert not tied_copies & set(masks)
     assert model.lm_head.weight is shared and model.model.encoder.embed_tokens.weight is shared
     assert torch.equal(shared.detach() == 0, ~masks["model.shared.weight"] | (shared.detach() == 0))
     report = sparsity_report(model)
@@ -253,8 +247,7 @@ def test_deepcopy_of_pruned_model_is_independent(tiny_marian):
 
 
 def test_masks_survive_a_trainer_loop_and_checkpoints(tiny_marian, tokenizer, toy_corpus, tmp_path):
-    from transformers import AutoModelForSeq2SeqLM, DataCollatorForSeq2Seq, Seq2SeqTrainer
-    from transformers import Seq2SeqTrainingArguments
+    from transformers import AutoModelForSeq2SeqLM, DataCollatorForSeq2Seq, Seq2SeqTrainer, Seq2SeqTrainingArguments
 
     model = tiny_marian
     masks = prune_model(model, sparsity=0.8)

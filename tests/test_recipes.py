@@ -22,7 +22,7 @@ CONFIG_DIR = os.path.join(ROOT, "recipes", "configs")
 CONFIGS = sorted(p for p in glob.glob(os.path.join(CONFIG_DIR, "*.yaml"))
                  if not os.path.basename(p).startswith(("prune_", "evaluate_")))
 EXPECTED_CONFIGS = {"opus_mt_de_en.yaml", "opus_mt_de_en_stage2_seq_inter.yaml", "t5_small_from_base.yaml",
-                    "train_student_opus_mt_de_en.yaml"}
+                    "word_kd_opus_mt_de_en.yaml"}
 
 
 def load_recipe(name):
@@ -120,18 +120,18 @@ def test_the_configs_say_what_the_issue_asks(offline_parse):
     stage1 = parse("opus_mt_de_en.yaml")
     assert field_value(stage1, "teacher_model_name_or_path") == "Helsinki-NLP/opus-mt-de-en"
     assert field_value(stage1, "kd_target") == "teacher_target"
-    assert field_value(stage1, "teacher_num_beams") == 5
+    assert field_value(stage1, "num_beams") == 5
     assert field_value(stage1, "bf16") is True
     assert field_value(stage1, "student_decoder_layers") < 6  # a student, not a copy of the teacher
 
     stage2 = parse("opus_mt_de_en_stage2_seq_inter.yaml")
     assert field_value(stage2, "kd_target") == "seq_inter_target"
-    assert field_value(stage2, "nbest_size") == 35
+    assert field_value(stage2, "num_return_sequences") == 35 and field_value(stage2, "num_beams") >= 35
     assert field_value(stage2, "alpha") == 0.5
     assert field_value(stage2, "init_student_from") == field_value(stage1, "output_dir")  # continues stage 1
     assert field_value(stage2, "learning_rate") < field_value(stage1, "learning_rate")
     for same_data in ("dataset", "dataset_config", "source_lang", "target_lang", "max_train_samples",
-                      "max_source_length", "teacher_max_new_tokens", "seqkd_cache_dir", "teacher_model_name_or_path"):
+                      "max_source_length", "max_new_tokens", "seqkd_cache_dir", "teacher_model_name_or_path"):
         assert field_value(stage2, same_data) == field_value(stage1, same_data), same_data
 
     t5 = parse("t5_small_from_base.yaml")
@@ -140,7 +140,7 @@ def test_the_configs_say_what_the_issue_asks(offline_parse):
     assert (field_value(t5, "source_lang"), field_value(t5, "target_lang")) == ("en", "de")
     assert field_value(t5, "student_init") == "config" and field_value(t5, "student_d_model") == 512
 
-    word_kd = parse("train_student_opus_mt_de_en.yaml")
+    word_kd = parse("word_kd_opus_mt_de_en.yaml")
     assert field_value(word_kd, "kd_target") == "target" and field_value(word_kd, "alpha") > 0
 
 
@@ -174,17 +174,15 @@ def test_unknown_key_in_a_config_is_an_error_naming_it(offline_parse, tmp_path):
         offline_parse("seq_kd", ["--config", str(bad)])
 
 
-@pytest.mark.parametrize("recipe", ["seq_kd", "train_student"])
-def test_unknown_flag_is_an_error_naming_it(recipe, offline_parse):
-    config = os.path.join(CONFIG_DIR, "opus_mt_de_en.yaml" if recipe == "seq_kd" else
-                          "train_student_opus_mt_de_en.yaml")
+@pytest.mark.parametrize("config", ["opus_mt_de_en.yaml", "word_kd_opus_mt_de_en.yaml"])
+def test_unknown_flag_is_an_error_naming_it(config, offline_parse):
+    recipe, config = "seq_kd", os.path.join(CONFIG_DIR, config)
     with pytest.raises(ValueError, match=r"unknown option\(s\): \['--not_a_flag', '1'\]"):
         offline_parse(recipe, ["--config", config, "--not_a_flag", "1"])
     with pytest.raises(ValueError, match=r"unknown option\(s\): \['--learning_rat'"):  # no abbreviations
         offline_parse(recipe, ["--config", config, "--learning_rat", "0.1"])
-    if recipe == "train_student":  # Seq-KD settings belong to seq_kd.py only
-        with pytest.raises(ValueError, match=r"unknown option\(s\): \['--nbest_size'"):
-            offline_parse(recipe, ["--config", config, "--nbest_size", "35"])
+    with pytest.raises(ValueError, match=r"unknown option\(s\): \['--nbest_size'"):  # renamed num_return_sequences
+        offline_parse(recipe, ["--config", config, "--nbest_size", "35"])
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -208,7 +206,7 @@ def test_no_arguments_and_demo_flags_start_the_demo(argv, size, work_dir, monkey
 
     recipe = load_recipe("seq_kd")
     calls = []
-    monkeypatch.setattr(hf_seqkd.demo, "run_demo", lambda main, size, work_dir: calls.append((size, work_dir)))
+    monkeypatch.setattr(hf_seqkd.demo, "run_demo", lambda size, work_dir: calls.append((size, work_dir)))
     recipe.main(argv)
     assert calls == [(size, work_dir)]
 
@@ -231,29 +229,34 @@ def cache_entries(cache_dir):
 
 @pytest.fixture(scope="module")
 def tiny_demo(tmp_path_factory, torch_one_thread):
-    """``seq_kd.py --demo --demo_size tiny``: teacher, baseline and Seq-KD student; records the recipe's argv."""
+    """``seq_kd.py --demo --demo_size tiny``: teacher, baseline and Seq-KD student; the Seq-KD student's recipe
+    command line (what the demo prints as its equivalent) for the tests that rerun it."""
+    from hf_seqkd import DistillationTrainer
+    from hf_seqkd.demo import student_arguments
+
     work = tmp_path_factory.mktemp("demo")
     recipe = load_recipe("seq_kd")
-    real_main = recipe.main
-    runs = []
+    trained = []
+    real_train = DistillationTrainer.train
 
-    def recording_main(argv=None):
-        runs.append(list(argv))
-        return real_main(argv)
+    def recording_train(self, *args, **kwargs):
+        trained.append(self.args.output_dir)
+        return real_train(self, *args, **kwargs)
 
     with pytest.MonkeyPatch.context() as mp:
-        mp.setattr(recipe, "main", recording_main)  # run_demo calls the recipe through the module's `main`
+        mp.setattr(DistillationTrainer, "train", recording_train)
         generate = count_generate_calls(mp)
         start = time.perf_counter()
-        table = real_main(["--demo", "--demo_size", "tiny", "--demo_dir", str(work)])
+        table = recipe.main(["--demo", "--demo_size", "tiny", "--demo_dir", str(work)])
         seconds = time.perf_counter() - start
     print(f"\ntiny demo: {seconds:.1f} s")
-    assert len(runs) == 2, f"the demo should run the recipe twice (baseline, Seq-KD), ran it {len(runs)} times"
-    seq_kd_argv = next(a for a in runs if a[a.index("--kd_target") + 1] == "teacher_target")
-    return {"work": work, "recipe": recipe, "table": table, "seconds": seconds, "argv": seq_kd_argv,
-            "generate_calls": generate["n"]}
+    students = [d for d in trained if os.path.basename(d).startswith("student_")]
+    assert len(students) == 2, f"the demo should train two students (baseline, Seq-KD), trained {trained}"
+    return {"work": work, "recipe": recipe, "table": table, "seconds": seconds,
+            "argv": student_arguments(str(work), "tiny", "teacher_target"), "generate_calls": generate["n"]}
 
 
+@pytest.mark.slow
 def test_tiny_demo_produces_students_cards_results_and_the_cache(tiny_demo):
     work = tiny_demo["work"]
     assert tiny_demo["seconds"] < 180, f"the tiny demo took {tiny_demo['seconds']:.0f} s (about 30 s expected)"
@@ -280,6 +283,7 @@ def test_tiny_demo_produces_students_cards_results_and_the_cache(tiny_demo):
     assert corpus.num_rows == 1500 and "teacher_target" in corpus.column_names
 
 
+@pytest.mark.slow
 def test_second_run_reuses_the_seqkd_cache(tiny_demo, tmp_path):
     """The Seq-KD run again (1 step, no test split): the corpus comes from the cache, the teacher never generates."""
     argv = tiny_demo["argv"] + ["--output_dir", str(tmp_path / "again"), "--max_steps", "1",
@@ -305,12 +309,13 @@ def stage2(tiny_demo, tmp_path_factory):
         "--teacher_model_name_or_path", teacher, "--dataset", str(work / "data"), "--source_lang", "src",
         "--target_lang", "tgt", "--init_student_from", str(work / "student_seq_kd"), "--output_dir", str(out),
         "--seqkd_cache_dir", str(work / "seqkd_cache"),
-        "--nbest_size", "3", "--max_train_samples", "200", "--max_eval_samples", "16", "--max_test_samples", "30",
+        "--num_beams", "5", "--num_return_sequences", "3", "--max_train_samples", "200", "--max_eval_samples", "16",
+        "--max_test_samples", "30",
         "--max_steps", "10", "--eval_steps", "5", "--save_steps", "5", "--logging_steps", "5", "--warmup_steps", "0",
         "--per_device_train_batch_size", "32", "--gradient_accumulation_steps", "1", "--per_device_eval_batch_size",
         "16", "--learning_rate", "1e-3", "--bf16", "false", "--teacher_dtype", "float32",
-        "--dataloader_num_workers", "0", "--teacher_max_new_tokens", "48", "--generation_max_length", "48",
-        "--max_new_tokens", "48", "--eval_num_beams", "1", "--evaluate_teacher", "false", "--disable_tqdm", "true",
+        "--dataloader_num_workers", "0", "--max_new_tokens", "48", "--generation_max_length", "48",
+        "--eval_num_beams", "1", "--evaluate_teacher", "false", "--disable_tqdm", "true",
     ]
     config = os.path.join(CONFIG_DIR, "opus_mt_de_en_stage2_seq_inter.yaml")
     with pytest.MonkeyPatch.context() as mp:
@@ -321,6 +326,7 @@ def stage2(tiny_demo, tmp_path_factory):
             "generate_calls": generate["n"]}
 
 
+@pytest.mark.slow
 def test_stage2_seq_inter_with_word_kd_continues_the_stage1_student(tiny_demo, stage2):
     out = stage2["out"]
     stage1 = AutoModelForSeq2SeqLM.from_pretrained(tiny_demo["work"] / "student_seq_kd")
@@ -356,6 +362,7 @@ def test_stage2_seq_inter_with_word_kd_continues_the_stage1_student(tiny_demo, s
                for nbest, choice in zip(corpus["teacher_nbest"], corpus["seq_inter_target"]))
 
 
+@pytest.mark.slow
 def test_seqkd_run_with_the_same_kbest_settings_reuses_the_stage2_corpus(tiny_demo, stage2, tmp_path):
     """With K > 1 a Seq-KD run and a Seq-Inter run share one cached corpus: no second beam search."""
     before = cache_entries(tiny_demo["work"] / "seqkd_cache")
@@ -369,6 +376,7 @@ def test_seqkd_run_with_the_same_kbest_settings_reuses_the_stage2_corpus(tiny_de
     assert cache_entries(tiny_demo["work"] / "seqkd_cache") == before
 
 
+@pytest.mark.slow
 def test_seqkd_corpus_from_a_ctranslate2_teacher(tiny_demo, tmp_path):
     """--teacher_ctranslate2_dir: the corpus is translated by the converted teacher (no `generate` call), gets its
     own cache entry, and the student trains on it."""

@@ -11,10 +11,17 @@ import sacrebleu
 import torch
 from transformers import AutoModelForSeq2SeqLM
 
-from hf_seqkd import (DistillationDataCollator, DistillationTrainer, DistillationTrainingArguments,
-                      prepare_distillation_dataset, tiny_seq2seq_model, train_tokenizer)
+from hf_seqkd import (
+    DistillationDataCollator,
+    DistillationTrainer,
+    DistillationTrainingArguments,
+    prepare_distillation_dataset,
+    tiny_seq2seq_model,
+    train_tokenizer,
+)
 from hf_seqkd.pruning import prune_model, weight_class
 from hf_seqkd.report import (
+    EvaluationResult,
     add_speedup,
     check_tokenizer,
     compare_models,
@@ -25,6 +32,8 @@ from hf_seqkd.report import (
     plot_bleu_vs_speed,
     write_report,
 )
+
+from _helpers import write_split_files
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 MAX_NEW = 24
@@ -61,11 +70,7 @@ def trained_dir(tokenizer, toy_corpus, tmp_path_factory):
 def data_dir(toy_corpus, tmp_path_factory):
     """The toy corpus as SPLIT.src / SPLIT.tgt files (small splits)."""
     folder = tmp_path_factory.mktemp("data")
-    sizes = {"train": 64, "validation": 8, "test": 16}
-    for split, n in sizes.items():
-        part = toy_corpus[split].select(range(n))
-        (folder / f"{split}.src").write_text("\n".join(part["source"]) + "\n")
-        (folder / f"{split}.tgt").write_text("\n".join(part["target"]) + "\n")
+    write_split_files(folder, toy_corpus, {"train": 64, "validation": 8, "test": 16})
     return folder
 
 
@@ -150,14 +155,17 @@ def test_ctranslate2_parameter_counts_read_model_bin(tmp_path):
 
 
 def test_speedup_is_relative_to_the_first_model():
-    rows = [{"model": "a", "sent_per_s_greedy_batched": 10.0, "sent_per_s_greedy_batch1": 2.0},
-            {"model": "b", "sent_per_s_greedy_batched": 35.0, "sent_per_s_greedy_batch1": 3.0},
-            {"model": "c", "sent_per_s_greedy_batched": 5.0, "sent_per_s_greedy_batch1": None}]
+    rows = [EvaluationResult(model="a", sent_per_s_greedy_batched=10.0, sent_per_s_greedy_batch1=2.0,
+                             sent_per_s_beam_batched=4.0),
+            EvaluationResult(model="b", sent_per_s_greedy_batched=35.0, sent_per_s_greedy_batch1=3.0),
+            EvaluationResult(model="c", sent_per_s_greedy_batched=5.0, sent_per_s_greedy_batch1=None)]
     assert add_speedup(rows) is rows
     assert [r["speedup"] for r in rows] == [1.0, 3.5, 0.5]
     assert [r["speedup_batch1"] for r in rows] == [1.0, 1.5, None]
-    add_speedup(rows, key="sent_per_s_greedy_batch1", out_key="s1")
-    assert [r["s1"] for r in rows] == [1.0, 1.5, None]
+    # Kim & Rush's comparison: greedy over the reference's beam search
+    assert [r["speedup_over_beam"] for r in rows] == [2.5, 8.75, 1.25]
+    add_speedup(rows, reference=1)
+    assert [r["speedup"] for r in rows] == pytest.approx([10 / 35, 1.0, 5 / 35])
 
 
 def test_write_report_files_and_plot(tmp_path):
@@ -168,7 +176,7 @@ def test_write_report_files_and_plot(tmp_path):
              "bleu_greedy": 28.25, "sent_per_s_greedy_batched": 60.0},
             {"model": "student-ct2", "kind": "ctranslate2", "bleu_greedy": 28.0, "sent_per_s_greedy_batched": 300.0},
             {"model": "broken", "bleu_greedy": None, "sent_per_s_greedy_batched": None}]
-    add_speedup(rows)
+    rows = add_speedup([EvaluationResult.from_dict(r) for r in rows])
     paths = write_report(rows, tmp_path / "report")
     assert set(paths) == {"markdown", "json", "plot"}
 
@@ -179,7 +187,7 @@ def test_write_report_files_and_plot(tmp_path):
         assert line.startswith(f"| {row['model']} |")
     assert "Speed-up" in table[0] and "| 5.00 |" in table[3]  # the student: 60 / 12
     assert any("first 20 sentences" in line for line in md)  # batch-1 timing is on a subset: said so
-    assert json.loads(paths["json"].read_text()) == rows
+    assert json.loads(paths["json"].read_text()) == [r.to_dict() for r in rows]
 
     assert paths["plot"].read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     fig, annotations = plot_bleu_vs_speed(rows)
@@ -327,7 +335,7 @@ def test_prune_recipe_retrains_on_seqkd_targets(trained_dir, data_dir, tmp_path)
     prune = load_recipe("prune")
     rows = prune.main([
         "--model_name_or_path", str(trained_dir), "--teacher_model_name_or_path", str(trained_dir), "--alpha", "0",
-        "--kd_target", "teacher_target", "--teacher_num_beams", "2", "--teacher_max_new_tokens", "16",
+        "--kd_target", "teacher_target", "--num_beams", "2",
         "--seqkd_cache_dir", str(tmp_path / "cache"), "--max_train_samples", "32", "--sparsities", "0.6",
         "--pruning_scope", "class_uniform", "--dataset", str(data_dir), "--source_lang", "src",
         "--target_lang", "tgt", "--max_steps", "2", "--per_device_train_batch_size", "16", "--save_strategy", "no",
@@ -359,10 +367,10 @@ def test_prune_recipe_rejects_bad_arguments(trained_dir, data_dir, tmp_path):
 def test_recipe_configs_parse(recipe, config):
     args = load_recipe(recipe).parse(["--config", os.path.join(ROOT, "recipes", "configs", config)])
     if recipe == "prune":
-        prune_args, data_args, eval_args, seqkd_args, training_args = args
+        prune_args, data_args, eval_args, training_args = args
         assert prune_args.sparsities == [0.5, 0.8, 0.9] and prune_args.pruning_scope == "class_blind"
         assert training_args.kd_target == "teacher_target" and training_args.alpha == 0.0
-        assert training_args.max_steps == 5000 and seqkd_args.seqkd_cache_dir == "out/seqkd_cache"
+        assert training_args.max_steps == 5000 and training_args.seqkd_cache_dir == "out/seqkd_cache"
         assert eval_args.eval_num_beams == [1, 5] and data_args.source_lang == "de"
     else:
         comparison, data_args = args

@@ -14,20 +14,15 @@ import torch
 from datasets import Dataset
 
 from hf_seqkd import tiny_seq2seq_model
-from hf_seqkd.seqkd import build_seqkd_dataset, make_length_batches, select_seq_inter
+from hf_seqkd.seqkd import make_length_batches, select_seq_inter
+
+from _helpers import build
 
 MAX_NEW = 24
 BEAM = dict(num_beams=4, max_new_tokens=MAX_NEW, show_progress=False)
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """One intra-op thread: as fast for these tiny models, and immune to the many-fold slowdown two OpenMP
-    threads suffer when another process keeps the (2) cores busy."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("torch_one_thread")  # tests/conftest.py
 
 
 def _train(model, tokenizer, corpus, steps=300, batch_size=32, lr=3e-3, seed=0):
@@ -105,7 +100,7 @@ def _teacher_forced_mean_logprob(model, tokenizer, source, sequence, eos_id):
 
 @pytest.mark.parametrize("sort_by_length", [True, False])
 def test_matches_direct_generate_in_original_order(teacher, tokenizer, data, sort_by_length):
-    out = build_seqkd_dataset(data, teacher, tokenizer, batch_size=8, shard_size=16, sort_by_length=sort_by_length,
+    out = build(data, teacher, tokenizer, batch_size=8, shard_size=16, sort_by_length=sort_by_length,
                               **BEAM)
     direct = _direct(teacher, tokenizer, data["source"])
     assert out["source"] == data["source"] and out["target"] == data["target"]
@@ -124,7 +119,7 @@ def test_matches_direct_generate_in_original_order(teacher, tokenizer, data, sor
 @pytest.mark.parametrize("num_beams", [4, 1])
 def test_teacher_score_is_length_normalised_logprob(teacher, tokenizer, data, num_beams):
     rows = data.select(range(12))
-    out = build_seqkd_dataset(rows, teacher, tokenizer, num_beams=num_beams, max_new_tokens=MAX_NEW,
+    out = build(rows, teacher, tokenizer, num_beams=num_beams, max_new_tokens=MAX_NEW,
                               batch_size=5, show_progress=False)
     direct = _direct(teacher, tokenizer, rows["source"], num_beams=num_beams)
     eos = tokenizer.eos_token_id
@@ -138,7 +133,7 @@ def test_teacher_score_is_length_normalised_logprob(teacher, tokenizer, data, nu
 
 def test_nbest_and_seq_inter(teacher, tokenizer, data):
     k = 3
-    out = build_seqkd_dataset(data, teacher, tokenizer, num_return_sequences=k, seq_inter=True, batch_size=8,
+    out = build(data, teacher, tokenizer, num_return_sequences=k, seq_inter=True, batch_size=8,
                               shard_size=16, **BEAM)
     direct = _direct(teacher, tokenizer, data["source"], k=k)
     assert out["teacher_nbest"] == [texts for texts, _, _ in direct]
@@ -152,7 +147,7 @@ def test_nbest_and_seq_inter(teacher, tokenizer, data):
         bleu = [sacrebleu.sentence_bleu(c, [ref], smooth_method="exp").score for c in nbest]
         assert chosen in nbest and sacrebleu.sentence_bleu(chosen, [ref], smooth_method="exp").score == max(bleu)
     assert out["seq_inter_target"] != out["teacher_target"], "Seq-Inter should not always keep the 1-best"
-    chrf = build_seqkd_dataset(data.select(range(10)), teacher, tokenizer, num_return_sequences=k, seq_inter=True,
+    chrf = build(data.select(range(10)), teacher, tokenizer, num_return_sequences=k, seq_inter=True,
                                seq_inter_metric="chrf", **BEAM)
     for nbest, ref, chosen, scores in zip(chrf["teacher_nbest"], chrf["target"], chrf["seq_inter_target"],
                                           chrf["teacher_nbest_scores"]):
@@ -161,11 +156,11 @@ def test_nbest_and_seq_inter(teacher, tokenizer, data):
 
 def test_length_sorted_batches_and_token_budget(teacher, tokenizer, data, monkeypatch):
     calls = _count_calls(teacher, monkeypatch)
-    unsorted = build_seqkd_dataset(data, teacher, tokenizer, batch_size=8, shard_size=40, sort_by_length=False,
+    unsorted = build(data, teacher, tokenizer, batch_size=8, shard_size=40, sort_by_length=False,
                                    **BEAM)
     unsorted_calls = list(calls)
     calls.clear()
-    sorted_ = build_seqkd_dataset(data, teacher, tokenizer, batch_size=8, shard_size=40, **BEAM)
+    sorted_ = build(data, teacher, tokenizer, batch_size=8, shard_size=40, **BEAM)
     flat = [n for call in calls for n in call]
     assert flat == sorted(flat, reverse=True), "batches are formed longest first"
     assert all(len(call) <= 8 for call in calls)
@@ -175,7 +170,7 @@ def test_length_sorted_batches_and_token_budget(teacher, tokenizer, data, monkey
 
     calls.clear()
     budget = 4 * 4 * 12  # 4 beams x 12 tokens x 4 sentences
-    budgeted = build_seqkd_dataset(data, teacher, tokenizer, batch_size=40, shard_size=40,
+    budgeted = build(data, teacher, tokenizer, batch_size=40, shard_size=40,
                                    max_tokens_per_batch=budget, **BEAM)
     assert all(len(c) * max(c) * 4 <= budget or len(c) == 1 for c in calls)
     assert max(len(c) for c in calls) > 4, "short sentences fill bigger batches"
@@ -194,7 +189,7 @@ def test_make_length_batches():
 
 def test_caller_teacher_left_as_it_was(teacher, tokenizer, data):
     model = copy.deepcopy(teacher).train()
-    out = build_seqkd_dataset(data.select(range(4)), model, tokenizer, num_beams=1, max_new_tokens=8,
+    out = build(data.select(range(4)), model, tokenizer, num_beams=1, max_new_tokens=8,
                               dtype="float64", show_progress=False)
     assert len(out) == 4
     assert model.training and next(model.parameters()).dtype == torch.float32
@@ -209,44 +204,44 @@ def test_cache_is_reused_and_keyed_by_inputs(teacher, tokenizer, data, tmp_path,
     with torch.no_grad():
         changed.model.decoder.layers[1].fc2.bias[0] += 1e-3  # one value, deep inside
     calls = _count_calls(teacher, monkeypatch)
-    first = build_seqkd_dataset(rows, teacher, tokenizer, cache_dir=tmp_path, shard_size=5, **BEAM)
+    first = build(rows, teacher, tokenizer, cache_dir=tmp_path, shard_size=5, **BEAM)
     assert len(calls) == 3
     (entry,) = os.listdir(tmp_path)
     assert len(entry) == 64 and (tmp_path / entry / "result.parquet").exists()
 
     calls.clear()
-    again = build_seqkd_dataset(rows, teacher, tokenizer, cache_dir=tmp_path, shard_size=5, **BEAM)
+    again = build(rows, teacher, tokenizer, cache_dir=tmp_path, shard_size=5, **BEAM)
     assert calls == [] and again.to_dict() == first.to_dict()
     # batching settings are not part of the key: still cached
-    build_seqkd_dataset(rows, teacher, tokenizer, cache_dir=tmp_path, shard_size=7, batch_size=2, **BEAM)
+    build(rows, teacher, tokenizer, cache_dir=tmp_path, shard_size=7, batch_size=2, **BEAM)
     assert calls == []
 
     # every input that changes the output is: settings, sources, the teacher's weights
-    build_seqkd_dataset(rows, teacher, tokenizer, cache_dir=tmp_path, num_beams=3, max_new_tokens=MAX_NEW,
+    build(rows, teacher, tokenizer, cache_dir=tmp_path, num_beams=3, max_new_tokens=MAX_NEW,
                         show_progress=False)
     assert len(calls) == 1
-    build_seqkd_dataset(rows, teacher, tokenizer, cache_dir=tmp_path, source_prefix="ka ", **BEAM)
+    build(rows, teacher, tokenizer, cache_dir=tmp_path, source_prefix="ka ", **BEAM)
     assert len(calls) == 2
-    build_seqkd_dataset(data.select(range(1, 13)), teacher, tokenizer, cache_dir=tmp_path, **BEAM)
+    build(data.select(range(1, 13)), teacher, tokenizer, cache_dir=tmp_path, **BEAM)
     assert len(calls) == 3
     changed_calls = _count_calls(changed, monkeypatch)
-    build_seqkd_dataset(rows, changed, tokenizer, cache_dir=tmp_path, **BEAM)
+    build(rows, changed, tokenizer, cache_dir=tmp_path, **BEAM)
     assert len(changed_calls) == 1
     assert len(os.listdir(tmp_path)) == 5
     # an explicit teacher fingerprint replaces hashing the weights
     changed_calls.clear()
-    build_seqkd_dataset(rows, changed, tokenizer, cache_dir=tmp_path, teacher_fingerprint="teacher-v1", **BEAM)
-    build_seqkd_dataset(rows, teacher, tokenizer, cache_dir=tmp_path, teacher_fingerprint="teacher-v1", **BEAM)
+    build(rows, changed, tokenizer, cache_dir=tmp_path, teacher_fingerprint="teacher-v1", **BEAM)
+    build(rows, teacher, tokenizer, cache_dir=tmp_path, teacher_fingerprint="teacher-v1", **BEAM)
     assert len(changed_calls) == 1 and len(calls) == 3
 
 
 def test_interrupted_run_resumes_from_finished_shards(teacher, tokenizer, data, tmp_path, monkeypatch):
     kwargs = dict(cache_dir=tmp_path, shard_size=16, batch_size=16, **BEAM)  # shards 0-16, 16-32, 32-40
-    expected = build_seqkd_dataset(data, teacher, tokenizer, shard_size=16, batch_size=16, **BEAM)
+    expected = build(data, teacher, tokenizer, shard_size=16, batch_size=16, **BEAM)
 
     _count_calls(teacher, monkeypatch, fail_on_call=3)  # one generate call per shard: dies in the third
     with pytest.raises(RuntimeError, match="injected failure"):
-        build_seqkd_dataset(data, teacher, tokenizer, **kwargs)
+        build(data, teacher, tokenizer, **kwargs)
     (entry,) = tmp_path.iterdir()
     assert sorted(p.name for p in entry.glob("shard-*")) == ["shard-000000000-000000016.parquet",
                                                                "shard-000000016-000000032.parquet"]
@@ -254,12 +249,13 @@ def test_interrupted_run_resumes_from_finished_shards(teacher, tokenizer, data, 
 
     monkeypatch.undo()
     calls = _count_calls(teacher, monkeypatch)
-    resumed = build_seqkd_dataset(data, teacher, tokenizer, **kwargs)
+    resumed = build(data, teacher, tokenizer, **kwargs)
     assert len(calls) == 1 and len(calls[0]) == 8, "only the missing shard is generated"
     assert resumed.to_dict() == expected.to_dict()
     assert (entry / "result.parquet").exists()
 
 
+@pytest.mark.slow
 def test_two_processes_with_torchrun_equal_one_process(teacher, tokenizer, data, tmp_path):
     model_dir, out_dir, cache = tmp_path / "teacher", tmp_path / "out", tmp_path / "cache"
     out_dir.mkdir()
@@ -277,7 +273,7 @@ def test_two_processes_with_torchrun_equal_one_process(teacher, tokenizer, data,
         capture_output=True, text=True, timeout=240, env=env)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
 
-    single = build_seqkd_dataset(rows, teacher, tokenizer, show_progress=False, **kwargs).to_dict()
+    single = build(rows, teacher, tokenizer, show_progress=False, **kwargs).to_dict()
     for rank in (0, 1):
         got = json.loads((out_dir / f"result-{rank}.json").read_text())
         assert list(got) == list(single)
@@ -338,29 +334,29 @@ def test_select_seq_inter_chrf():
 
 def test_clear_errors(tiny_marian, tokenizer, data):
     with pytest.raises(ValueError, match=r"'src'.*\['source', 'target'\]"):
-        build_seqkd_dataset(data, tiny_marian, tokenizer, source_column="src")
+        build(data, tiny_marian, tokenizer, source_column="src")
     with pytest.raises(ValueError, match="num_return_sequences > 1"):
-        build_seqkd_dataset(data, tiny_marian, tokenizer, seq_inter=True)
+        build(data, tiny_marian, tokenizer, seq_inter=True)
     with pytest.raises(ValueError, match=r"target column 'ref'.*\['source', 'target'\]"):
-        build_seqkd_dataset(data, tiny_marian, tokenizer, seq_inter=True, num_return_sequences=2, target_column="ref")
+        build(data, tiny_marian, tokenizer, seq_inter=True, num_return_sequences=2, target_column="ref")
     with pytest.raises(ValueError, match="seq_inter_metric"):
-        build_seqkd_dataset(data, tiny_marian, tokenizer, seq_inter=True, num_return_sequences=2,
+        build(data, tiny_marian, tokenizer, seq_inter=True, num_return_sequences=2,
                             seq_inter_metric="ter")
     with pytest.raises(ValueError, match="empty"):
-        build_seqkd_dataset(data.select([]), tiny_marian, tokenizer)
+        build(data.select([]), tiny_marian, tokenizer)
     with pytest.raises(ValueError, match="between 1 and num_beams=2"):
-        build_seqkd_dataset(data, tiny_marian, tokenizer, num_beams=2, num_return_sequences=3)
+        build(data, tiny_marian, tokenizer, num_beams=2, num_return_sequences=3)
     with pytest.raises(ValueError, match="batch_size"):
-        build_seqkd_dataset(data, tiny_marian, tokenizer, batch_size=0)
+        build(data, tiny_marian, tokenizer, batch_size=0)
     with pytest.raises(ValueError, match="max_tokens_per_batch"):
-        build_seqkd_dataset(data, tiny_marian, tokenizer, max_tokens_per_batch=0)
+        build(data, tiny_marian, tokenizer, max_tokens_per_batch=0)
     with pytest.raises(TypeError, match="dataset\\['train'\\]"):
-        build_seqkd_dataset({"train": data}, tiny_marian, tokenizer)
+        build({"train": data}, tiny_marian, tokenizer)
     with pytest.raises(ValueError, match="row 1 of column 'source'"):
-        build_seqkd_dataset(Dataset.from_dict({"source": ["a", None]}), tiny_marian, tokenizer)
+        build(Dataset.from_dict({"source": ["a", None]}), tiny_marian, tokenizer)
     two_processes = SimpleNamespace(num_processes=2, process_index=0, device=torch.device("cpu"))
     with pytest.raises(ValueError, match="cache_dir"):
-        build_seqkd_dataset(data, tiny_marian, tokenizer, accelerator=two_processes)
+        build(data, tiny_marian, tokenizer, accelerator=two_processes)
 
 
 # ----------------------------------------------------------------------------- the cache key (fault 8 audit)

@@ -3,8 +3,14 @@
 import pytest
 import torch
 
-from hf_seqkd import (count_parameters, layers_to_copy, make_student, make_student_from_config, tiny_seq2seq_model,
-                      train_tokenizer)
+from hf_seqkd import (
+    count_parameters,
+    layers_to_copy,
+    make_student,
+    make_student_from_config,
+    tiny_seq2seq_model,
+    train_tokenizer,
+)
 
 
 def test_layer_maps_follow_shleifer_and_rush():

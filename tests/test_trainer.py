@@ -17,7 +17,8 @@ from hf_seqkd import (
 )
 from hf_seqkd.losses import sequence_cross_entropy
 
-from _helpers import InOrder, SequentialTrainer as SeqDistillationTrainer, training_args
+from _helpers import InOrder, training_args
+from _helpers import SequentialTrainer as SeqDistillationTrainer
 
 
 class SeqSeq2SeqTrainer(InOrder, Seq2SeqTrainer):
@@ -69,7 +70,8 @@ def test_loss_is_the_documented_mixture(tmp_path, tokenizer, train_set, tiny_mar
     trainer = DistillationTrainer(model=tiny_marian, teacher_model=teacher,
                                   args=_args(tmp_path, alpha=alpha, temperature=temperature,
                                              label_smoothing_factor=eps, divergence="jsd", jsd_beta=0.4),
-                                  train_dataset=train_set, data_collator=DistillationDataCollator(tokenizer, tiny_marian))
+                                  train_dataset=train_set,
+                                  data_collator=DistillationDataCollator(tokenizer, tiny_marian))
     batch = _batch(train_set, tokenizer, tiny_marian)
     loss = trainer.compute_loss(tiny_marian, dict(batch))
     with torch.no_grad():
@@ -77,7 +79,7 @@ def test_loss_is_the_documented_mixture(tmp_path, tokenizer, train_set, tiny_mar
         s = tiny_marian(**inputs).logits
         t = teacher(**inputs).logits
     ce = sequence_cross_entropy(s, batch["labels"], label_smoothing=eps)
-    kd = distillation_loss(s, t, batch["labels"], divergence="jsd", beta=0.4, temperature=temperature)
+    kd = distillation_loss(s, t, batch["labels"], divergence="jsd", jsd_beta=0.4, temperature=temperature)
     assert loss.item() == pytest.approx(((1 - alpha) * ce + alpha * kd).item(), rel=1e-5)
 
 
@@ -85,7 +87,8 @@ def test_loss_is_the_documented_mixture(tmp_path, tokenizer, train_set, tiny_mar
 def test_gradient_accumulation_equals_one_big_batch(tmp_path, tokenizer, train_set, tiny_marian, teacher, alpha):
     a, b = copy.deepcopy(tiny_marian), copy.deepcopy(tiny_marian)
     collator = DistillationDataCollator(tokenizer, model=tiny_marian)
-    accumulated = SeqDistillationTrainer(model=a, teacher_model=teacher, train_dataset=train_set, data_collator=collator,
+    accumulated = SeqDistillationTrainer(model=a, teacher_model=teacher, train_dataset=train_set,
+                                         data_collator=collator,
                                          args=_args(tmp_path / "ga", alpha=alpha, per_device_train_batch_size=4,
                                                     gradient_accumulation_steps=2))
     big = SeqDistillationTrainer(model=b, teacher_model=teacher, train_dataset=train_set, data_collator=collator,
@@ -176,6 +179,7 @@ with open(os.path.join(sys.argv[1], f"{sys.argv[2]}{os.environ['RANK']}.json"), 
 '''
 
 
+@pytest.mark.slow
 def test_torchrun_without_accelerator_trains_as_one_distributed_job(tmp_path):
     """Two processes under torchrun on a CPU machine form one job (world size 2, ranks 0 and 1). Plain
     Transformers arguments stay single-process there unless use_cpu is set; ours switch it on."""
