@@ -14,6 +14,14 @@ trains a tokenizer (vocab 8000) and a small Marian teacher (d_model 256, 3+3 lay
     python bench/generation.py --teacher /tmp/t         # reuse it
 
 The data is read from /work/shared/data/multi30k (``--data_dir``); nothing is copied into the repository.
+
+``--memory`` measures instead the peak memory (RSS) of teacher decoding at real vocabulary sizes (opus-mt's 58,101,
+NLLB's 256,206): one batch of 64 sentences, beam 5, outputs running to 128 tokens (a random-weight teacher never
+stops), each way in its own process: plain ``generate``; ``generate(output_scores=True)`` (how ``teacher_score``
+used to be computed: every step's rows x vocabulary scores are kept); ``build_seqkd_dataset`` (its scores come from
+a logits processor and a stopping criterion that keep one score per hypothesis and step).
+
+    python bench/generation.py --memory --repeats 3     # ~40 min on one thread
 """
 
 from __future__ import annotations
@@ -153,6 +161,133 @@ def worker(args):
             json.dump({"seconds": seconds, "outputs": list(out["teacher_target"])}, f)
 
 
+# ------------------------------------------------------------------------------------------------ --memory
+MEMORY_WAYS = ("generate", "generate(output_scores=True)", "build_seqkd_dataset")
+
+
+def _memory_teacher(vocab_size: int, d_model: int):
+    """A random Marian teacher with ``vocab_size`` entries (</s>=0, <unk>=1, <pad> last, as opus-mt) and a word-level
+    tokenizer of the same size whose words are ``w2`` ... (so that every generated id decodes)."""
+    from tokenizers import Tokenizer, models, pre_tokenizers, processors
+    from transformers import MarianConfig, MarianMTModel, PreTrainedTokenizerFast
+
+    vocab = {"</s>": 0, "<unk>": 1, **{f"w{i}": i for i in range(2, vocab_size - 1)}, "<pad>": vocab_size - 1}
+    backend = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
+    backend.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    backend.post_processor = processors.TemplateProcessing(single="$A </s>", special_tokens=[("</s>", 0)])
+    tokenizer = PreTrainedTokenizerFast(tokenizer_object=backend, eos_token="</s>", unk_token="<unk>",
+                                        pad_token="<pad>")
+    pad = vocab_size - 1
+    config = MarianConfig(vocab_size=vocab_size, decoder_vocab_size=vocab_size, d_model=d_model, encoder_layers=2,
+                          decoder_layers=2, encoder_attention_heads=4, decoder_attention_heads=4,
+                          encoder_ffn_dim=4 * d_model, decoder_ffn_dim=4 * d_model, max_position_embeddings=256,
+                          scale_embedding=True, pad_token_id=pad, decoder_start_token_id=pad, eos_token_id=0,
+                          forced_eos_token_id=None)
+    torch.manual_seed(0)
+    return tokenizer, MarianMTModel(config).eval()
+
+
+def _rss_kib(field: str) -> int:
+    with open("/proc/self/status") as f:
+        return next(int(line.split()[1]) for line in f if line.startswith(field + ":"))
+
+
+def memory_worker(args):
+    """One measurement: prints a JSON line with the baseline and peak RSS (KiB), seconds and output lengths."""
+    import json
+
+    from hf_seqkd import GenerationSettings
+
+    torch.set_num_threads(args.threads or 1)
+    tokenizer, teacher = _memory_teacher(args.memory_vocab, args.memory_d_model)
+    g = torch.Generator().manual_seed(1)
+    sources = [" ".join(f"w{int(i)}" for i in torch.randint(2, args.memory_vocab - 1, (20,), generator=g))
+               for _ in range(args.memory_sentences)]
+    beams, limit = args.num_beams, args.max_new_tokens
+
+    def run(texts, max_new_tokens):
+        if args.memory_way == "build_seqkd_dataset":
+            out = build_seqkd_dataset(Dataset.from_dict({"source": texts}), teacher, tokenizer, GenerationSettings(
+                num_beams=beams, max_new_tokens=max_new_tokens, generation_batch_size=len(texts)),
+                show_progress=False)
+            return [len(tokenizer(t)["input_ids"]) - 1 for t in out["teacher_target"]]  # without the </s> added
+        enc = tokenizer(texts, return_tensors="pt", padding=True)
+        with torch.inference_mode():
+            if args.memory_way == "generate":
+                sequences = teacher.generate(**enc, num_beams=beams, max_new_tokens=max_new_tokens, do_sample=False)
+            else:  # the former way: all scores kept, sequences_scores read from them
+                out = teacher.generate(**enc, num_beams=beams, max_new_tokens=max_new_tokens, do_sample=False,
+                                       output_scores=True, return_dict_in_generate=True)
+                sequences, _ = out.sequences, out.sequences_scores
+        return [int((row[1:] != tokenizer.pad_token_id).sum()) for row in sequences]
+
+    run(sources[:2], 4)  # warm-up: lazy imports, first allocations
+    baseline = _rss_kib("VmRSS")
+    with open("/proc/self/clear_refs", "w") as f:  # reset the peak (VmHWM) to the current RSS
+        f.write("5")
+    t0 = time.perf_counter()
+    lengths = run(sources, limit)
+    seconds = time.perf_counter() - t0
+    print(json.dumps({"way": args.memory_way, "vocab": args.memory_vocab, "baseline_kib": baseline,
+                      "peak_kib": _rss_kib("VmHWM"), "seconds": seconds, "mean_length": statistics.mean(lengths),
+                      "sentences": len(sources)}), flush=True)
+
+
+def memory_main(args):
+    """Every way at every vocabulary size, ``--repeats`` interleaved rounds (order rotated), one process each."""
+    import json
+    import subprocess
+
+    vocabs = [int(v) for v in args.memory_vocabs.split(",")]
+    results: dict = {}
+    for vocab in vocabs:
+        ways = list(MEMORY_WAYS)
+        scores_gib = args.memory_sentences * args.num_beams * args.max_new_tokens * vocab * 4 / 2 ** 30
+        if scores_gib > args.memory_limit_gib:
+            ways.remove("generate(output_scores=True)")
+            print(f"vocab {vocab}: output_scores left out (it would keep {scores_gib:.0f} GiB of scores)", flush=True)
+        for r in range(args.repeats):
+            for way in ways[r % len(ways):] + ways[:r % len(ways)]:
+                cmd = [sys.executable, os.path.abspath(__file__), "--memory_worker", "--memory_way", way,
+                       "--memory_vocab", str(vocab), "--memory_d_model", str(args.memory_d_model),
+                       "--memory_sentences", str(args.memory_sentences), "--num_beams", str(args.num_beams),
+                       "--max_new_tokens", str(args.max_new_tokens), "--threads", str(args.threads or 1)]
+                # a fixed mmap threshold: every large tensor is its own mapping, returned when freed, so the peak RSS
+                # is the peak of live memory (glibc's adaptive threshold otherwise keeps freed blocks, by chance)
+                env = dict(os.environ, MALLOC_MMAP_THRESHOLD_="131072")
+                line = subprocess.run(cmd, check=True, capture_output=True, text=True,
+                                      env=env).stdout.strip().splitlines()[-1]
+                row = json.loads(line)
+                results.setdefault((vocab, way), []).append(row)
+                print(f"  vocab {vocab} round {r}: {way}: peak {row['peak_kib'] / 2**20:.2f} GiB "
+                      f"(+{(row['peak_kib'] - row['baseline_kib']) / 2**20:.2f}), {row['seconds']:.1f}s", flush=True)
+    print()
+    print(f"command: python {' '.join(sys.argv)}")
+    print(f"machine: {platform.platform()}, {os.cpu_count()} CPUs, torch {torch.__version__} "
+          f"({args.threads or 1} thread), transformers {transformers.__version__}")
+    print(f"teacher: random Marian, d_model {args.memory_d_model}, 2+2 layers; {args.memory_sentences} sentences of "
+          f"20 tokens in one batch, beam {args.num_beams}, max_new_tokens {args.max_new_tokens}; "
+          f"{args.repeats} rounds, each way in a fresh process (MALLOC_MMAP_THRESHOLD_=131072); peak: the highest "
+          f"of the rounds, time: the fastest")
+    print()
+    print("| vocabulary | way | peak RSS (GiB) | of which decoding (GiB) | peak / generate's | time (s) | "
+          "sentences/s vs generate | mean output tokens |")
+    print("| ---: | --- | ---: | ---: | ---: | ---: | ---: | ---: |")
+    for vocab in vocabs:
+        plain = results[(vocab, "generate")]
+        plain_peak, plain_time = max(r["peak_kib"] for r in plain), min(r["seconds"] for r in plain)
+        for way in MEMORY_WAYS:
+            rows = results.get((vocab, way))
+            if not rows:
+                print(f"| {vocab:,} | `{way}` | not run (> {args.memory_limit_gib:g} GiB) | | | | | |")
+                continue
+            peak = max(r["peak_kib"] for r in rows)
+            used = max(r["peak_kib"] - r["baseline_kib"] for r in rows)
+            seconds = min(r["seconds"] for r in rows)
+            print(f"| {vocab:,} | `{way}` | {peak / 2**20:.2f} | {used / 2**20:.2f} | {peak / plain_peak:.2f}x | "
+                  f"{seconds:.1f} | {plain_time / seconds:.2f}x | {rows[0]['mean_length']:.0f} |")
+
+
 def main():
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--data_dir", default="/work/shared/data/multi30k")
@@ -182,7 +317,22 @@ def main():
     p.add_argument("--train_batch_size", type=int, default=64)
     p.add_argument("--lr", type=float, default=1e-3)
     p.add_argument("--warmup_steps", type=int, default=100)
+    p.add_argument("--memory", action="store_true", help="peak memory of teacher decoding (module docstring)")
+    p.add_argument("--memory_vocabs", default="58101,256206", help="--memory: vocabulary sizes")
+    p.add_argument("--memory_sentences", type=int, default=64, help="--memory: sentences in the batch")
+    p.add_argument("--memory_d_model", type=int, default=256, help="--memory: the teacher's width")
+    p.add_argument("--memory_limit_gib", type=float, default=16.0,
+                   help="--memory: leave out output_scores where its scores alone would exceed this")
+    p.add_argument("--memory_worker", action="store_true", help=argparse.SUPPRESS)
+    p.add_argument("--memory_way", default=None, help=argparse.SUPPRESS)
+    p.add_argument("--memory_vocab", type=int, default=None, help=argparse.SUPPRESS)
     args = p.parse_args()
+    if args.memory_worker:
+        return memory_worker(args)
+    if args.memory:
+        if "--max_new_tokens" not in sys.argv:
+            args.max_new_tokens = 128
+        return memory_main(args)
     if args.worker:
         return worker(args)
     if (args.processes > 1 or args.ctranslate2) and not args.teacher:

@@ -116,7 +116,16 @@ class DistillationTrainingArguments(Seq2SeqTrainingArguments):
             Targets are truncated to this many tokens; validation with `predict_with_generate` lets translations
             run this long (unless `generation_max_length` is set), capped at the student's position table.
         source_prefix (`str`, *optional*, defaults to `""`):
-            Text put before every source, e.g. T5's `"translate German to English: "`.
+            Text put before every source, e.g. T5's `"translate German to English: "`; empty: the model's own prefix
+            for the language pair when it has one (T5's `task_specific_params`).
+        src_lang (`str` or `None`, *optional*, defaults to `None`):
+            The source language as the tokenizer codes it (`"deu_Latn"` for NLLB, `"de_DE"` for mBART-50, `"de"` for
+            M2M100), as `run_translation.py` names it; `None`: the code the tokenizer was loaded with. Tokenizers
+            without codes ignore it.
+        tgt_lang (`str` or `None`, *optional*, defaults to `None`):
+            The target language, likewise; for a multilingual tokenizer its token is forced as the first generated
+            token of every `generate` the run makes (`forced_bos_token_id`). For other tokenizers a plain name
+            (`"zh"`) still chooses the BLEU tokenizer. `hf_seqkd.languages.resolve_languages` resolves both.
         bleu_tokenize (`str` or `None`, *optional*, defaults to `None`):
             sacrebleu's tokenizer for BLEU in validation, Seq-Inter and the evaluations (`"13a"`, `"zh"`,
             `"ja-mecab"`, `"char"`, ...); `None` chooses it from the target language
@@ -169,8 +178,8 @@ class DistillationTrainingArguments(Seq2SeqTrainingArguments):
             `None` disables the hybrid objective; `"scalar"` learns one gate; `"input"` a gate per sentence from the
             student's mean-pooled encoder output; a number (e.g. `"0.5"`) fixes it. Needs `alpha > 0`. The teacher's
             sequences come from the `teacher_target` column (the Seq-KD corpus, built when missing) or, for
-            tokenized data without `teacher_labels`, from greedy decoding (cached per sentence; limit
-            `max_new_tokens`... or twice the source length plus 10 when `generation_max_length` is unset).
+            tokenized data without `teacher_labels`, from greedy decoding (cached per sentence; at most
+            `generation_max_length - 1` new tokens, or twice the source length plus 10 when it is unset).
         hybrid_gate_init (`float`, *optional*, defaults to `0.5`):
             Initial value of a learned gate; strictly inside `hybrid_gate_bounds`.
         hybrid_gate_learning_rate (`float` or `None`, *optional*, defaults to `None`):
@@ -196,6 +205,10 @@ class DistillationTrainingArguments(Seq2SeqTrainingArguments):
     max_target_length: int = field(default=256, metadata={"help": "Target truncation length (tokens); also the "
                                                                    "validation generation limit."})
     source_prefix: str = field(default="", metadata={"help": "Text put before every source (T5's task prefix)."})
+    src_lang: Optional[str] = field(default=None, metadata={"help": "Source language code of the tokenizer "
+                                                                    "(deu_Latn, de_DE, de)."})
+    tgt_lang: Optional[str] = field(default=None, metadata={"help": "Target language code of the tokenizer, forced "
+                                                                    "as the first generated token."})
     bleu_tokenize: Optional[str] = field(default=None, metadata={"help": "sacrebleu tokenizer of BLEU (None: from "
                                                                           "the target language)."})
     # sequence level
@@ -357,7 +370,8 @@ class DistillationTrainingArguments(Seq2SeqTrainingArguments):
         out = {"kd_target": self.kd_target, "learning_rate": self.learning_rate,
                "num_train_epochs": None if self.max_steps > 0 else self.num_train_epochs,
                "max_steps": self.max_steps if self.max_steps > 0 else None,
-               "label_smoothing_factor": self.label_smoothing_factor or None}
+               "label_smoothing_factor": self.label_smoothing_factor or None, "src_lang": self.src_lang,
+               "tgt_lang": self.tgt_lang, "source_prefix": self.source_prefix or None}
         if self.alpha > 0:
             out.update(alpha=self.alpha, temperature=self.temperature, divergence=self.divergence,
                        jsd_beta=self.jsd_beta if self.divergence == "jsd" else None)

@@ -331,7 +331,7 @@ class DistillationDataCollator:
 
     Args:
         tokenizer: the tokenizer (pads inputs).
-        model: the student (makes ``decoder_input_ids`` from ``labels``).
+        model: the student (``decoder_input_ids`` are made from ``labels`` for it, :func:`decoder_inputs_from_labels`).
         pad_to_multiple_of: passed to the inner collator.
     """
 
@@ -340,8 +340,6 @@ class DistillationDataCollator:
     pad_to_multiple_of: int | None = None
 
     def __post_init__(self):
-
-
         # Always pad on the right, whatever the tokenizer was saved with: left-padded labels would put padding
         # between the decoder start token and the target, and left-padded sources shift absolute positions.
         tokenizer = copy.copy(self.tokenizer)
@@ -350,12 +348,15 @@ class DistillationDataCollator:
                                              pad_to_multiple_of=self.pad_to_multiple_of)
 
     def __call__(self, features):
-
         extra = None
         if features and "teacher_labels" in features[0]:
             extra = [list(f["teacher_labels"]) for f in features]
             features = [{k: v for k, v in f.items() if k != "teacher_labels"} for f in features]
         batch = self._inner(features)
+        if self.model is not None and "labels" in batch and "decoder_input_ids" not in batch:
+            # DataCollatorForSeq2Seq only asks models that have prepare_decoder_input_ids_from_labels; M2M100 and
+            # NLLB (Transformers 5) neither have it nor shift the labels in forward
+            batch["decoder_input_ids"] = decoder_inputs_from_labels(self.model, batch["labels"])
         if extra is not None:
             width = max(len(x) for x in extra)
             batch["teacher_labels"] = torch.tensor([x + [-100] * (width - len(x)) for x in extra], dtype=torch.long)

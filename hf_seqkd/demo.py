@@ -136,6 +136,7 @@ def run_demo(size: str = "full", work_dir: str | None = None, seed: int = 0) -> 
     from . import load_parallel_data
     from .evaluation import add_speedup
     from .report import markdown_table, signature_line
+    from .significance import add_significance
     from .toy import make_toy_corpus
 
     if size not in DEMO_SIZES:
@@ -164,14 +165,17 @@ def run_demo(size: str = "full", work_dir: str | None = None, seed: int = 0) -> 
                dataclasses.replace(baseline[-1], model="student, no KD (baseline)"),
                dataclasses.replace(seq_kd[-1], model="student, Seq-KD")]
     add_speedup(results)
-    columns = ["model", "params", "bleu_greedy", "bleu_beam", "chrf", "sent_per_s_greedy_batched",
-               "speedup_over_beam"]
+    add_significance(results, data["test"]["target"], baseline=1)  # sacrebleu's paired bootstrap vs the baseline
+    columns = ["model", "params", "bleu_greedy", "bleu_greedy_p_value", "bleu_beam", "chrf",
+               "sent_per_s_greedy_batched", "speedup_over_beam"]
     print("\n" + markdown_table(results, columns) + "\n" + signature_line(results))
     teacher_row, base, kd = results
     gain = kd.bleu_greedy - base.bleu_greedy
-    verdict = "beats" if gain > 0 else "does NOT beat"
+    verdict = ("beats" if gain > 0 else "does NOT beat") + (
+        "" if kd.bleu_greedy_p_value < 0.05 else " (not significantly: the difference is within chance)")
     print(f"\nThe Seq-KD student {verdict} the baseline on greedy BLEU by {gain:+.2f} "
-          f"({kd.bleu_greedy:.2f} vs {base.bleu_greedy:.2f}); "
+          f"({kd.bleu_greedy:.2f} ± {kd.bleu_greedy_ci:.2f} vs {base.bleu_greedy:.2f} ± {base.bleu_greedy_ci:.2f}, "
+          f"paired bootstrap p = {kd.bleu_greedy_p_value:.3f}); "
           f"greedy-beam gap: baseline {base.bleu_beam - base.bleu_greedy:+.2f}, "
           f"Seq-KD {kd.bleu_beam - kd.bleu_greedy:+.2f}.")
     print(f"Why: {ALTERNATIVE_ORDER:.0%} of this corpus's references use a second valid word order (verb first, "

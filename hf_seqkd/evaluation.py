@@ -230,7 +230,11 @@ class EvaluationResult:
     reference model (the first of a comparison): ``speedup`` greedy over its greedy, batched; ``speedup_batch1`` the
     same at batch size 1; ``speedup_over_beam`` greedy over its beam search, batched (Kim & Rush's comparison of a
     greedy student with its teacher's beam search). ``extra`` holds what a recipe adds (e.g. the target sparsity,
-    the BLEU before retraining); :meth:`to_dict` writes it at the top level.
+    the BLEU before retraining); :meth:`to_dict` writes it at the top level. ``hypotheses_greedy`` /
+    ``hypotheses_beam`` are the batched runs' translations of the test set, in its order. The confidence intervals
+    (``*_ci``: the half-width of the 95% interval, ``score ± ci``) and the p-values of the difference from
+    ``significance_baseline`` (``*_p_value``; ``None`` for the baseline) come from sacrebleu's paired test
+    (:func:`hf_seqkd.significance.add_significance`; ``significance_test`` names it, with its signature).
     """
 
     model: str
@@ -255,6 +259,16 @@ class EvaluationResult:
     tok_per_s_greedy_batch1: float | None = None
     sent_per_s_beam_batch1: float | None = None
     tok_per_s_beam_batch1: float | None = None
+    bleu_greedy_ci: float | None = None
+    chrf_greedy_ci: float | None = None
+    bleu_beam_ci: float | None = None
+    chrf_beam_ci: float | None = None
+    bleu_greedy_p_value: float | None = None
+    chrf_greedy_p_value: float | None = None
+    bleu_beam_p_value: float | None = None
+    chrf_beam_p_value: float | None = None
+    significance_baseline: str | None = None
+    significance_test: str | None = None
     speedup: float | None = None
     speedup_batch1: float | None = None
     speedup_over_beam: float | None = None
@@ -266,6 +280,8 @@ class EvaluationResult:
     device: str | None = None
     dataset: str | None = None
     split: str | None = None
+    hypotheses_greedy: list[str] | None = None
+    hypotheses_beam: list[str] | None = None
     extra: dict = field(default_factory=dict)
 
     @property
@@ -424,8 +440,10 @@ def timed_decode(model, tokenizer, sources, references, *, num_beams: int = 1, b
     ``target_tokens`` (their sum). ``generate_kwargs`` go to ``generate`` (e.g. ``forced_bos_token_id``)."""
 
     if _is_ctranslate2(model):
+        bos = generate_kwargs.get("forced_bos_token_id")
         out = translate_ctranslate2(model, tokenizer, [source_prefix + s for s in sources], num_beams=num_beams,
-                                    batch_size=batch_size, max_new_tokens=max_new_tokens)
+                                    batch_size=batch_size, max_new_tokens=max_new_tokens,
+                                    target_token=None if bos is None else tokenizer.convert_ids_to_tokens(bos))
         hypotheses = [h.strip() for h in out]
         out = {**corpus_scores(hypotheses, references, tokenize=bleu_tokenize), "seconds": out.seconds,
                "hypotheses": hypotheses}
@@ -467,7 +485,8 @@ def evaluate_model(model, tokenizer, sources: Sequence[str], references: Sequenc
         source_prefix: T5-style task prefix.
         bleu_tokenize: sacrebleu's tokenizer for BLEU (:func:`resolve_bleu_tokenize`).
         show_progress: progress bars.
-        generate_kwargs: further ``generate`` arguments of a Transformers model (``forced_bos_token_id``, ...).
+        generate_kwargs: further ``generate`` arguments (``forced_bos_token_id``: for a CTranslate2 model, the target
+            prefix).
 
     Raises:
         ValueError: different numbers of sources and references, or an empty test set.
@@ -490,7 +509,7 @@ def evaluate_model(model, tokenizer, sources: Sequence[str], references: Sequenc
         threads=(model.intra_threads or None) if is_ct2 else torch.get_num_threads(),
         device=model.translator.device if is_ct2 else str(next(model.parameters()).device))
     common = dict(max_new_tokens=max_new_tokens, source_prefix=source_prefix, bleu_tokenize=bleu_tokenize,
-                  **({} if is_ct2 else dict(generate_kwargs or {})))
+                  **dict(generate_kwargs or {}))
     # warm-up (untimed): first calls allocate caches, pick kernels, ...
     timed_decode(model, tokenizer, sources[:2], references[:2], num_beams=1, batch_size=2, **common)
     runs = [(f"{dec}_batched", beams, batch_size, len(sources)) for dec, beams in decoders]
@@ -508,5 +527,6 @@ def evaluate_model(model, tokenizer, sources: Sequence[str], references: Sequenc
             decoder = key.split("_")[0]
             setattr(result, f"bleu_{decoder}", out["bleu"])
             setattr(result, f"chrf_{decoder}", out["chrf"])
+            setattr(result, f"hypotheses_{decoder}", out["hypotheses"])
             result.bleu_signature, result.chrf_signature = out["bleu_signature"], out["chrf_signature"]
     return result

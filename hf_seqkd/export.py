@@ -12,7 +12,9 @@
 
 from __future__ import annotations
 
+import json
 import os
+import shutil
 import threading
 import time
 from pathlib import Path
@@ -22,8 +24,10 @@ import torch
 from transformers import AutoTokenizer
 
 from .generation import SEQKD_LENGTH_PENALTY
+from .languages import target_token_id
 
-__all__ = ["to_ctranslate2", "translate_ctranslate2", "CTranslate2Translator", "TimedTranslations"]
+__all__ = ["to_ctranslate2", "translate_ctranslate2", "CTranslate2Translator", "TimedTranslations",
+           "ctranslate2_decoding_options"]
 
 _INSTALL_HINT = (
     'CTranslate2 export needs the optional dependency ctranslate2: pip install "hf_seqkd[ct2]" '
@@ -153,7 +157,8 @@ def to_ctranslate2(
     """Convert a saved Transformers seq2seq model to a CTranslate2 model folder.
 
     Args:
-        model_dir: a folder written by ``model.save_pretrained`` *and* ``tokenizer.save_pretrained`` (the
+        model_dir: a Hub id (downloaded with ``huggingface_hub.snapshot_download``) or a folder written by
+            ``model.save_pretrained`` *and* ``tokenizer.save_pretrained`` (the
             converter reads the vocabulary with ``AutoTokenizer``). A pruned model must be folded first
             (:func:`hf_seqkd.pruning.fold_pruning`; the pruning module's ``save_pretrained`` handling does
             this) so that the folder holds plain weights.
@@ -174,6 +179,11 @@ def to_ctranslate2(
     from ctranslate2.converters import TransformersConverter
     from ctranslate2.converters import transformers as ct2_transformers
 
+    name = str(model_dir)
+    if not os.path.exists(name) and not os.path.isabs(name) and not name.startswith(".") and name.count("/") <= 1:
+        from huggingface_hub import snapshot_download  # a Hub id: its snapshot in the Hugging Face cache
+
+        model_dir = snapshot_download(name)
     model_dir = Path(model_dir)
     if not (model_dir / "config.json").is_file():
         raise FileNotFoundError(f"to_ctranslate2: {model_dir} has no config.json; save the model there first")
@@ -200,6 +210,8 @@ def to_ctranslate2(
         finally:
             registry.clear()
             registry.update(originals)
+    if (model_dir / "generation_config.json").is_file():  # how the model decodes: CTranslate2Translator follows it
+        shutil.copyfile(model_dir / "generation_config.json", Path(out) / "generation_config.json")
     return str(out)
 
 
@@ -230,12 +242,69 @@ class TimedTranslations(list):
                 "sentences_per_second": self.sentences_per_second}
 
 
+def ctranslate2_decoding_options(generation_config, tokenizer, target_token: str | None = None,
+                                  **overrides) -> dict:
+    """CTranslate2 ``translate_batch`` options that decode as a Transformers generation config says.
+
+    ``no_repeat_ngram_size``, ``repetition_penalty``, ``length_penalty``, ``bad_words_ids`` (as
+    ``suppress_sequences``), ``min_new_tokens`` (``min_decoding_length``), ``max_length`` (``max_decoding_length``,
+    which ``overrides`` may give as a number of new tokens), ``forced_eos_token_id`` (the limit is one shorter:
+    Transformers spends the last token on the forced ``</s>``, which CTranslate2 never shows) and the first forced
+    token as
+    ``target_token`` (turned into ``target_prefix`` per sentence): ``target_token`` when given, else the tokenizer's
+    ``tgt_lang`` (a multilingual tokenizer), else the config's ``forced_bos_token_id`` (e.g. BART's ``<s>``).
+
+    Args:
+        generation_config: a ``GenerationConfig`` or its dict (``generation_config.json``).
+        tokenizer: the model's tokenizer (ids -> tokens).
+        target_token: the token forced first.
+        **overrides: options that win (``None`` values are ignored).
+    """
+    config = generation_config if isinstance(generation_config, dict) else generation_config.to_diff_dict()
+    tok = tokenizer
+    options = {}
+    if config.get("no_repeat_ngram_size"):
+        options["no_repeat_ngram_size"] = int(config["no_repeat_ngram_size"])
+    if config.get("repetition_penalty") not in (None, 1.0):
+        options["repetition_penalty"] = float(config["repetition_penalty"])
+    if config.get("length_penalty") is not None:
+        options["length_penalty"] = float(config["length_penalty"])
+    if config.get("bad_words_ids"):
+        options["suppress_sequences"] = [tok.convert_ids_to_tokens(ids) for ids in config["bad_words_ids"]]
+    if config.get("min_new_tokens"):
+        options["min_decoding_length"] = int(config["min_new_tokens"])
+    limit = overrides.pop("max_decoding_length", None)
+    if limit is None and config.get("max_length"):  # Transformers counts the decoder start token
+        limit = int(config["max_length"]) - 1
+    if limit is not None:  # Transformers' forced EOS takes the last of max_new_tokens; CTranslate2 leaves it out
+        forced_eos = config.get("forced_eos_token_id")
+        options["max_decoding_length"] = max(1, int(limit) - 1) if forced_eos is not None else int(limit)
+    if target_token is None:
+        bos = target_token_id(tok)
+        bos = bos if bos is not None else config.get("forced_bos_token_id")
+        target_token = None if bos is None else tok.convert_ids_to_tokens(bos)
+    if target_token is not None:
+        options["target_token"] = target_token
+    options.update({k: v for k, v in overrides.items() if v is not None})
+    return options
+
+
 class CTranslate2Translator:
-    """A converted model plus its Hugging Face tokenizer: text in, text out.
+    """A converted model plus its Hugging Face tokenizer: text in, text out, decoded as the original model's generation
+    config says.
+
+    The generation config that :func:`to_ctranslate2` copies into the folder (``generation_config.json``) is
+    followed: ``no_repeat_ngram_size``, ``repetition_penalty``, ``length_penalty`` (for :meth:`translate`; the Seq-KD
+    corpus fixes 1.0), ``bad_words_ids`` (suppressed sequences), ``min_new_tokens`` and ``forced_bos_token_id`` (the
+    target prefix, e.g. BART's ``<s>``; the tokenizer's ``tgt_lang`` comes first), unless a call says otherwise
+    (``target_token``: a multilingual model's target language).
+    One difference remains: Transformers' ``repetition_penalty`` also penalises the decoder start token, which is
+    ``</s>`` for BART, mBART, M2M100 and NLLB (so it lengthens their outputs); CTranslate2's does not.
 
     Args:
         ct2_dir: a folder written by :func:`to_ctranslate2`.
-        tokenizer: the model's tokenizer (an object, or a folder/name for ``AutoTokenizer.from_pretrained``).
+        tokenizer: the model's tokenizer (an object, or a folder/name for ``AutoTokenizer.from_pretrained``); its
+            source language (``src_lang``) tags the sources.
         device: ``"cpu"``, ``"cuda"`` or ``"auto"``.
         compute_type: CTranslate2 compute type (``"default"`` = the saved weight type where supported).
         intra_threads: threads per translation (0 = CTranslate2's default).
@@ -246,14 +315,26 @@ class CTranslate2Translator:
                  intra_threads: int = 0, inter_threads: int = 1):
         ctranslate2 = _import_ctranslate2()
         if isinstance(tokenizer, (str, os.PathLike)):
-
             tokenizer = AutoTokenizer.from_pretrained(tokenizer)
         self.tokenizer = tokenizer
         self.ct2_dir = str(ct2_dir)
         self.intra_threads = int(intra_threads)
         self.translator = ctranslate2.Translator(self.ct2_dir, device=device, compute_type=compute_type,
                                                  intra_threads=intra_threads, inter_threads=inter_threads)
+        config = Path(self.ct2_dir) / "generation_config.json"
+        self.generation_config = json.loads(config.read_text()) if config.is_file() else {}
         self.last_timing: dict | None = None
+
+    def decoding_options(self, target_token: str | None = None, **overrides) -> dict:
+        """``translate_batch`` options that reproduce the generation config (see the class docstring)."""
+        return ctranslate2_decoding_options(self.generation_config, self.tokenizer, target_token, **overrides)
+
+    def _translate_batch(self, ids: list[list[int]], **options):
+        target = options.pop("target_token", None)
+        tokens = [self.tokenizer.convert_ids_to_tokens(x) for x in ids]
+        if target is not None:
+            options["target_prefix"] = [[target] for _ in tokens]
+        return self.translator.translate_batch(tokens, **options) if tokens else []
 
     def translate(
         self,
@@ -261,8 +342,9 @@ class CTranslate2Translator:
         num_beams: int = 1,
         batch_size: int = 32,
         max_new_tokens: int = 128,
-        length_penalty: float = 1.0,
+        length_penalty: float | None = None,
         max_input_length: int = 1024,
+        target_token: str | None = None,
     ) -> TimedTranslations:
         """Translate ``sources``; returns the detokenized hypotheses with timing (also in ``last_timing``).
 
@@ -271,19 +353,20 @@ class CTranslate2Translator:
             num_beams: beam size (1 = greedy).
             batch_size: sentences per batch (CTranslate2 sorts by length within the call).
             max_new_tokens: the most target tokens generated (``max_decoding_length``).
-            length_penalty: CTranslate2's exponential length penalty for beam search.
+            length_penalty: CTranslate2's exponential length penalty for beam search (default: the generation
+                config's, else 1.0).
             max_input_length: source tokens kept (0 = no truncation).
+            target_token: the token forced first (a multilingual model's target language; default: the generation
+                config's ``forced_bos_token_id``).
         """
         tok = self.tokenizer
         start = time.perf_counter()
         sources = list(sources)
         ids = tok(sources, add_special_tokens=True)["input_ids"] if sources else []
-        tokens = [tok.convert_ids_to_tokens(x) for x in ids]
-        results = self.translator.translate_batch(
-            tokens, max_batch_size=max(1, int(batch_size)), beam_size=max(1, int(num_beams)),
-            max_decoding_length=int(max_new_tokens), length_penalty=length_penalty,
-            max_input_length=max_input_length,
-        ) if tokens else []
+        results = self._translate_batch(
+            ids, max_batch_size=max(1, int(batch_size)), beam_size=max(1, int(num_beams)),
+            max_input_length=max_input_length, **self.decoding_options(
+                target_token, length_penalty=length_penalty, max_decoding_length=max_new_tokens))
         hyp_ids = [tok.convert_tokens_to_ids(r.hypotheses[0]) for r in results]
         hypotheses = tok.batch_decode(hyp_ids, skip_special_tokens=True) if hyp_ids else []
         seconds = time.perf_counter() - start
@@ -298,19 +381,27 @@ class CTranslate2Translator:
         :func:`hf_seqkd.generation.generate_kbest` returns them for a Transformers model.
 
         The scores are CTranslate2's with ``length_penalty=1.0``: the summed log-probabilities of the generated
-        tokens (``</s>`` included) over their number, the same definition as Transformers'; they agree to about
-        5e-3 (CTranslate2's arithmetic differs; ``bench/RESULTS.md``).
+        tokens (``</s>`` included) over their number, the same definition as Transformers' (a hypothesis cut at the
+        limit of a model with a forced ``</s>`` counts that ``</s>`` as Transformers does); CTranslate2's arithmetic
+        differs, so they agree to about 1e-5, not to float precision (``bench/RESULTS.md``).
         """
-
         tok = self.tokenizer
         ids = tok(list(texts), truncation=max_source_length is not None, max_length=max_source_length)["input_ids"]
-        results = self.translator.translate_batch(
-            [tok.convert_ids_to_tokens(x) for x in ids], max_batch_size=len(ids), beam_size=generation.num_beams,
-            num_hypotheses=generation.num_return_sequences, max_decoding_length=generation.max_new_tokens,
-            length_penalty=SEQKD_LENGTH_PENALTY, return_scores=True, max_input_length=0)
+        target = None if generation.forced_bos_token_id is None else tok.convert_ids_to_tokens(
+            generation.forced_bos_token_id)
+        options = self.decoding_options(target, length_penalty=SEQKD_LENGTH_PENALTY,
+                                        max_decoding_length=generation.max_new_tokens)
+        results = self._translate_batch(
+            ids, max_batch_size=len(ids), beam_size=generation.num_beams,
+            num_hypotheses=generation.num_return_sequences, return_scores=True, max_input_length=0, **options)
         nbest = [tok.batch_decode([tok.convert_tokens_to_ids(h) for h in r.hypotheses], skip_special_tokens=True)
                  for r in results]
-        return nbest, [[float(x) for x in r.scores] for r in results]
+        # a hypothesis cut at the limit under a forced </s>: Transformers counts that </s> (log-probability 0, forced)
+        # in the length; CTranslate2 stopped one token earlier and divided by one less
+        limit, full = options["max_decoding_length"], generation.max_new_tokens
+        cut = limit < full
+        return nbest, [[float(x) * (limit / full if cut and len(h) == limit else 1.0)
+                        for h, x in zip(r.hypotheses, r.scores)] for r in results]
 
 
 def translate_ctranslate2(
@@ -323,6 +414,7 @@ def translate_ctranslate2(
     device: str = "cpu",
     compute_type: str = "default",
     intra_threads: int = 0,
+    target_token: str | None = None,
 ) -> TimedTranslations:
     """Translate ``sources`` with a CTranslate2 model folder and the model's Hugging Face tokenizer.
 
@@ -341,6 +433,7 @@ def translate_ctranslate2(
         compute_type: CTranslate2 compute type (``"default"``, ``"int8"``, ``"float32"``, ...).
         intra_threads: CPU threads per translation (0 = CTranslate2's default; when timing against
             Transformers, use the same number of threads as ``torch.get_num_threads()``).
+        target_token: the token forced first (a multilingual model's target language).
 
     Returns:
         :class:`TimedTranslations`: a list of hypotheses with ``seconds`` and ``sentences_per_second``
@@ -348,4 +441,5 @@ def translate_ctranslate2(
     """
     translator = ct2_dir if isinstance(ct2_dir, CTranslate2Translator) else CTranslate2Translator(
         ct2_dir, tokenizer, device=device, compute_type=compute_type, intra_threads=intra_threads)
-    return translator.translate(sources, num_beams=num_beams, batch_size=batch_size, max_new_tokens=max_new_tokens)
+    return translator.translate(sources, num_beams=num_beams, batch_size=batch_size, max_new_tokens=max_new_tokens,
+                                target_token=target_token)

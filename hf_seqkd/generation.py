@@ -3,8 +3,8 @@ limits a model can represent, and the K-best translations with their length-norm
 
 A sequence's score is what Transformers' beam search ranks by, ``sum_t log p(y_t | y_<t, x) / |y|`` (the processed
 log-probabilities of the generated tokens, ``</s>`` included, ``length_penalty=1.0``). :class:`ScoreRecorder` keeps
-only each step's best ``2 * num_beams + 1`` entries per beam, so memory grows with the batch, not with the
-vocabulary times the output length as ``output_scores=True`` does.
+one value per continuation the search considers, so memory grows with the batch, not with the vocabulary times the
+output length as ``output_scores=True`` does.
 """
 
 from __future__ import annotations
@@ -15,7 +15,16 @@ from typing import Sequence
 
 import torch
 from tqdm.auto import tqdm
-from transformers import DynamicCache, EncoderDecoderCache, LogitsProcessor, LogitsProcessorList
+from transformers import (
+    DynamicCache,
+    EncoderDecoderCache,
+    LogitsProcessor,
+    LogitsProcessorList,
+    StoppingCriteria,
+    StoppingCriteriaList,
+)
+
+from .languages import target_token_id
 
 __all__ = ["GenerationSettings", "SEQKD_LENGTH_PENALTY", "max_target_positions", "max_source_positions",
            "cap_max_new_tokens", "encode_sources", "translate", "generate_kbest", "ScoreRecorder"]
@@ -39,6 +48,8 @@ class GenerationSettings:
         generation_batch_size: the most sentences per ``generate`` call.
         max_tokens_per_batch: a token budget per call, counted as sentences x longest source (tokens) x
             ``num_beams``; ``None``: ``generation_batch_size`` only.
+        forced_bos_token_id: the token forced as the first generated one (a multilingual model's target language,
+            :class:`hf_seqkd.languages.Languages`); ``None``: the model's own generation config decides.
 
     Raises:
         ValueError: a value out of range, or ``num_return_sequences > num_beams`` (beam search returns at most
@@ -50,6 +61,7 @@ class GenerationSettings:
     max_new_tokens: int = 128
     generation_batch_size: int = 64
     max_tokens_per_batch: int | None = None
+    forced_bos_token_id: int | None = None
 
     def __post_init__(self):
         for name in ("num_beams", "num_return_sequences", "max_new_tokens", "generation_batch_size"):
@@ -111,6 +123,12 @@ def _device_of(model) -> torch.device:
     return next(model.parameters()).device
 
 
+def _force_target_language(tokenizer, generate_kwargs: dict) -> None:
+    bos = target_token_id(tokenizer, generate_kwargs.get("forced_bos_token_id"))
+    if bos is not None:
+        generate_kwargs["forced_bos_token_id"] = bos
+
+
 # ---------------------------------------------------------------------------------------------- translate
 @torch.inference_mode()
 def translate(model, tokenizer, sources: Sequence[str], *, num_beams: int = 1, batch_size: int = 32,
@@ -119,10 +137,12 @@ def translate(model, tokenizer, sources: Sequence[str], *, num_beams: int = 1, b
     """Translate ``sources``; returns (hypotheses in input order, number of generated tokens).
 
     Batches are formed from length-sorted sources when ``sort_by_length`` (less padding), order is restored; the
-    length limit is capped at the model's position table and sources are truncated to what it can take.
+    length limit is capped at the model's position table and sources are truncated to what it can take. Without a
+    ``forced_bos_token_id`` the tokenizer's ``tgt_lang`` (NLLB, M2M100, mBART-50) is forced.
     """
 
     model.eval()
+    _force_target_language(tokenizer, generate_kwargs)
     device = _device_of(model)
     max_new_tokens = cap_max_new_tokens(model, max_new_tokens)
     texts = [source_prefix + s for s in sources]
@@ -146,41 +166,87 @@ def translate(model, tokenizer, sources: Sequence[str], *, num_beams: int = 1, b
 
 
 # ------------------------------------------------------------------------------------- K-best with scores
-class ScoreRecorder(LogitsProcessor):
-    """Keeps, at every decoding step, the best ``keep`` processed log-probabilities (and their token ids) of every
-    row, so that the chosen tokens' log-probabilities can be read back after ``generate`` without
-    ``output_scores=True`` (which keeps every step's rows x vocabulary scores).
+class ScoreRecorder:
+    """Records the processed log-probability of every continuation a search considers, so that the chosen tokens'
+    log-probabilities can be read back after ``generate`` without ``output_scores=True`` (which keeps every step's
+    rows x vocabulary scores) and without a per-step top-k over the vocabulary.
 
-    Appended after the model's own processors, it sees what beam search ranks by (log-softmax, then the
-    processors; renormalised again when the generation config says ``renormalize_logits``) and, for greedy search,
-    the processed logits whose argmax is taken (their log-softmax is the score, as
-    ``compute_transition_scores(normalize_logits=True)`` computes it). A beam search keeps at most
-    ``2 * num_beams`` candidates per sentence, all among each row's best ``2 * num_beams`` entries, so ``keep``
-    of at least that (plus one per extra ``</s>`` id) always covers the chosen tokens.
+    Two hooks of ``generate`` share it: :attr:`processor`, a logits processor appended after the model's own, holds a
+    reference to the step's scores and the rows they extend; :attr:`criterion`, a stopping criterion (it never
+    stops), is called once per step with the continuations the search considers (beam search: the best
+    ``(1 + number of </s> ids) * num_beams`` of each sentence; greedy: one per row), their new token last. Each
+    continuation's value is read from the row whose tokens are its prefix (rows with equal prefixes have equal
+    scores), and the step's scores are let go: at most one step's scores are alive at a time, and per step one
+    value per continuation is kept.
+
+    The values are what beam search ranks by (log-softmax, then the processors; renormalised again when the
+    generation config says ``renormalize_logits``) and, for greedy search, the log-softmax of the processed logits
+    whose argmax is taken (as ``compute_transition_scores(normalize_logits=True)`` computes it).
+
+    Args:
+        num_beams: the search's beam size (1: greedy).
+        normalize: take the log-softmax of the recorded rows (greedy search, or ``renormalize_logits``).
     """
 
-    def __init__(self, keep: int, normalize: bool):
-        self.keep, self.normalize = int(keep), bool(normalize)
-        self.steps: list[tuple[torch.Tensor, torch.Tensor]] = []
+    def __init__(self, num_beams: int, normalize: bool):
+        self.num_beams, self.normalize = int(num_beams), bool(normalize)
+        self.steps: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = []  # (parent rows, tokens, values)
+        self._rows = self._scores = None
+        self.processor, self.criterion = _RecorderProcessor(self), _RecorderCriterion(self)
 
-    def __call__(self, input_ids: torch.LongTensor, scores: torch.FloatTensor) -> torch.FloatTensor:
-        values = torch.log_softmax(scores.float(), dim=-1) if self.normalize else scores.float()
-        top = values.topk(min(self.keep, values.shape[-1]), dim=-1)
-        self.steps.append((top.indices, top.values))
-        return scores
+    def _hold(self, input_ids: torch.Tensor, scores: torch.Tensor) -> None:
+        self._rows, self._scores = input_ids.clone(), scores
+
+    def _record(self, continuations: torch.Tensor) -> None:
+        rows, scores = self._rows, self._scores
+        self._rows = self._scores = None
+        if scores is None:
+            return
+        sentences = rows.shape[0] // self.num_beams
+        prefix, tokens = continuations[:, :-1], continuations[:, -1]
+        per_sentence = continuations.shape[0] // sentences
+        same = (prefix.view(sentences, per_sentence, 1, -1) == rows.view(sentences, 1, self.num_beams, -1)).all(-1)
+        first = torch.arange(sentences, device=rows.device).unsqueeze(1) * self.num_beams
+        parents = torch.where(same.any(-1), first + same.int().argmax(-1), -1).view(-1)
+        values = scores[parents.clamp(min=0), tokens].float()
+        if self.normalize:  # log_softmax(x) = x - logsumexp(x), without a rows x vocabulary copy
+            values = values - _logsumexp_rows(scores)[parents.clamp(min=0), 0]
+        self.steps.append((parents, tokens, torch.where(parents >= 0, values, float("nan"))))
 
     def token_log_probs(self, tokens: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
-        """The recorded log-probability of ``tokens[s, t]`` at step ``t`` in row ``rows[s, t]`` (``-1``: no step),
-        ``(sequences, steps)``; ``nan`` where the token is not among the row's recorded entries."""
+        """The recorded log-probability of ``tokens[s, t]`` at step ``t`` as a continuation of row ``rows[s, t]``
+        (``-1``: no step), ``(sequences, steps)``; ``nan`` where that continuation was not recorded."""
         out = torch.full(tokens.shape, float("nan"))
         for t in range(min(tokens.shape[1], len(self.steps))):
-            ids, values = (x.cpu() for x in self.steps[t])
+            parents, candidates, values = (x.cpu() for x in self.steps[t])
             valid = rows[:, t] >= 0
-            r, tok = rows[valid, t], tokens[valid, t]
-            hit = ids[r] == tok.unsqueeze(-1)
-            value = values[r].gather(1, hit.int().argmax(-1, keepdim=True)).squeeze(1)
-            out[valid, t] = torch.where(hit.any(-1), value, float("nan"))
+            hit = (parents == rows[valid, t].unsqueeze(-1)) & (candidates == tokens[valid, t].unsqueeze(-1))
+            out[valid, t] = torch.where(hit.any(-1), values[hit.int().argmax(-1)], float("nan"))
         return out
+
+
+class _RecorderProcessor(LogitsProcessor):
+    def __init__(self, recorder: ScoreRecorder):
+        self.recorder = recorder
+
+    def __call__(self, input_ids: torch.LongTensor, scores: torch.FloatTensor) -> torch.FloatTensor:
+        self.recorder._hold(input_ids, scores)
+        return scores
+
+
+class _RecorderCriterion(StoppingCriteria):
+    def __init__(self, recorder: ScoreRecorder):
+        self.recorder = recorder
+
+    def __call__(self, input_ids: torch.LongTensor, scores, **kwargs) -> torch.BoolTensor:
+        self.recorder._record(input_ids)
+        return torch.zeros(input_ids.shape[0], dtype=torch.bool, device=input_ids.device)
+
+
+def _logsumexp_rows(scores: torch.Tensor, rows_per_chunk: int = 64) -> torch.Tensor:
+    """``logsumexp`` over the vocabulary in float32, ``(rows, 1)``, a few rows at a time (bounded temporaries)."""
+    return torch.cat([torch.logsumexp(scores[i:i + rows_per_chunk].float(), dim=-1, keepdim=True)
+                      for i in range(0, scores.shape[0], rows_per_chunk)])
 
 
 class _SelfAttentionReorderingCache(EncoderDecoderCache):
@@ -227,17 +293,21 @@ def generate_kbest(model, tokenizer, texts: list[str], generation: GenerationSet
     enc = encode_sources(tokenizer, texts, model, max_length=max_source_length, return_tensors="pt")
     beams = generation.num_beams
     eos = _eos_ids(model)
-    recorder = ScoreRecorder(keep=(2 + len(eos)) * beams,
-                             normalize=beams == 1 or bool(getattr(model.generation_config, "renormalize_logits",
-                                                                  False)))
+    recorder = ScoreRecorder(beams, normalize=beams == 1 or bool(getattr(model.generation_config,
+                                                                         "renormalize_logits", False)))
     cache = _beam_search_cache(model) if beams > 1 else None
+    if generation.forced_bos_token_id is not None:
+        generate_kwargs.setdefault("forced_bos_token_id", generation.forced_bos_token_id)
+    _force_target_language(tokenizer, generate_kwargs)
     out = model.generate(
         input_ids=enc["input_ids"].to(model.device), attention_mask=enc["attention_mask"].to(model.device),
         **({_CACHE_KWARG: cache} if cache is not None else {}),
         num_beams=beams, num_return_sequences=generation.num_return_sequences,
         max_new_tokens=cap_max_new_tokens(model, generation.max_new_tokens),  # a runaway output is cut, not a crash
         do_sample=False, length_penalty=SEQKD_LENGTH_PENALTY, use_cache=True,
-        logits_processor=LogitsProcessorList([recorder]), return_dict_in_generate=True, output_scores=False,
+        logits_processor=LogitsProcessorList([recorder.processor]),
+        stopping_criteria=StoppingCriteriaList([recorder.criterion]), return_dict_in_generate=True,
+        output_scores=False,
         **generate_kwargs)
     sequences = out.sequences.cpu()
     generated = sequences[:, 1:]  # after the decoder start token

@@ -20,6 +20,9 @@ from transformers import AutoModelForSeq2SeqLM, AutoTokenizer
 
 from .config import DistillationMethod
 from .evaluation import EvaluationResult, add_speedup
+from .export import ctranslate2_decoding_options
+from .generation import cap_max_new_tokens, max_source_positions
+from .languages import resolve_languages
 from .pruning import apply_pruning_masks, pruning_masks
 from .report import markdown_table, signature_line
 
@@ -111,16 +114,33 @@ def _roles(results: Sequence[EvaluationResult], teacher_name: str, model_name: s
     return student, teacher
 
 
+_EXAMPLES = {"de": "Ein Satz, der übersetzt werden soll.", "fr": "Une phrase à traduire.",
+             "es": "Una frase para traducir.", "en": "A sentence to translate."}
+
+
+def card_usage(languages, model, tokenizer) -> dict:
+    """What a student's model card shows of how to call it (the ``usage`` of :func:`make_model_card`): the
+    direction's codes, prefix and forced token (:meth:`~hf_seqkd.languages.Languages.usage`) and the CTranslate2
+    options that decode as ``model.generation_config`` says
+    (:func:`~hf_seqkd.export.ctranslate2_decoding_options`)."""
+    options = ctranslate2_decoding_options(model.generation_config, tokenizer, languages.forced_bos_token)
+    return {**languages.usage(), "ctranslate2_options": options}
+
+
 def _usage_strings(usage: Mapping[str, Any]) -> dict[str, str]:
-    """The keyword arguments the card's code examples need for the languages and the prefix."""
+    """The keyword arguments the card's code examples need for the languages, the prefix and the decoding."""
     src, tgt, bos = usage.get("src_lang"), usage.get("tgt_lang"), usage.get("forced_bos_token")
+    options = dict(usage.get("ctranslate2_options") or ({"target_token": bos} if bos else {}))
+    target = options.pop("target_token", None)
+    if target is not None:
+        options["target_prefix"] = [[target]]
+    languages = (f', src_lang="{src}"' if src else "") + (f', tgt_lang="{tgt}"' if tgt else "")
     return {
         "source_prefix": usage.get("source_prefix") or "",
-        "tokenizer_kwargs": f', src_lang="{src}"' if src else "",
+        "tokenizer_kwargs": languages,
         "generate_kwargs": f', forced_bos_token_id=tokenizer.convert_tokens_to_ids("{bos}")' if bos else "",
-        "pipeline_kwargs": (f', src_lang="{src}"' if src else "") + (f', tgt_lang="{tgt}"' if tgt else ""),
-        "ctranslate2_kwargs": f', target_prefix=[["{bos}"]]' if bos else "",
-        "ctranslate2_dir": usage.get("ctranslate2_dir") or "",
+        "pipeline_kwargs": languages,
+        "ctranslate2_kwargs": "".join(f", {key}={value!r}" for key, value in options.items()),
     }
 
 
@@ -163,8 +183,8 @@ def make_model_card(
         eval_dataset, eval_split: what the results are on (default: the first of ``datasets``, else ``"custom"``).
         hub_model_id: the id used in the usage examples (default ``model_name``).
         usage: how the student is called: ``source_prefix``, ``src_lang`` / ``tgt_lang`` (tokenizer language codes),
-            ``forced_bos_token`` (the target-language token ``generate`` must force), ``ctranslate2_dir`` (an
-            exported CTranslate2 folder in the repository).
+            ``forced_bos_token`` (the target-language token ``generate`` must force), ``ctranslate2_options`` (see
+            :func:`card_usage`).
     """
 
     hyperparameters = dict(hyperparameters or {})
@@ -205,7 +225,8 @@ def make_model_card(
         hyperparameters=[(k, _fmt_value(v)) for k, v in hyperparameters.items() if v is not None],
         results_table=markdown_table(results, _CARD_COLUMNS + extra_columns, human=True) if results else "",
         signatures=signature_line(results), eval_dataset=eval_dataset, eval_split=eval_split,
-        hub_model_id=hub_model_id, example="A sentence to translate.", extra_text=extra_text.strip(),
+        hub_model_id=hub_model_id, example=_EXAMPLES.get(str(source_lang).split("_")[0], _EXAMPLES["en"]),
+        ct2_folder=f"{hub_model_id.split('/')[-1]}-ct2", extra_text=extra_text.strip(),
         bibtex=_KIM_RUSH_BIBTEX, **_usage_strings(usage or {}))
     text = str(card)
     ModelCard(text)  # parses the front matter: fails early on malformed metadata
@@ -309,8 +330,9 @@ class TranslationPipeline(_Pipeline):
     Built by :func:`translation_pipeline`. Calling it with a string returns ``[{"translation_text": str}]``,
     with a list of strings a list of such dicts (one per input; several per input with
     ``num_return_sequences``). Keyword arguments of the call or of the constructor that are generation
-    parameters (``num_beams``, ``max_new_tokens``, ...) go to ``model.generate``; ``truncation`` (default
-    True) to the tokenizer.
+    parameters (``num_beams``, ``max_new_tokens``, ...) go to ``model.generate`` (the length capped at the model's
+    position table); ``truncation`` (default True) to the tokenizer. The translation direction
+    (``self.languages``, :class:`~hf_seqkd.languages.Languages`) adds the prefix and the forced target token.
     """
 
     _pipeline_calls_generate = True
@@ -332,11 +354,19 @@ class TranslationPipeline(_Pipeline):
             return [r[0] for r in result]
         return result
 
+    languages = None  # set by translation_pipeline
+
     def preprocess(self, text, truncation=True):
-        prefix = getattr(self, "prefix", None) or ""
-        return self.tokenizer(prefix + text, return_tensors="pt", truncation=truncation)
+        prefix = self.languages.source_prefix if self.languages is not None else ""
+        limit = max_source_positions(self.model, self.tokenizer)
+        return self.tokenizer(prefix + text, return_tensors="pt", truncation=truncation and limit is not None,
+                              max_length=limit)
 
     def _forward(self, model_inputs, **generate_kwargs):
+        if self.languages is not None:
+            generate_kwargs = {**self.languages.generate_kwargs(), **generate_kwargs}
+        if generate_kwargs.get("max_new_tokens") is not None:
+            generate_kwargs["max_new_tokens"] = cap_max_new_tokens(self.model, generate_kwargs["max_new_tokens"])
         if hasattr(self, "_prepare_generate_kwargs"):
             generate_kwargs = self._prepare_generate_kwargs(generate_kwargs)
         in_b = model_inputs["input_ids"].shape[0]
@@ -349,7 +379,8 @@ class TranslationPipeline(_Pipeline):
                 for ids in model_outputs["output_ids"][0]]
 
 
-def translation_pipeline(model, tokenizer=None, device=None, **kwargs) -> TranslationPipeline:
+def translation_pipeline(model, tokenizer=None, device=None, *, src_lang: str | None = None,
+                         tgt_lang: str | None = None, prefix: str | None = None, **kwargs) -> TranslationPipeline:
     """A translation pipeline for a seq2seq model, in any Transformers version (5.x removed the task).
 
     Args:
@@ -357,8 +388,15 @@ def translation_pipeline(model, tokenizer=None, device=None, **kwargs) -> Transl
         tokenizer: a tokenizer or a folder/Hub id (default: the model's folder/id).
         device: ``-1``/``"cpu"``, a CUDA index or a ``torch.device`` (default: the model's device for a model
             object, otherwise GPU 0 when available, else CPU).
+        src_lang, tgt_lang: language codes of a multilingual tokenizer (NLLB ``"deu_Latn"``, mBART-50 ``"de_DE"``,
+            M2M100 ``"de"``); default: what the tokenizer was saved with (a student saved by hf_seqkd has them).
+        prefix: text put before every source (default: the model's ``config.prefix``, which hf_seqkd records for a
+            T5 student).
         **kwargs: pipeline arguments (``batch_size``) and generation defaults (``num_beams``,
             ``max_new_tokens``, ...).
+
+    Raises:
+        ValueError: a multilingual tokenizer without a target language, or an unknown code (codes listed).
     """
 
     if isinstance(model, (str, os.PathLike)):
@@ -371,4 +409,9 @@ def translation_pipeline(model, tokenizer=None, device=None, **kwargs) -> Transl
         raise ValueError("translation_pipeline: pass the tokenizer with a model object")
     if isinstance(tokenizer, (str, os.PathLike)):
         tokenizer = AutoTokenizer.from_pretrained(str(tokenizer))
-    return TranslationPipeline(model=model, tokenizer=tokenizer, task="translation", device=device, **kwargs)
+    prefix = prefix if prefix is not None else (getattr(model.config, "prefix", None) or "")
+    languages = resolve_languages(tokenizer, model, src_lang=src_lang, tgt_lang=tgt_lang, source_prefix=prefix)
+    languages.apply(tokenizer)
+    pipe = TranslationPipeline(model=model, tokenizer=tokenizer, task="translation", device=device, **kwargs)
+    pipe.languages = languages
+    return pipe

@@ -292,7 +292,7 @@ class TeacherSequenceCache:
 
     @torch.no_grad()
     def labels(self, teacher, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
-               generate: Callable | None = None) -> torch.Tensor:
+               generate: Callable | None = None, **generate_kwargs) -> torch.Tensor:
         """Teacher label ids for a batch, ``(batch, length)`` padded with -100, decoding only uncached sources.
 
         Args:
@@ -300,6 +300,7 @@ class TeacherSequenceCache:
             input_ids: ``(batch, length)`` source ids.
             attention_mask: ``(batch, length)`` source mask.
             generate: optional replacement for ``teacher.generate`` (called with the same keyword arguments).
+            **generate_kwargs: further ``generate`` arguments (``forced_bos_token_id`` of a multilingual teacher).
         """
         keys = self.keys_for(input_ids, attention_mask)
         missing = sorted({k: i for i, k in enumerate(keys) if k not in self._store}.values())
@@ -315,7 +316,7 @@ class TeacherSequenceCache:
             was_training = teacher.training
             teacher.eval()
             sequences = (generate or teacher.generate)(input_ids=sub_ids, attention_mask=sub_mask, do_sample=False,
-                                                       num_beams=1, max_new_tokens=limit)
+                                                       num_beams=1, max_new_tokens=limit, **generate_kwargs)
             teacher.train(was_training)
             pad = getattr(teacher.generation_config, "pad_token_id", None)
             if pad is None:

@@ -29,6 +29,7 @@ from .evaluation import (
     timed_decode,
 )
 from .export import CTranslate2Translator
+from .languages import resolve_languages
 
 __all__ = [
     "is_ctranslate2_dir",
@@ -185,7 +186,7 @@ def parse_model_specs(specs: Iterable[str]) -> list[tuple[str, str]]:
 def compare_models(models: Mapping[str, str] | Sequence[tuple[str, str]], sources: Sequence[str],
                    references: Sequence[str], *, tokenizer=None, device: str = "cpu", compute_type: str = "default",
                    threads: int | None = None, batch1_beam: str = "all", show_progress: bool = False,
-                   **evaluate_kwargs) -> list[EvaluationResult]:
+                   languages: Mapping[str, str | None] | None = None, **evaluate_kwargs) -> list[EvaluationResult]:
     """:func:`~hf_seqkd.evaluation.evaluate_model` results of several saved models (one at a time in memory),
     speed-ups over the first included.
 
@@ -205,8 +206,11 @@ def compare_models(models: Mapping[str, str] | Sequence[tuple[str, str]], source
             model only, e.g. the teacher whose beam search the students' greedy decoding is compared with) or
             ``"none"``.
         show_progress: progress bars.
+        languages: ``src_lang``, ``tgt_lang``, ``source_lang``, ``target_lang`` for
+            :func:`~hf_seqkd.languages.resolve_languages`, resolved for each model's tokenizer (its forced target
+            token, its T5 prefix when ``source_prefix`` is empty); a tokenizer saved with its languages needs none.
         **evaluate_kwargs: :func:`evaluate_model` options (``num_beams``, ``batch_size``, ``batch1_samples``,
-            ``max_new_tokens``, ``source_prefix``).
+            ``max_new_tokens``, ``source_prefix``, ``bleu_tokenize``).
     """
 
     items = list(models.items()) if isinstance(models, Mapping) else [tuple(m) for m in models]
@@ -227,11 +231,16 @@ def compare_models(models: Mapping[str, str] | Sequence[tuple[str, str]], source
             tok = tokenizer
             if tok is None and is_ctranslate2_dir(path):
                 tok = _matching_tokenizer(path, candidates, name)
-        model, tok, _ = load_for_evaluation(path, tok, device=device, compute_type=compute_type,
-                                            threads=torch.get_num_threads(), name=name)
+        model, tok, kind = load_for_evaluation(path, tok, device=device, compute_type=compute_type,
+                                               threads=torch.get_num_threads(), name=name)
+        direction = resolve_languages(tok, model if kind == "transformers" else None, **dict(languages or {}),
+                                      source_prefix=evaluate_kwargs.get("source_prefix", ""))
+        direction.apply(tok)
+        settings = {**evaluate_kwargs, "source_prefix": direction.source_prefix,
+                    "generate_kwargs": direction.generate_kwargs()}
         rows.append(evaluate_model(model, tok, sources, references, name=name, path=path,
                                    batch1_beam=batch1_beam == "all" or (batch1_beam == "first" and index == 0),
-                                   show_progress=show_progress, **evaluate_kwargs))
+                                   show_progress=show_progress, **settings))
         del model
     return add_speedup(rows)
 
@@ -262,10 +271,13 @@ COLUMNS = {
     "tok_per_s_greedy_batch1": "Tokens/s (greedy, batch 1)",
     "sent_per_s_beam_batch1": "Sentences/s (beam, batch 1)", "tok_per_s_beam_batch1": "Tokens/s (beam, batch 1)",
     "speedup": "Speed-up", "speedup_batch1": "Speed-up (batch 1)", "speedup_over_beam": "Speed-up over beam",
+    "bleu_greedy_p_value": "p (BLEU greedy)", "bleu_beam_p_value": "p (BLEU beam)",
+    "chrf_greedy_p_value": "p (chrF greedy)", "chrf_beam_p_value": "p (chrF beam)",
 }
 # what write_report and recipes/evaluate.py show
-COMPARISON_COLUMNS = ["model", "kind", "params", "nonzero_params", "size_mb", "bleu_greedy", "bleu_beam",
-                      "chrf_greedy", "chrf_beam", "sent_per_s_greedy_batched", "tok_per_s_greedy_batched",
+COMPARISON_COLUMNS = ["model", "kind", "params", "nonzero_params", "size_mb", "bleu_greedy",
+                      "bleu_greedy_p_value", "bleu_beam", "bleu_beam_p_value", "chrf_greedy", "chrf_beam",
+                      "sent_per_s_greedy_batched", "tok_per_s_greedy_batched",
                       "sent_per_s_beam_batched", "tok_per_s_beam_batched", "sent_per_s_greedy_batch1",
                       "tok_per_s_greedy_batch1", "sent_per_s_beam_batch1", "tok_per_s_beam_batch1", "speedup",
                       "speedup_batch1"]
@@ -282,11 +294,15 @@ def _human_count(n) -> str:
     return f"{n:g}" if isinstance(n, float) else str(n)
 
 
-def _cell(key: str, value, human: bool) -> str:
+def _cell(key: str, value, human: bool, ci: float | None = None) -> str:
     if value is None or value == "":
         return "–" if human else ""
     if isinstance(value, bool) or not isinstance(value, (int, float)):
         return str(value).replace("|", "\\|")
+    if ci is not None:  # a score with its 95% confidence interval
+        return f"{value:.2f} ± {ci:.2f}"
+    if key.endswith("_p_value"):
+        return f"{value:.3f}" if value >= 0.001 else "< 0.001"
     if key in ("params", "nonzero_params") and human:
         return _human_count(value)
     if key.startswith("speedup") and human:
@@ -307,7 +323,8 @@ def markdown_table(rows: Sequence, columns: Sequence[str | tuple[str, str]] | No
         rows: the results.
         columns: keys to show, in order (default: every key of the first mapping, or :data:`COMPARISON_COLUMNS`).
         human: parameters as ``49.0M``, speed-ups as ``3.50×`` (model cards); otherwise numbers as they are, floats
-            with two decimals, large integers with thousands separators.
+            with two decimals, large integers with thousands separators. A score whose row has a confidence
+            interval (``<key>_ci``) reads ``31.16 ± 0.95``; p-values have three decimals.
         drop_empty: leave out columns that are empty in every row.
     """
     if not rows:
@@ -318,7 +335,8 @@ def markdown_table(rows: Sequence, columns: Sequence[str | tuple[str, str]] | No
     if drop_empty:
         pairs = [(k, h) for k, h in pairs if any(_value(r, k) is not None for r in rows)]
     lines = ["| " + " | ".join(h for _, h in pairs) + " |", "|" + "|".join(" --- " for _ in pairs) + "|"]
-    lines += ["| " + " | ".join(_cell(k, _value(r, k), human) for k, _ in pairs) + " |" for r in rows]
+    lines += ["| " + " | ".join(_cell(k, _value(r, k), human, _value(r, f"{k}_ci")) for k, _ in pairs) + " |"
+              for r in rows]
     return "\n".join(lines)
 
 
@@ -333,7 +351,13 @@ def signature_line(rows: Sequence) -> str:
     chrf = sorted({s for r in rows if (s := _value(r, "chrf_signature"))})
     if not bleu and not chrf:
         return ""
-    return f"sacrebleu signatures: BLEU {'; '.join(bleu) or '-'}; chrF {'; '.join(chrf) or '-'}"
+    line = f"sacrebleu signatures: BLEU {'; '.join(bleu) or '-'}; chrF {'; '.join(chrf) or '-'}"
+    tests = sorted({(b, t) for r in rows if (b := _value(r, "significance_baseline")) and
+                    (t := _value(r, "significance_test"))})
+    for baseline, test in tests:
+        line += (f". ± is the 95% confidence interval; p is the p-value of the difference from {baseline} "
+                 f"(sacrebleu {test})")
+    return line
 
 
 def _settings_line(rows: Sequence) -> str:

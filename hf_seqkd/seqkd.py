@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import dataclasses
 import hashlib
 import json
 import os
@@ -37,6 +38,7 @@ from tqdm.auto import tqdm
 
 from .export import CTranslate2Translator
 from .generation import SEQKD_LENGTH_PENALTY, GenerationSettings, generate_kbest, max_source_positions
+from .languages import check_single_direction, target_token_id
 
 __all__ = [
     "build_seqkd_dataset",
@@ -292,6 +294,8 @@ class _CorpusJob:
                     "max_new_tokens": self.generation.max_new_tokens, "max_source_length": self.max_source_length,
                     "seq_inter": self.seq_inter, "length_penalty": SEQKD_LENGTH_PENALTY, "do_sample": False,
                     "dtype": str(dtype), "source_prefix": source_prefix}
+        if self.generation.forced_bos_token_id is not None:
+            settings["forced_bos_token_id"] = self.generation.forced_bos_token_id
         if self.seq_inter:
             settings["seq_inter_metric"] = self.seq_inter_metric
             if self.seq_inter_metric == "bleu":
@@ -480,6 +484,7 @@ def _check_arguments(dataset, generation, *, shard_size, seq_inter, seq_inter_me
                          f"available columns: {dataset.column_names}")
     if len(dataset) == 0:
         raise ValueError("build_seqkd_dataset: the dataset is empty; there is nothing for the teacher to translate")
+    check_single_direction(dataset)
     if not isinstance(shard_size, int) or shard_size < 1:
         raise ValueError(f"build_seqkd_dataset: shard_size must be a positive integer, got {shard_size!r}")
     if seq_inter:
@@ -562,7 +567,8 @@ def build_seqkd_dataset(
             ``dtype``/``device`` do not apply.
         tokenizer: the teacher's tokenizer (used to encode sources, right-padded, and decode outputs).
         generation: :class:`~hf_seqkd.generation.GenerationSettings` (beam size, K, length limit, batch sizes);
-            default ``GenerationSettings()`` (beam 5, 1-best, 128 tokens, 64 sentences per call).
+            default ``GenerationSettings()`` (beam 5, 1-best, 128 tokens, 64 sentences per call). Without a
+            ``forced_bos_token_id`` the tokenizer's ``tgt_lang`` (NLLB, M2M100, mBART-50) is forced.
         seq_inter: add ``seq_inter_target`` (needs ``num_return_sequences > 1`` and ``target_column``).
         seq_inter_metric: ``"bleu"`` (smoothed sentence BLEU, as in the paper) or ``"chrf"``.
         bleu_tokenize: sacrebleu's tokenizer for Seq-Inter's sentence BLEU (``"zh"`` for Chinese targets; see
@@ -591,12 +597,15 @@ def build_seqkd_dataset(
     Raises:
         TypeError: ``dataset`` is not a ``datasets.Dataset``, ``generation`` not a ``GenerationSettings``.
         ValueError: a missing source/target column, an empty dataset, invalid sizes, ``seq_inter`` without a
-            K-best list or a reference column, several processes without a shared ``cache_dir``.
+            K-best list or a reference column, several processes without a shared ``cache_dir``, rows of several
+            translation directions (:func:`hf_seqkd.languages.check_single_direction`).
     """
 
     generation = generation if generation is not None else GenerationSettings()
     _check_arguments(dataset, generation, shard_size=shard_size, seq_inter=seq_inter,
                      seq_inter_metric=seq_inter_metric, source_column=source_column, target_column=target_column)
+    generation = dataclasses.replace(  # a tokenizer loaded with tgt_lang=... names the target language
+        generation, forced_bos_token_id=target_token_id(tokenizer, generation.forced_bos_token_id))
     # PartialState picks up torchrun / `accelerate launch`; on a machine without an accelerator it needs cpu=True to
     # see a multi-process (gloo) launch at all. An already initialised state is reused as it is.
     state = accelerator if accelerator is not None else PartialState(cpu=not _has_accelerator())

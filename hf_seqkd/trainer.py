@@ -8,6 +8,7 @@ The losses live in :mod:`hf_seqkd.losses` (word level), :mod:`hf_seqkd.intermedi
 
 from __future__ import annotations
 
+import dataclasses
 import os
 from collections import defaultdict
 from dataclasses import dataclass
@@ -24,6 +25,7 @@ from .evaluation import make_compute_metrics
 from .export import CTranslate2Translator
 from .generation import cap_max_new_tokens, max_target_positions
 from .hybrid import TeacherSequenceCache, hybrid_loss
+from .languages import Languages, check_single_direction, resolve_languages
 from .losses import distillation_loss, fused_ce_and_distillation_loss, sequence_cross_entropy
 from .seqkd import build_seqkd_dataset
 
@@ -146,6 +148,7 @@ class DistillationTrainer(Seq2SeqTrainer):
         self.method = args.method
         self.uses_teacher = args.teacher_runs_during_training
         teacher_model = self._teacher_if_needed(teacher_model, args, train_dataset)
+        self.languages = self._resolve_languages(args, processing_class, teacher_model or model, model)
         self.kd_vocab_size = None
         if self.uses_teacher:
             _check_distinct(model, teacher_model)
@@ -156,10 +159,11 @@ class DistillationTrainer(Seq2SeqTrainer):
             data_collator = DistillationDataCollator(processing_class, model=model)
         if compute_metrics is None and args.predict_with_generate and references is not None:
             compute_metrics = make_compute_metrics(processing_class, references,
-                                                   tokenize=args.resolved_bleu_tokenize())
+                                                   tokenize=args.resolved_bleu_tokenize(self.languages.target_language))
         self._kd_metrics = {"train": defaultdict(list), "eval": defaultdict(list)}
         self._batch_counts = None  # token counts of the current accumulated batch (see get_batch_samples)
-        self.teacher_sequences = TeacherSequenceCache(max_new_tokens=args.generation_max_length)
+        self.teacher_sequences = TeacherSequenceCache(  # generation_max_length counts the decoder start token
+            max_new_tokens=None if args.generation_max_length is None else max(1, args.generation_max_length - 1))
         self._check_auxiliary_settings(args)
         super().__init__(model=model, args=args, train_dataset=train_dataset, eval_dataset=eval_dataset,
                          processing_class=processing_class, data_collator=data_collator,
@@ -169,6 +173,18 @@ class DistillationTrainer(Seq2SeqTrainer):
         self.distillation_modules = self._build_distillation_modules(args, model, self.teacher_model)
 
     # ----------------------------------------------------------------------------------------------- set-up
+    @staticmethod
+    def _resolve_languages(args, tokenizer, teacher, student) -> Languages:
+        """The run's translation direction (:func:`~hf_seqkd.languages.resolve_languages`): set on the tokenizer
+        (sources and labels), recorded in the student (forced target token, prefix); every ``generate`` adds it."""
+        if tokenizer is None:
+            return Languages(source_prefix=args.source_prefix, target_language=args.tgt_lang)
+        languages = resolve_languages(tokenizer, teacher, src_lang=args.src_lang, tgt_lang=args.tgt_lang,
+                                      source_prefix=args.source_prefix)
+        languages.apply(tokenizer)
+        languages.apply_to_model(student)
+        return languages
+
     @staticmethod
     def _needs_corpus(args, dataset) -> bool:
         """Raw training data lacks the columns the method trains on (then the teacher builds the corpus)."""
@@ -198,12 +214,13 @@ class DistillationTrainer(Seq2SeqTrainer):
                             f"(input_ids) nor a 'source' text column; columns: {dataset.column_names}")
         if tokenizer is None:
             raise ValueError("raw source/target data needs the tokenizer: pass processing_class=tokenizer")
+        check_single_direction(dataset)
         if training and self._needs_corpus(args, dataset):
-            dataset = self.build_seqkd_corpus(dataset, teacher, tokenizer, args)
+            dataset = self.build_seqkd_corpus(dataset, teacher, tokenizer, args, self.languages)
         return prepare_distillation_dataset(
             dataset, tokenizer, target_column=args.kd_target if training else "target",
             max_source_length=args.max_source_length, max_target_length=args.max_target_length,
-            source_prefix=args.source_prefix, gold_mix_ratio=args.gold_mix_ratio if training else 0.0,
+            source_prefix=self.languages.source_prefix, gold_mix_ratio=args.gold_mix_ratio if training else 0.0,
             teacher_labels_column=args.teacher_labels_column if training else None, seed=args.seed)
 
     def _prepare_eval_dataset(self, dataset, args, tokenizer):
@@ -215,12 +232,14 @@ class DistillationTrainer(Seq2SeqTrainer):
         return self._prepare_dataset(dataset, args, tokenizer, None, training=False), references
 
     @staticmethod
-    def build_seqkd_corpus(dataset, teacher, tokenizer, args: DistillationTrainingArguments):
+    def build_seqkd_corpus(dataset, teacher, tokenizer, args: DistillationTrainingArguments,
+                           languages: Languages | None = None):
         """The raw training data with the teacher's Seq-KD columns (Kim & Rush 2016, Sec. 3.2-3.3), built with
         :func:`~hf_seqkd.build_seqkd_dataset` (cached in ``seqkd_cache_dir``, resumable, sharded over processes) by
         the Transformers teacher or ``teacher_ctranslate2_dir``. With ``num_return_sequences`` K > 1 the Seq-Inter
         choice is always added (cheap next to the beam search), so Seq-KD and Seq-Inter runs with the same
-        settings share one cached corpus."""
+        settings share one cached corpus. ``languages`` (default: resolved from ``args`` and the tokenizer) give
+        the forced target token and the prefix."""
 
         cache_dir = args.seqkd_cache_dir or os.path.join(os.path.dirname(os.path.abspath(args.output_dir)),
                                                          "seqkd_cache")
@@ -228,10 +247,14 @@ class DistillationTrainer(Seq2SeqTrainer):
 
             device = "cuda" if str(args.device).startswith("cuda") else "cpu"
             teacher = CTranslate2Translator(args.teacher_ctranslate2_dir, tokenizer, device=device)
+        if languages is None:
+            languages = resolve_languages(tokenizer, teacher, src_lang=args.src_lang, tgt_lang=args.tgt_lang,
+                                          source_prefix=args.source_prefix)
+        generation = dataclasses.replace(args.seqkd_generation, forced_bos_token_id=languages.forced_bos_token_id)
         return build_seqkd_dataset(
-            dataset, teacher, tokenizer, args.seqkd_generation, seq_inter=args.num_return_sequences > 1,
-            seq_inter_metric=args.seq_inter_metric, bleu_tokenize=args.resolved_bleu_tokenize(),
-            source_prefix=args.source_prefix, cache_dir=cache_dir)
+            dataset, teacher, tokenizer, generation, seq_inter=args.num_return_sequences > 1,
+            seq_inter_metric=args.seq_inter_metric, source_prefix=languages.source_prefix, cache_dir=cache_dir,
+            bleu_tokenize=args.resolved_bleu_tokenize(languages.target_language))
 
     def _prepare_teacher(self, teacher: PreTrainedModel) -> PreTrainedModel:
         teacher.eval()
@@ -329,7 +352,8 @@ class DistillationTrainer(Seq2SeqTrainer):
 
     def _teacher_labels(self, inputs) -> torch.Tensor:
         """The teacher's greedy output for each source of the batch as labels (-100 padded), cached."""
-        return self.teacher_sequences.labels(self.teacher_model, inputs["input_ids"], inputs.get("attention_mask"))
+        return self.teacher_sequences.labels(self.teacher_model, inputs["input_ids"], inputs.get("attention_mask"),
+                                             **self.languages.generate_kwargs())
 
     def _distillation_batch(self, model, inputs, num_items_in_batch) -> _Batch:
         """Split a collated batch into what the loss needs. The token counts divide the terms: those of this
@@ -500,6 +524,8 @@ class DistillationTrainer(Seq2SeqTrainer):
             kwargs["max_length"] = min(kwargs["max_length"], positions + 1)
         if kwargs.get("num_beams") is None:
             kwargs["num_beams"] = self.args.generation_num_beams or 1
+        for key, value in self.languages.generate_kwargs().items():
+            kwargs.setdefault(key, value)
         return kwargs
 
     def prediction_step(self, model, inputs, prediction_loss_only, ignore_keys=None, **gen_kwargs):

@@ -17,7 +17,10 @@ Steps, top to bottom:
     at batch size 1 for the models `--batch1_beam` names);
     parameters (total and non-zero), size on disk; speed-up over the first model. Transformers and CTranslate2
     run on the same number of CPU threads (`--threads`);
- 3. write `results.md`, `results.json` and `bleu_vs_speed.png` (BLEU against sentences/s, one point per model)
+ 3. how sure the comparison is (`hf_seqkd.significance.add_significance`): sacrebleu's paired test of every model
+    against `--baseline` (the first model by default): the 95% confidence interval of each BLEU and chrF, and the
+    p-value of each difference (`--significance bs`: paired bootstrap resampling; `ar`: approximate randomization);
+ 4. write `results.md`, `results.json` and `bleu_vs_speed.png` (BLEU against sentences/s, one point per model)
     to `--output_dir` and print the table.
 """
 
@@ -28,7 +31,8 @@ from hf_seqkd import load_parallel_data
 from hf_seqkd.cli import DataArguments, parse_args
 from hf_seqkd.data import select_split
 from hf_seqkd.evaluation import resolve_bleu_tokenize
-from hf_seqkd.report import compare_models, parse_model_specs, report_table, write_report
+from hf_seqkd.report import compare_models, parse_model_specs, report_table, signature_line, write_report
+from hf_seqkd.significance import add_significance
 
 
 @dataclass
@@ -48,8 +52,15 @@ class ComparisonArguments:
         device (`str`): `auto` (CUDA when there is a GPU), `cpu` or `cuda`.
         threads (`int`): CPU threads for Transformers and CTranslate2 alike (0: torch's default).
         ct2_compute_type (`str`): CTranslate2 compute type (`default`: the saved weight type).
-        source_prefix (`str`): text put before every source (T5's task prefix).
+        source_prefix (`str`): text put before every source (T5's task prefix; empty: the model's own for the pair).
+        src_lang, tgt_lang (`str` or `None`): language codes of multilingual tokenizers (NLLB `deu_Latn`, mBART-50
+            `de_DE`, M2M100 `de`); default: the codes `--source_lang`/`--target_lang` name, else what each tokenizer
+            was saved with.
         bleu_tokenize (`str` or `None`): sacrebleu's tokenizer for BLEU (`None`: chosen from `--target_lang`).
+        baseline (`str` or `None`): the model every other is tested against (`None`: the first).
+        significance (`str`): sacrebleu's paired test: `bs` (paired bootstrap resampling), `ar` (approximate
+            randomization) or `none`.
+        significance_samples (`int`): its resamples (`bs`) or trials (`ar`); 0: sacrebleu's default (1,000 / 10,000).
     """
 
     models: list[str] = field(default_factory=list, metadata={"help": "NAME=PATH or PATH of every model."})
@@ -64,8 +75,16 @@ class ComparisonArguments:
     threads: int = field(default=0, metadata={"help": "CPU threads for both back-ends (0: torch's default)."})
     ct2_compute_type: str = field(default="default", metadata={"help": "CTranslate2 compute type."})
     source_prefix: str = field(default="", metadata={"help": "Text put before every source (T5's task prefix)."})
+    src_lang: Optional[str] = field(default=None, metadata={"help": "Source language code of the tokenizers."})
+    tgt_lang: Optional[str] = field(default=None, metadata={"help": "Target language code of the tokenizers."})
     bleu_tokenize: Optional[str] = field(default=None, metadata={"help": "sacrebleu tokenizer (None: from the "
                                                                           "target language)."})
+    baseline: Optional[str] = field(default=None, metadata={"help": "Model the others are tested against "
+                                                                    "(default: the first)."})
+    significance: str = field(default="bs", metadata={"help": "Paired test: bs (bootstrap), ar (approximate "
+                                                              "randomization) or none."})
+    significance_samples: int = field(default=0, metadata={"help": "Resamples (bs) / trials (ar); 0: sacrebleu's "
+                                                                   "default."})
 
 
 def parse(argv=None):
@@ -80,6 +99,12 @@ def main(argv=None):
     if not data_args.dataset:
         raise ValueError("--dataset is required: a Hub dataset, a folder of SPLIT.LANG files, a .tsv or a .jsonl")
     models = parse_model_specs(args.models)
+    if args.significance not in ("bs", "ar", "none"):
+        raise ValueError(f"--significance {args.significance!r}: use bs (paired bootstrap resampling), ar "
+                         "(approximate randomization) or none")
+    if args.baseline is not None and args.baseline not in [name for name, _ in models]:
+        raise ValueError(f"--baseline {args.baseline!r} is not one of the models ({', '.join(n for n, _ in models)}); "
+                         "name one of them")
     if args.device not in ("auto", "cpu", "cuda"):
         raise ValueError(f"--device {args.device!r}: use auto, cpu or cuda")
     device = args.device
@@ -97,6 +122,8 @@ def main(argv=None):
     if data_args.max_test_samples:
         test = test.select(range(min(data_args.max_test_samples, len(test))))
 
+    bleu_tokenize = resolve_bleu_tokenize(args.tgt_lang or data_args.target_lang, args.bleu_tokenize)
+
     # 2. Every model in turn: quality, speed (batched and batch 1), parameters, size; speed-up over the first
     rows = compare_models(models, test["source"], test["target"], tokenizer=args.tokenizer, device=device,
                           compute_type=args.ct2_compute_type, threads=args.threads or None, show_progress=True,
@@ -104,14 +131,21 @@ def main(argv=None):
                           batch1_samples=args.batch1_samples, batch1_beam=args.batch1_beam,
                           max_new_tokens=args.max_new_tokens,
                           source_prefix=args.source_prefix,
-                          bleu_tokenize=resolve_bleu_tokenize(data_args.target_lang, args.bleu_tokenize))
+                          languages=dict(src_lang=args.src_lang, tgt_lang=args.tgt_lang,
+                                         source_lang=data_args.source_lang, target_lang=data_args.target_lang),
+                          bleu_tokenize=bleu_tokenize)
     for result in rows:
         result.dataset, result.split = data_args.dataset, data_args.test_split
 
-    # 3. Markdown table, JSON and the BLEU-against-speed plot
+    # 3. Confidence intervals and paired tests against the baseline
+    if args.significance != "none" and len(rows) > 1:
+        add_significance(rows, test["target"], baseline=args.baseline or 0, test=args.significance,
+                         n_samples=args.significance_samples, tokenize=bleu_tokenize)
+
+    # 4. Markdown table, JSON and the BLEU-against-speed plot
     paths = write_report(rows, args.output_dir, title=f"Model comparison on {data_args.dataset} "
                                                       f"({data_args.test_split})")
-    print(report_table(rows))
+    print(report_table(rows) + "\n" + signature_line(rows))
     print(f"Wrote {paths['markdown']}, {paths['json']} and {paths['plot']}")
     return [r.to_dict() for r in rows]
 

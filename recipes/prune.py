@@ -28,7 +28,8 @@ from transformers import AutoModelForSeq2SeqLM, AutoTokenizer, set_seed
 from hf_seqkd import DistillationTrainer, DistillationTrainingArguments, load_parallel_data
 from hf_seqkd.cli import DataArguments, EvalArguments, parse_args, select_splits
 from hf_seqkd.evaluation import evaluate_model, model_disk_size
-from hf_seqkd.hub import make_model_card, push_student, save_student
+from hf_seqkd.hub import card_usage, make_model_card, push_student, save_student, write_model_card
+from hf_seqkd.languages import resolve_languages
 from hf_seqkd.pruning import (
     SCOPES,
     PruningCallback,
@@ -107,7 +108,13 @@ def main(argv=None):
     raw = load_parallel_data(data_args.dataset, source_lang=data_args.source_lang, target_lang=data_args.target_lang,
                              config_name=data_args.dataset_config)
     train, validation, test = select_splits(raw, data_args, training_args)
-    bleu_tokenize = training_args.resolved_bleu_tokenize(data_args.target_lang)
+    languages = resolve_languages(tokenizer, AutoModelForSeq2SeqLM.from_pretrained(prune_args.model_name_or_path),
+                                  src_lang=training_args.src_lang, tgt_lang=training_args.tgt_lang,
+                                  source_lang=data_args.source_lang, target_lang=data_args.target_lang,
+                                  source_prefix=training_args.source_prefix)
+    languages.apply(tokenizer)  # sources and labels tagged with the codes
+    languages.apply_to_arguments(training_args, data_args.source_lang)  # the trainer follows them
+    bleu_tokenize = training_args.resolved_bleu_tokenize(languages.target_language)
 
     def evaluate(model, name, num_beams=1, **extra):
         """The test-split result of ``model`` (greedy, and beam search with ``num_beams`` > 1); None without one."""
@@ -115,8 +122,8 @@ def main(argv=None):
             return None
         result = evaluate_model(model.to(training_args.device), tokenizer, test["source"], test["target"], name=name,
                                 num_beams=num_beams, batch_size=eval_args.eval_batch_size, batch1_samples=0,
-                                max_new_tokens=training_args.max_new_tokens, source_prefix=training_args.source_prefix,
-                                bleu_tokenize=bleu_tokenize)
+                                max_new_tokens=training_args.max_new_tokens, source_prefix=languages.source_prefix,
+                                bleu_tokenize=bleu_tokenize, generate_kwargs=languages.generate_kwargs())
         result.extra.update(extra)
         return result
 
@@ -157,8 +164,9 @@ def main(argv=None):
             results.append(result)
         hub_id = training_args.hub_model_id and (training_args.hub_model_id if len(names) == 1
                                                  else f"{training_args.hub_model_id}-{name}")
-        write_card(out_dir, prune_args, data_args, training_args, sparsity, report, results[:1] + results[-1:],
-                   hub_id, name)
+        write_card(out_dir, prune_args, data_args, training_args, sparsity, report,
+                   [r for r in results[:1] + results[-1:] if r is not None], hub_id, name,
+                   card_usage(languages, model, tokenizer))
         if push:
             push_student(out_dir, hub_id, private=bool(training_args.hub_private_repo), token=training_args.hub_token)
         del trainer, model
@@ -175,9 +183,8 @@ def main(argv=None):
     return rows
 
 
-def write_card(out_dir, prune_args, data_args, training_args, sparsity, report, results, hub_id, name):
+def write_card(out_dir, prune_args, data_args, training_args, sparsity, report, results, hub_id, name, usage):
     """The pruned student's model card, with the unpruned student's and its own results."""
-    from hf_seqkd.hub import write_model_card
 
     model_name = hub_id.split("/")[-1] if hub_id else \
         f"{os.path.basename(os.path.normpath(prune_args.model_name_or_path))}-{name}"
@@ -194,7 +201,7 @@ def write_card(out_dir, prune_args, data_args, training_args, sparsity, report, 
         results=card_results if len(card_results) == 2 else None, source_lang=data_args.source_lang or "src",
         target_lang=data_args.target_lang or "tgt", datasets=data_args.dataset, license=prune_args.model_card_license,
         eval_split=data_args.test_split, hub_model_id=hub_id, model_name=model_name,
-        usage={"source_prefix": training_args.source_prefix},
+        usage=usage,
         extra_text=f"Pruned from `{prune_args.model_name_or_path}`: {sparsity:.0%} of its weight matrices "
                    f"({prune_args.pruning_scope}), {report['nonzero']:,} of {report['total']:,} parameters non-zero "
                    "(the weights are stored dense, with zeros).")

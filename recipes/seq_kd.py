@@ -23,11 +23,14 @@ from transformers import AutoModelForSeq2SeqLM, AutoTokenizer, set_seed
 from hf_seqkd import DistillationTrainer, DistillationTrainingArguments, load_parallel_data
 from hf_seqkd.cli import DataArguments, EvalArguments, ModelArguments, load_or_make_student, parse_args, select_splits
 from hf_seqkd.evaluation import evaluate_models
-from hf_seqkd.hub import make_model_card, push_student, save_student
+from hf_seqkd.hub import card_usage, make_model_card, push_student, save_student
+from hf_seqkd.languages import resolve_languages
 from hf_seqkd.report import markdown_table, signature_line
+from hf_seqkd.significance import add_significance
 
 ARGUMENTS = (ModelArguments, DataArguments, EvalArguments, DistillationTrainingArguments)
-TABLE = ["model", "params", "bleu_greedy", "bleu_beam", "chrf", "sent_per_s_greedy_batched", "speedup_over_beam"]
+TABLE = ["model", "params", "bleu_greedy", "bleu_greedy_p_value", "bleu_beam", "chrf", "sent_per_s_greedy_batched",
+         "speedup_over_beam"]
 
 
 def main(argv=None):
@@ -49,6 +52,11 @@ def main(argv=None):
     raw = load_parallel_data(data_args.dataset, source_lang=data_args.source_lang, target_lang=data_args.target_lang,
                              config_name=data_args.dataset_config)
     train, validation, test = select_splits(raw, data_args, training_args)
+    languages = resolve_languages(tokenizer, teacher, src_lang=training_args.src_lang, tgt_lang=training_args.tgt_lang,
+                                  source_lang=data_args.source_lang, target_lang=data_args.target_lang,
+                                  source_prefix=training_args.source_prefix)
+    languages.apply(tokenizer)  # sources and labels tagged with the codes
+    languages.apply_to_arguments(training_args, data_args.source_lang)  # the trainer follows them
     student = load_or_make_student(model_args, teacher)
 
     # 2. Train: the trainer builds (or reuses) the Seq-KD corpus when the method needs it, tokenizes, trains
@@ -58,13 +66,17 @@ def main(argv=None):
     if not trainer.is_world_process_zero():
         return None
 
-    # 3. Teacher and student on the test split: BLEU, chrF (greedy and beam), sentences/s, parameters
+    # 3. Teacher and student on the test split: BLEU, chrF (greedy and beam) with 95% confidence intervals and the
+    #    student's paired test against the teacher (sacrebleu), sentences/s, parameters
     models = ([("teacher", "teacher", teacher.to(trainer.args.device))] if eval_args.evaluate_teacher else [])
+    bleu_tokenize = training_args.resolved_bleu_tokenize(languages.target_language or data_args.target_lang)
     results = [] if test is None else evaluate_models(
         models + [("student", "student", trainer.model)], tokenizer, test["source"], test["target"],
         num_beams=max(eval_args.eval_num_beams), batch_size=eval_args.eval_batch_size, batch1_samples=0,
-        max_new_tokens=training_args.max_new_tokens, source_prefix=training_args.source_prefix,
-        bleu_tokenize=training_args.resolved_bleu_tokenize(data_args.target_lang))
+        max_new_tokens=training_args.max_new_tokens, source_prefix=languages.source_prefix,
+        bleu_tokenize=bleu_tokenize, generate_kwargs=languages.generate_kwargs())
+    if len(results) > 1:  # 95% confidence intervals, and the student's paired test against the teacher
+        add_significance(results, test["target"], baseline="teacher", tokenize=bleu_tokenize)
     if results:
         print(markdown_table(results, TABLE) + "\n" + signature_line(results))
 
@@ -76,7 +88,7 @@ def main(argv=None):
         hyperparameters={**training_args.card_hyperparameters(), "init_student_from": model_args.init_student_from},
         results=results, source_lang=data_args.source_lang or "src", target_lang=data_args.target_lang or "tgt",
         datasets=data_args.dataset, license=model_args.model_card_license, eval_split=data_args.test_split,
-        hub_model_id=training_args.hub_model_id, usage={"source_prefix": training_args.source_prefix})
+        hub_model_id=training_args.hub_model_id, usage=card_usage(languages, trainer.model, tokenizer))
     save_student(trainer.model, tokenizer, out, card)
     rows = [r.to_dict() for r in results]
     with open(os.path.join(out, "results.json"), "w") as f:

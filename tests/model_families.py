@@ -69,6 +69,7 @@ HUB_IDS = {
 # Tiny model shape shared by all families.
 D_MODEL, LAYERS, HEADS, FFN = 32, 2, 4, 64
 SEED = 0
+TRAIN_STEPS = {"marian": 300, "bart": 300, "t5": 800}  # teacher-forcing steps (see _train); others 400
 
 
 @dataclass(frozen=True)
@@ -512,9 +513,51 @@ def build_family(name: str, folder: str | os.PathLike, seed: int = SEED) -> str:
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         model = model_class(config)
+        _train(name, model, tokenizer, pairs, TRAIN_STEPS.get(name, 400))
     model.generation_config = generation
     model.save_pretrained(str(folder))
     return str(folder)
+
+
+def _directions(name: str) -> list[tuple[str, str]]:
+    """The directions a replica is trained on: opus-mt-de-en and bart (fine-tuned) one; the others both, plus
+    copying (de->de, en->en: for T5 without a prefix, for the many-to-many models with the source's own code), so
+    that, as with the real checkpoints, only the target code or the prefix says which language to produce."""
+    if name in ("marian", "bart"):
+        return [("de", "en")]
+    return [("de", "en"), ("en", "de"), ("de", "de"), ("en", "en")]
+
+
+def _train(name: str, model, tokenizer, pairs, steps: int, batch_size: int = 16) -> None:
+    """A few hundred steps of teacher forcing on the built-in corpus, in each direction the family's card calls
+    (language codes, T5 prefixes), so that the replica's output depends on its source and on the requested
+    target language as a real checkpoint's does (random weights give near-uniform, input-independent output).
+    The tokenizer is saved already; the languages set on it here are not."""
+    import torch
+
+    spec = SPECS[name]
+    batches = []
+    for source, target in _directions(name):
+        if spec.src_lang:
+            tokenizer.src_lang, tokenizer.tgt_lang = spec.src_lang[source], spec.src_lang[target]
+        prefix = spec.prefix.get((source, target), "")
+        side = {"de": 0, "en": 1}
+        texts = [prefix + pair[side[source]] for pair in pairs]
+        targets = [pair[side[target]] for pair in pairs]
+        encoded = tokenizer(texts, text_target=targets, padding=True, return_tensors="pt")
+        labels = encoded["labels"].masked_fill(encoded["labels"] == tokenizer.pad_token_id, -100)
+        batches.append((encoded["input_ids"], encoded["attention_mask"], labels))
+    optimizer = torch.optim.AdamW(model.parameters(), lr=3e-3)
+    generator = torch.Generator().manual_seed(SEED)
+    model.train()
+    for step in range(steps):
+        input_ids, attention_mask, labels = batches[step % len(batches)]
+        rows = torch.randint(len(input_ids), (batch_size,), generator=generator)
+        loss = model(input_ids=input_ids[rows], attention_mask=attention_mask[rows], labels=labels[rows]).loss
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad()
+    model.eval()
 
 
 # ----------------------------------------------------------------------------------------------------------------

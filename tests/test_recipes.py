@@ -22,6 +22,7 @@ CONFIG_DIR = os.path.join(ROOT, "recipes", "configs")
 CONFIGS = sorted(p for p in glob.glob(os.path.join(CONFIG_DIR, "*.yaml"))
                  if not os.path.basename(p).startswith(("prune_", "evaluate_")))
 EXPECTED_CONFIGS = {"opus_mt_de_en.yaml", "opus_mt_de_en_stage2_seq_inter.yaml", "t5_small_from_base.yaml",
+                    "nllb_600m_de_en.yaml", "m2m100_418m_en_de.yaml",
                     "word_kd_opus_mt_de_en.yaml"}
 
 
