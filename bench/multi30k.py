@@ -26,6 +26,16 @@ Everything runs through the project's own recipes (``recipes/seq_kd.py``,
  7. ``evaluate``      every model on test_2016_flickr (``recipes/evaluate.py``): BLEU greedy and beam 5, chrF,
                       parameters, sentences/s at batch 1 and batched, speed-up over the teacher, and the plot.
 
+Seeds (issue 20): one run of a student is not enough to compare methods; the same student trained with another seed
+moves by a BLEU point or more here. The stages the papers' claims compare (a preset's ``seeded_stages``) are trained
+once per seed of ``seeds`` (``baseline``, ``baseline_seed1``, ...). What varies with the seed is the student's
+initialisation, dropout and data order; the teacher and its Seq-KD corpus are fixed (one teacher, trained once, and
+a deterministic beam search): the claims are about distillation methods given a teacher, and a teacher per seed
+would cost the teacher's training time again for each. The report gives each model's mean and spread over its
+seeds, and states a claim as holding only when the mean difference exceeds the seed spread and sacrebleu's paired
+bootstrap test (``hf_seqkd.significance``) agrees on every seed (``holds``, ``does not hold``, ``not resolved at
+this size``).
+
 Each stage writes ``<work_dir>/stages/<stage>.json`` (its result and wall time, interrupted attempts included:
 a heartbeat file keeps the time of an unfinished attempt) when it finishes, and a rerun skips
 finished stages, so a study cut off (end of a session, a crash) continues where it stopped; training stages also
@@ -73,6 +83,10 @@ PRESETS = {
         sparsities=(0.5, 0.8, 0.9), prune_epochs=1, batch1_samples=200, bf16=False, test_samples=None,
         teacher_dtype="bfloat16", corpus_backend="ctranslate2", batch1_beam="first",
         split_punctuation=True, student_jobs=2,
+        # the stages the claims compare, trained with every seed (the teacher and its corpus are fixed: see the
+        # docstring); the first seed's stage keeps the plain name, the others are `<stage>_seed<seed>`
+        seeds=(0, 1, 2), seeded_stages=("baseline", "word_kd", "seq_kd", "ckd_skip", "ckd_regular_comb",
+                                        "ckd_overlap_comb", "hybrid"),
     ),
     # Transformer-base teacher (6+6 x 512) and 2+2 x 256 students, trained to convergence on one GPU in bf16.
     "gpu": dict(
@@ -84,7 +98,10 @@ PRESETS = {
         max_tokens_per_batch=None, ckd_mappings=("skip", "regular_comb", "overlap_comb", "cross_comb"),
         sparsities=(0.5, 0.8, 0.9), prune_epochs=3, batch1_samples=500, bf16=True, test_samples=None,
         teacher_dtype="bfloat16", corpus_backend="transformers", batch1_beam="all", split_punctuation=True,
-        student_jobs=1,
+        student_jobs=1, seeds=(0, 1, 2),
+        seeded_stages=("baseline", "word_kd", "seq_kd", "seq_kd_word_kd", "baseline_seq_inter",
+                       "seq_kd_seq_inter_word_kd", "ckd_skip", "ckd_regular_comb", "ckd_overlap_comb",
+                       "ckd_cross_comb", "hybrid"),
     ),
     # A check that every stage runs end to end (minutes on a CPU); its numbers mean nothing.
     "smoke": dict(
@@ -96,11 +113,22 @@ PRESETS = {
         max_tokens_per_batch=None, ckd_mappings=("skip", "regular_comb"),
         sparsities=(0.5, 0.8), prune_epochs=1, batch1_samples=20, bf16=False, test_samples=100,
         teacher_dtype="bfloat16", corpus_backend="ctranslate2", batch1_beam="first", split_punctuation=True,
-        student_jobs=2,
+        student_jobs=2, seeds=(0, 1), seeded_stages=("baseline", "seq_kd"),
     ),
 }
 
 SOURCE_LANG, TARGET_LANG, TEST_SPLIT = "de", "en", "test_2016_flickr"
+
+
+def seeded_name(stage: str, seed: int) -> str:
+    """The stage of ``stage`` trained with another seed: ``baseline`` -> ``baseline_seed1``."""
+    return f"{stage}_seed{seed}"
+
+
+def seed_group(name: str) -> str:
+    """The stage a (seeded) stage name belongs to: ``baseline_seed1`` -> ``baseline``."""
+    stem, sep, seed = name.rpartition("_seed")
+    return stem if sep and seed.isdigit() else name
 
 
 def load_recipe(name: str):
@@ -229,7 +257,7 @@ class Study:
                   "attempts": attempts, "result": result,
                   "started": time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(started_at)),
                   "finished": time.strftime("%Y-%m-%d %H:%M:%S"), "started_at": started_at, "finished_at": time.time(),
-                  "machine": machine(),
+                  "machine": machine(), "settings": self.outcome_settings(stage),
                   # a stage run side by side records the command of the study that started it
                   "command": os.environ.get(STUDY_COMMAND_ENV)
                   or " ".join(["python"] + [os.path.relpath(sys.argv[0], REPO)] + sys.argv[1:])}
@@ -265,6 +293,13 @@ class Study:
                      for m in self.p["ckd_mappings"]]
         # Hybrid (Wei et al. 2024): alpha = 1 is the paper's objective, g * L_token + (1 - g) * L_sentence
         students += [("hybrid", dict(kd_target="target", alpha=1.0, hybrid_gate="scalar"))]
+        seeded, first_seed = self.p["seeded_stages"], list(students)
+        for seed in self.p["seeds"][1:]:
+            for name, spec in first_seed:
+                if name in seeded:
+                    init = spec.get("init")
+                    students.append((seeded_name(name, seed), dict(
+                        spec, seed=seed, **({"init": seeded_name(init, seed)} if init in seeded else {}))))
         return students
 
     def side_by_side_needs(self) -> dict[str, list[str]]:
@@ -284,7 +319,7 @@ class Study:
             args += ["--max_train_samples", str(self.p["train_samples"])]
         return args
 
-    def training_args(self, output_dir: str, epochs: int, lr: float) -> list[str]:
+    def training_args(self, output_dir: str, epochs: int, lr: float, seed: int | None = None) -> list[str]:
         p = self.p
         args = ["--output_dir", output_dir, "--num_train_epochs", str(epochs), "--learning_rate", str(lr),
                 "--per_device_train_batch_size", str(p["batch_size"]), "--lr_scheduler_type", "inverse_sqrt",
@@ -292,7 +327,8 @@ class Study:
                 "--weight_decay", "0.0", "--adam_beta2", "0.98", "--max_grad_norm", "1.0",
                 "--train_sampling_strategy", "group_by_length", "--save_strategy", "steps", "--save_steps", "500",
                 "--save_total_limit", "1", "--eval_strategy", "no", "--logging_steps", "100",
-                "--report_to", "none", "--seed", "0", "--disable_tqdm", "false"]
+                "--report_to", "none", "--seed", str(p["seeds"][0] if seed is None else seed),
+                "--disable_tqdm", "false"]
         if p["bf16"]:
             args += ["--bf16", "true"]
         checkpoints = sorted(glob.glob(os.path.join(output_dir, "checkpoint-*")),
@@ -393,10 +429,22 @@ class Study:
         return {"rows": len(out), "seq_inter_differs_from_1best": changed,
                 "mean_teacher_score": sum(out["teacher_score"]) / len(out)}
 
+    def test_references(self) -> list[str] | None:
+        """The test set's references as the evaluation scored them (``None`` without the corpus)."""
+        import gzip
+
+        path = os.path.join(self.data_dir, f"{TEST_SPLIT}.{TARGET_LANG}.gz")
+        if not os.path.exists(path):
+            return None
+        with gzip.open(path, "rt", encoding="utf-8") as f:
+            references = [line.rstrip("\n") for line in f]
+        return references[:self.p["test_samples"]] if self.p.get("test_samples") else references
+
     def student_dir(self, name: str) -> str:
         return os.path.join(self.work_dir, "students", name)
 
-    def train_student(self, name: str, *, kd_target: str, alpha: float, init: str | None = None, **extra):
+    def train_student(self, name: str, *, kd_target: str, alpha: float, init: str | None = None,
+                      seed: int | None = None, **extra):
         p = self.p
         d_model, layers, ffn, heads = p["student"]
         argv = ["--teacher_model_name_or_path", self.teacher_dir, "--kd_target", kd_target, "--alpha", str(alpha),
@@ -412,9 +460,29 @@ class Study:
         for key, value in extra.items():
             argv += [f"--{key}", str(value)]
         argv += self.common_data_args() + self.no_final_evaluation() + self.seqkd_args()
-        argv += self.training_args(self.student_dir(name), epochs, lr)
+        argv += self.training_args(self.student_dir(name), epochs, lr, seed)
         load_recipe("seq_kd").main(argv)
-        return {"kd_target": kd_target, "alpha": alpha, "init": init, **extra, "epochs": epochs, "learning_rate": lr}
+        return {"kd_target": kd_target, "alpha": alpha, "init": init, **extra, "epochs": epochs, "learning_rate": lr,
+                "seed": self.p["seeds"][0] if seed is None else seed}
+
+    def outcome_settings(self, stage: str) -> dict:
+        """What changed a stage's outcome in earlier runs, recorded with it: torch's thread count, the teacher's
+        checkpoint (sha256 of its weights), the corpus backend and its compute type, the teacher's dtype while the
+        students train, the seed."""
+        import hashlib
+
+        import torch
+
+        settings = {"threads": torch.get_num_threads(), "corpus_backend": self.p["corpus_backend"],
+                    "corpus_compute_type": "float32", "teacher_dtype_in_training": self.p["teacher_dtype"]}
+        weights = os.path.join(self.teacher_dir, "model.safetensors")
+        if stage not in ("tokenizer", "teacher") and os.path.exists(weights):
+            with open(weights, "rb") as f:
+                settings["teacher_sha256"] = hashlib.file_digest(f, "sha256").hexdigest()[:16]
+        spec = dict(self.student_specs()).get(stage)
+        if spec is not None:
+            settings["seed"] = spec.get("seed", self.p["seeds"][0])
+        return settings
 
     BEST = "seq_kd_seq_inter_word_kd"  # chosen in advance: the paper's best (and pruned) student
 
@@ -475,62 +543,123 @@ REPORT_COLUMNS = [("model", "model"), ("params", "parameters"), ("nonzero_params
                   ("speedup", "speed-up, batched")]
 
 
-def _findings(rows: dict) -> list[str]:
-    """The papers' claims, checked against this study's numbers (only those whose models are there)."""
-    out = []
+class Claims:
+    """The papers' claims checked on a study's results: each model's seeds grouped (``seq_kd``, ``seq_kd_seed1``,
+    ...), sacrebleu's paired bootstrap test of each seed's pair of models (:func:`hf_seqkd.significance.paired_test`,
+    on the hypotheses the evaluation kept), and :func:`hf_seqkd.significance.judge_claim`'s verdict."""
 
-    def bleu(name, key="bleu_greedy"):
-        return rows[name][key] if name in rows and rows[name].get(key) is not None else None
+    def __init__(self, rows: dict, references: list[str] | None, tokenize: str = "13a"):
+        self.rows, self.references, self.tokenize = rows, references, tokenize
+        self._p: dict = {}
 
-    def verdict(ok):
-        return "holds" if ok else "does not hold"
+    def seeds(self, name: str) -> dict[int, dict]:
+        """The rows of ``name``'s seeds, by seed (the plain name is seed -1: the preset's first seed)."""
+        out = {}
+        for model, row in self.rows.items():
+            if seed_group(model) == name and row.get("bleu_greedy") is not None:
+                out[-1 if model == name else int(model.rpartition("_seed")[2])] = row
+        return dict(sorted(out.items()))
 
-    base, seq = bleu("baseline"), bleu("seq_kd")
-    if base is not None and seq is not None:
-        out.append(f"Seq-KD beats the baseline on greedy BLEU (Kim & Rush: +4.2 on WMT En-De): {seq:.2f} vs "
-                   f"{base:.2f}, {seq - base:+.2f}: {verdict(seq > base)}.")
-        gaps = {n: bleu(n, "bleu_beam") - bleu(n) for n in ("baseline", "seq_kd") if bleu(n, "bleu_beam") is not None}
-        if len(gaps) == 2:
-            out.append(f"The greedy-beam gap shrinks with Seq-KD: baseline {gaps['baseline']:+.2f}, Seq-KD "
-                       f"{gaps['seq_kd']:+.2f}: {verdict(gaps['seq_kd'] < gaps['baseline'])}.")
+    def p_value(self, a: dict, b: dict, decoding_a: str = "greedy", decoding_b: str = "greedy") -> float | None:
+        """The paired bootstrap p-value of BLEU between two rows' hypotheses (``None`` without them)."""
+        from hf_seqkd.significance import paired_test
+
+        key = (a["model"], decoding_a, b["model"], decoding_b)
+        hyps_a, hyps_b = a.get(f"hypotheses_{decoding_a}"), b.get(f"hypotheses_{decoding_b}")
+        if self.references is None or hyps_a is None or hyps_b is None:
+            return None
+        if key not in self._p:
+            scores, _ = paired_test([("b", hyps_b), ("a", hyps_a)], self.references, tokenize=self.tokenize)
+            self._p[key] = scores[1].bleu_p_value
+        return self._p[key]
+
+    def claim(self, a: str, b: str, key: str = "bleu_greedy"):
+        """"``a`` scores higher than ``b``" over the seeds both have, or ``None`` when either is missing."""
+        from hf_seqkd.significance import judge_claim
+
+        seeds_a, seeds_b = self.seeds(a), self.seeds(b)
+        common = [s for s in seeds_a if s in seeds_b]
+        if not common:
+            return None
+        decoding = key.split("_")[-1]
+        p_values = [self.p_value(seeds_a[s], seeds_b[s], decoding, decoding) for s in common]
+        return judge_claim([seeds_a[s][key] for s in common], [seeds_b[s][key] for s in common],
+                           None if None in p_values else p_values)
+
+
+def _findings(rows: dict, references: list[str] | None = None, tokenize: str = "13a") -> list[str]:
+    """The papers' claims, checked against this study's numbers (only those whose models are there): each says
+    "holds", "does not hold" or "not resolved at this size" (:class:`Claims`)."""
+    from hf_seqkd.significance import DOES_NOT_HOLD, HOLDS, NOT_RESOLVED, judge_claim
+
+    out, claims = [], Claims(rows, references, tokenize)
+    seq = claims.claim("seq_kd", "baseline")
+    if seq is not None:
+        out.append(f"Seq-KD beats the baseline on greedy BLEU (Kim & Rush: +4.2 on WMT En-De): "
+                   f"{seq.describe()}.")
+        base_seeds, seq_seeds = claims.seeds("baseline"), claims.seeds("seq_kd")
+        common = [s for s in seq_seeds if s in base_seeds and seq_seeds[s].get("bleu_beam") is not None
+                  and base_seeds[s].get("bleu_beam") is not None]
+        if common:
+            def gap(r):
+                return r["bleu_beam"] - r["bleu_greedy"]
+
+            shrink = judge_claim([gap(base_seeds[s]) for s in common], [gap(seq_seeds[s]) for s in common])
+            out.append(f"The greedy-beam gap shrinks with Seq-KD: baseline {shrink.mean_a:+.2f}, Seq-KD "
+                       f"{shrink.mean_b:+.2f} (seed spread {shrink.spread:.2f}, {shrink.seeds} seed(s), no paired "
+                       f"test of a difference of differences): {shrink.verdict}.")
     teacher = rows.get("teacher")
-    students = [r for n, r in rows.items() if n != "teacher" and r.get("kind", "transformers") == "transformers"
-                and "pruned" not in n and r.get("bleu_greedy") is not None]
-    if teacher and students and teacher.get("bleu_beam") is not None:
-        best = max(students, key=lambda r: r["bleu_greedy"])
+    groups = {seed_group(n) for n, r in rows.items() if n != "teacher" and r.get("kind", "transformers") ==
+              "transformers" and "pruned" not in n and r.get("bleu_greedy") is not None}
+    if teacher and groups and teacher.get("bleu_beam") is not None:
+        import statistics
+
+        means = {g: statistics.fmean(r["bleu_greedy"] for r in claims.seeds(g).values()) for g in groups}
+        best_name = max(means, key=means.get)
+        best = next(iter(claims.seeds(best_name).values()))
         # the same batching for both: batch 1 where the teacher's beam search was timed at batch 1, else batched
         timing = ("batch1" if teacher.get("sent_per_s_beam_batch1") and best.get("sent_per_s_greedy_batch1")
                   else "batched")
         speed, tspeed = best.get(f"sent_per_s_greedy_{timing}"), teacher.get(f"sent_per_s_beam_{timing}")
         if speed and tspeed:
-            out.append(f"The best student ({best['model']}, greedy) against the teacher (beam {EVAL_BEAMS}): BLEU "
-                       f"{best['bleu_greedy']:.2f} vs {teacher['bleu_beam']:.2f} "
-                       f"({best['bleu_greedy'] - teacher['bleu_beam']:+.2f}), {speed / tspeed:.1f}x the sentences/s "
+            p = claims.p_value(best, teacher, "greedy", "beam")
+            out.append(f"The best student ({best_name}, greedy, mean of {len(claims.seeds(best_name))} seed(s)) "
+                       f"against the teacher (beam {EVAL_BEAMS}): BLEU {means[best_name]:.2f} vs "
+                       f"{teacher['bleu_beam']:.2f} ({means[best_name] - teacher['bleu_beam']:+.2f}"
+                       + ("" if p is None else f", paired p = {p:.3g} on {best['model']}")
+                       + f"), {speed / tspeed:.1f}x the sentences/s "
                        f"({'batch 1' if timing == 'batch1' else 'batched'}), "
                        f"{teacher['params'] / best['params']:.1f}x fewer parameters.")
     pruned = {n: r for n, r in rows.items() if "_pruned_" in n}
     if pruned and Study.BEST in rows:
-        ref = rows[Study.BEST]["bleu_greedy"]
+        reference = rows[Study.BEST]
+        ref = reference["bleu_greedy"]
         parts = [f"{n.rsplit('_', 1)[-1]}%: {r['bleu_greedy']:.2f} ({r['bleu_greedy'] - ref:+.2f}, "
                  f"{r['nonzero_params']:,} non-zero)" for n, r in sorted(pruned.items())]
         p80 = next((r for n, r in pruned.items() if n.endswith("_80")), None)
         line = f"Pruning the staged student (greedy BLEU {ref:.2f}): " + "; ".join(parts) + "."
         if p80 is not None:
-            holds = verdict(ref - p80["bleu_greedy"] <= 0.5)
-            line += f" 80% pruning loses almost nothing (Kim & Rush: -0.2): {holds}."
+            p = claims.p_value(p80, reference)
+            verdict = judge_claim([p80["bleu_greedy"]], [ref - 0.5], None if p is None else [p],
+                                  min_seeds=1).verdict
+            line += (" 80% pruning loses at most half a point (Kim & Rush: -0.2): one pruned model"
+                     + ("" if p is None else f", paired p = {p:.3g} against the unpruned one") + f": {verdict}.")
         out.append(line)
-    hybrid, word = bleu("hybrid"), bleu("word_kd")
-    if hybrid is not None and word is not None and seq is not None:
-        out.append(f"The hybrid beats token-level (Word-KD) and sentence-level (Seq-KD) KD: {hybrid:.2f} vs "
-                   f"{word:.2f} and {seq:.2f}: {verdict(hybrid > max(word, seq))}.")
-    skip = bleu("ckd_skip")
-    combos = {n: r["bleu_greedy"] for n, r in rows.items() if n.startswith("ckd_") and n != "ckd_skip"
-              and r.get("bleu_greedy") is not None}
-    if skip is not None and combos:
-        best_name = max(combos, key=combos.get)
-        listing = ", ".join(f"{n[4:]} {b:.2f}" for n, b in combos.items())
-        out.append(f"CKD beats the skip (PKD) mapping: skip {skip:.2f}; {listing}: "
-                   f"{verdict(combos[best_name] > skip)} for the best ({best_name[4:]}).")
+    hybrid = [claims.claim("hybrid", other) for other in ("word_kd", "seq_kd")]
+    if None not in hybrid:
+        verdicts = {c.verdict for c in hybrid}
+        overall = (HOLDS if verdicts == {HOLDS} else DOES_NOT_HOLD if DOES_NOT_HOLD in verdicts else NOT_RESOLVED)
+        out.append(f"The hybrid beats token-level (Word-KD) and sentence-level (Seq-KD) KD: against Word-KD "
+                   f"{hybrid[0].describe()}; against Seq-KD {hybrid[1].describe()}; both: {overall}.")
+    combos = sorted({seed_group(n) for n in rows if n.startswith("ckd_") and seed_group(n) != "ckd_skip"})
+    if "ckd_skip" in {seed_group(n) for n in rows} and combos:
+        results = {c: claims.claim(c, "ckd_skip") for c in combos}
+        results = {c: r for c, r in results.items() if r is not None}
+        if results:
+            best_combo = max(results, key=lambda c: results[c].mean_a)
+            listing = "; ".join(f"{c[4:]}: {r.describe()}" for c, r in results.items())
+            out.append(f"CKD beats the skip (PKD) mapping: {listing}; for the best ({best_combo[4:]}): "
+                       f"{results[best_combo].verdict}.")
     for name, r in rows.items():
         if not name.endswith("_ct2_int8"):
             continue
@@ -539,11 +668,52 @@ def _findings(rows: dict) -> list[str]:
         if source and source.get("sent_per_s_greedy_batch1") and r.get("sent_per_s_greedy_batch1"):
             batch1 = r["sent_per_s_greedy_batch1"] / source["sent_per_s_greedy_batch1"]
             batched = r["sent_per_s_greedy_batched"] / source["sent_per_s_greedy_batched"]
+            p = claims.p_value(r, source)
             out.append(f"CTranslate2 int8 ({original}): {batch1:.1f}x "
                        f"the sentences/s of the same model in transformers at batch 1, "
                        f"{batched:.1f}x batched; greedy BLEU "
-                       f"{r['bleu_greedy']:.2f} vs {source['bleu_greedy']:.2f}.")
+                       f"{r['bleu_greedy']:.2f} vs {source['bleu_greedy']:.2f}"
+                       + ("" if p is None else f" (paired p = {p:.3g})") + ".")
     return out
+
+
+def seed_table(rows: dict) -> str:
+    """Markdown: each model trained with several seeds, its mean and spread (max - min) of BLEU and chrF."""
+    import statistics
+
+    groups: dict[str, list[dict]] = {}
+    for name, row in rows.items():
+        if row.get("bleu_greedy") is not None:
+            groups.setdefault(seed_group(name), []).append(row)
+    groups = {g: rs for g, rs in groups.items() if len(rs) > 1}
+    if not groups:
+        return ""
+
+    def cell(rs, key):
+        values = [r[key] for r in rs if r.get(key) is not None]
+        if not values:
+            return "–"
+        low, high = min(values), max(values)
+        return f"{statistics.fmean(values):.2f} ({low:.2f}-{high:.2f}, spread {high - low:.2f})"
+
+    lines = ["| model | seeds | BLEU greedy: mean (min-max, spread) | BLEU beam | chrF greedy |",
+             "| --- | ---: | --- | --- | --- |"]
+    lines += [f"| {g} | {len(rs)} | {cell(rs, 'bleu_greedy')} | {cell(rs, 'bleu_beam')} | {cell(rs, 'chrf_greedy')} |"
+              for g, rs in groups.items()]
+    return "\n".join(lines)
+
+
+def _settings_cell(settings: dict | None) -> str:
+    """A stage record's settings, short: threads, seed, the teacher's checkpoint, the corpus backend."""
+    if not settings:
+        return "(not recorded)"
+    parts = [f"{settings['threads']} thread(s)"]
+    if "seed" in settings:
+        parts.append(f"seed {settings['seed']}")
+    if "teacher_sha256" in settings:
+        parts.append(f"teacher {settings['teacher_sha256']}")
+    parts.append(f"corpus {settings['corpus_backend']} {settings['corpus_compute_type']}")
+    return ", ".join(parts)
 
 
 def write_study_report(study: "Study", path: str) -> str:
@@ -568,9 +738,10 @@ def write_study_report(study: "Study", path: str) -> str:
         lines += [f"Machine: {m}" for m in machines] + [""]
     else:
         lines += ["Machine:", ""] + [f"* {m}: {', '.join(names)}" for m, names in machines.items()] + [""]
-    lines += ["| stage | wall time (min) | started | finished |", "| --- | --- | --- | --- |"]
-    lines += [f"| {r['stage']} | {r['seconds'] / 60:.1f} | {r.get('started', '')} | {r['finished']} |"
-              for r in records]
+    lines += ["| stage | wall time (min) | started | finished | settings that changed outcomes before |",
+              "| --- | --- | --- | --- | --- |"]
+    lines += [f"| {r['stage']} | {r['seconds'] / 60:.1f} | {r.get('started', '')} | {r['finished']} | "
+              f"{_settings_cell(r.get('settings'))} |" for r in records]
     side_by_side = []
     if records and os.path.exists(study.side_by_side_marker):
         with open(study.side_by_side_marker) as f:  # adds the gaps between side-by-side stages (process start-up)
@@ -595,7 +766,12 @@ def write_study_report(study: "Study", path: str) -> str:
                       f"{first.get('batch_size')} sentences per call; speed-up over the teacher's greedy decoding.",
                   ""]
         lines += [report_table(rows, REPORT_COLUMNS), ""]
-        findings = _findings({r["model"]: r for r in rows})
+        by_name = {r["model"]: r for r in rows}
+        seeds = seed_table(by_name)
+        if seeds:
+            lines += ["Students trained with several seeds (the teacher and its corpus fixed):", "", seeds, ""]
+        findings = _findings(by_name, study.test_references(), first.get("bleu_signature", "").partition("tok:")[2]
+                             .split("|")[0] or "13a")
         if findings:
             lines += ["What the papers found, checked on these numbers:", ""] + [f"* {x}" for x in findings] + [""]
         plot = os.path.join(study.work_dir, "report", "bleu_vs_speed.png")

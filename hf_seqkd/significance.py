@@ -58,7 +58,8 @@ def paired_test(systems: Sequence[tuple[str, Sequence[str]]], references: Sequen
     Returns:
         ``(scores, signatures)``: a :class:`SystemScores` per system, in order, and the sacrebleu signatures of BLEU
         and chrF (``{"bleu": ..., "chrf": ...}``, with the test, its samples and its seed). The random seed is
-        sacrebleu's (``SACREBLEU_SEED``, 12345 by default), so the numbers repeat.
+        sacrebleu's (``SACREBLEU_SEED``, 12345 by default), so the numbers repeat. A system whose hypotheses are
+        the baseline's, word for word, gets p = 1 (sacrebleu's test gives its smallest p-value there).
 
     Raises:
         ValueError: an unknown ``test``, fewer than two systems, duplicate names, or a system whose number of
@@ -85,6 +86,12 @@ def paired_test(systems: Sequence[tuple[str, Sequence[str]]], references: Sequen
 
     scores = [SystemScores(name, *(number(getattr(r, a)) for r in (bleu, chrf) for a in ("score", "ci", "p_value")))
               for name, bleu, chrf in zip(results["System"], results[bleu_key], results[chrf_key])]
+    baseline = list(systems[0][1])
+    for score, (_, hypotheses) in zip(scores[1:], systems[1:]):
+        if list(hypotheses) == baseline:
+            # no difference at all: sacrebleu counts resampled differences strictly above the observed one (zero
+            # here, and every resample's too), which gives its smallest p-value; the right one is 1
+            score.bleu_p_value = score.chrf_p_value = 1.0
     return scores, {"bleu": signatures[bleu_key].format(), "chrf": signatures[chrf_key].format()}
 
 
@@ -153,9 +160,10 @@ class Claim:
     seeds: int
 
     def describe(self, unit: str = "BLEU") -> str:
-        """E.g. ``"29.56 vs 26.83 (+2.73 BLEU, seed spread 0.40, 3 seeds, largest p = 0.001): holds"``."""
+        """E.g. ``"29.56 vs 26.83 (+2.73 BLEU, seed spread 0.40, 3 seeds, largest paired p = 0.001): holds"``."""
         seeds = f"{self.seeds} seed{'s' if self.seeds != 1 else ''}"
-        p = "" if self.p_value is None else f", {'largest ' if self.seeds > 1 else ''}p = {self.p_value:.3g}"
+        p = (", no paired test" if self.p_value is None else
+             f", {'largest ' if self.seeds > 1 else ''}paired p = {self.p_value:.3g}")
         return (f"{self.mean_a:.2f} vs {self.mean_b:.2f} ({self.difference:+.2f} {unit}, seed spread "
                 f"{self.spread:.2f}, {seeds}{p}): {self.verdict}")
 
@@ -175,8 +183,8 @@ def judge_claim(scores_a: Sequence[float], scores_b: Sequence[float], p_values: 
 
     Args:
         scores_a, scores_b: the score (e.g. BLEU) of each seed's model of A and of B.
-        p_values: the paired test's p-value of each seed's pair (``None``: no test; the claim is then never
-            resolved).
+        p_values: the paired test's p-value of each seed's pair; ``None`` where no paired test applies (e.g. a
+            difference of differences): the seeds alone decide.
         alpha: the significance level.
         min_seeds: seeds each side needs before a claim can be resolved.
 
@@ -190,7 +198,7 @@ def judge_claim(scores_a: Sequence[float], scores_b: Sequence[float], p_values: 
     mean_a, mean_b = statistics.fmean(scores_a), statistics.fmean(scores_b)
     difference, spread = mean_a - mean_b, max(_spread(scores_a), _spread(scores_b))
     p_max = max(p_values) if p_values else None
-    resolved = (min(len(scores_a), len(scores_b)) >= min_seeds and p_max is not None and p_max < alpha
+    resolved = (min(len(scores_a), len(scores_b)) >= min_seeds and (p_max is None or p_max < alpha)
                 and abs(difference) > spread)
     verdict = NOT_RESOLVED if not resolved else HOLDS if difference > 0 else DOES_NOT_HOLD
     return Claim(verdict, mean_a, mean_b, difference, spread, p_max, min(len(scores_a), len(scores_b)))

@@ -283,6 +283,26 @@ def test_evaluate_recipe_on_transformers_and_ctranslate2(trained_dir, data_dir, 
     assert (out / "bleu_vs_speed.png").read_bytes()[:4] == b"\x89PNG"
     table = [line for line in (out / "results.md").read_text().splitlines() if line.startswith("|")]
     assert len(table) == 2 + 2 and table[2].startswith("| hf |") and table[3].startswith("| ct2_int8 |")
+    # issue 20: the comparison says how sure it is: sacrebleu's paired bootstrap against the first model, on the
+    # hypotheses each model produced (kept in the results), the same numbers as sacrebleu's own PairedTest
+    from sacrebleu.metrics import BLEU, CHRF
+    from sacrebleu.significance import PairedTest
+
+    references = [line for line in (data_dir / "test.tgt").read_text().splitlines()][:16]
+    for decoding in ("greedy", "beam"):
+        systems = [(r["model"], r[f"hypotheses_{decoding}"]) for r in rows]
+        assert all(len(h) == 16 for _, h in systems)
+        _, direct = PairedTest(systems, {"BLEU": BLEU(), "chrF": CHRF()}, [references], test_type="bs")()
+        bleu_key = next(k for k in direct if k.startswith("BLEU"))
+        assert hf[f"bleu_{decoding}_p_value"] is None and hf[f"bleu_{decoding}"] == direct[bleu_key][0].score
+        assert hf[f"bleu_{decoding}_ci"] == pytest.approx(direct[bleu_key][0].ci)
+        if systems[0][1] != systems[1][1]:
+            assert converted[f"bleu_{decoding}_p_value"] == pytest.approx(direct[bleu_key][1].p_value)
+        else:  # word for word the same: p = 1
+            assert converted[f"bleu_{decoding}_p_value"] == 1.0
+        assert converted[f"bleu_{decoding}_ci"] == pytest.approx(direct[bleu_key][1].ci)
+    assert converted["significance_baseline"] == "hf" and "bs:1000" in converted["significance_test"]
+    assert " ± " in table[2] and "95% confidence interval" in (out / "results.md").read_text()
 
     # a tokenizer that does not belong to the CTranslate2 model
     other = train_tokenizer(["qq rr ss tt uu vv ww"] * 50, vocab_size=60)
