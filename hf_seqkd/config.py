@@ -107,6 +107,14 @@ class DistillationTrainingArguments(Seq2SeqTrainingArguments):
             Teacher weight of the generalised JSD mixture `m = jsd_beta * p_t + (1 - jsd_beta) * p_s`, in (0, 1).
         kd_chunk_size (`int`, *optional*, defaults to `1024`):
             Target positions whose vocabulary distributions are processed at once in the KD loss (memory).
+        teacher_distributions (`str`, *optional*, defaults to `"online"`):
+            Where the word-level term's teacher distributions come from: `"online"` (the teacher runs forward at
+            every step) or `"stored"` (its top-`teacher_top_k` log-probabilities and tail are computed once, by one
+            teacher-forced pass over the training targets, cached in `seqkd_cache_dir` like the Seq-KD corpus,
+            and training runs with no teacher loaded; `hf_seqkd.teacher_distributions`). Not with CKD or the
+            hybrid objective, which need the teacher's forward pass.
+        teacher_top_k (`int`, *optional*, defaults to `32`):
+            k of the stored distributions (tokens kept per target position; 130 bytes per token at 32).
 
         > Data preparation (the trainer tokenizes raw `source`/`target` data with these)
 
@@ -200,6 +208,9 @@ class DistillationTrainingArguments(Seq2SeqTrainingArguments):
     divergence: str = field(default="forward_kl", metadata={"help": f"One of {DIVERGENCES}."})
     jsd_beta: float = field(default=0.5, metadata={"help": "Teacher weight of the generalised JSD mixture."})
     kd_chunk_size: int = field(default=1024, metadata={"help": "Positions per chunk in the KD loss."})
+    teacher_distributions: str = field(default="online", metadata={"help": "online (teacher forward every step) or "
+                                                                           "stored (top-k computed once)."})
+    teacher_top_k: int = field(default=32, metadata={"help": "k of the stored teacher distributions."})
     # data preparation
     max_source_length: int = field(default=256, metadata={"help": "Source truncation length (tokens)."})
     max_target_length: int = field(default=256, metadata={"help": "Target truncation length (tokens); also the "
@@ -263,6 +274,19 @@ class DistillationTrainingArguments(Seq2SeqTrainingArguments):
             raise ValueError(f"temperature must be > 0, got {self.temperature}")
         if self.divergence == "jsd" and not 0.0 < self.jsd_beta < 1.0:
             raise ValueError(f"jsd_beta must be in (0, 1), got {self.jsd_beta}")
+        if self.teacher_distributions not in ("online", "stored"):
+            raise ValueError(f"teacher_distributions={self.teacher_distributions!r}: use 'online' (the teacher runs "
+                             "at every step) or 'stored' (its top-k distributions computed once)")
+        if self.teacher_distributions == "stored":
+            if self.teacher_top_k < 1:
+                raise ValueError(f"teacher_top_k must be a positive number of tokens, got {self.teacher_top_k}")
+            if self.alpha <= 0:
+                raise ValueError("teacher_distributions='stored' stores the teacher's word-level distributions, and "
+                                 "alpha=0 has no word-level term: set alpha > 0 or leave teacher_distributions unset")
+            if self.intermediate_loss_weight > 0 or self.hybrid_gate is not None:
+                raise ValueError("teacher_distributions='stored' replaces only the word-level term; CKD "
+                                 "(intermediate_loss_weight > 0) and the hybrid objective (hybrid_gate) need the "
+                                 "teacher's forward pass at every step: use teacher_distributions='online' with them")
 
     def _check_sequence_level(self):
         if self.kd_target not in KD_TARGETS:
@@ -325,15 +349,22 @@ class DistillationTrainingArguments(Seq2SeqTrainingArguments):
         return self.intermediate_loss_weight > 0
 
     @property
+    def uses_stored_distributions(self) -> bool:
+        """The word-level term trains against the teacher's stored top-k distributions (``teacher_distributions=
+        "stored"``), not its forward pass."""
+        return self.uses_word_kd and self.teacher_distributions == "stored"
+
+    @property
     def teacher_runs_during_training(self) -> bool:
-        """The teacher's forward pass is part of every training step (word-level, CKD or hybrid terms)."""
-        return self.alpha > 0 or self.uses_ckd or self.uses_hybrid
+        """The teacher's forward pass is part of every training step (online word-level, CKD or hybrid terms)."""
+        return (self.alpha > 0 and not self.uses_stored_distributions) or self.uses_ckd or self.uses_hybrid
 
     @property
     def needs_teacher_model(self) -> bool:
-        """The run needs the teacher as a Transformers model: during training, or to build the Seq-KD corpus
-        (unless a CTranslate2 teacher builds it)."""
-        return self.teacher_runs_during_training or (self.needs_seqkd_corpus and not self.teacher_ctranslate2_dir)
+        """The run needs the teacher as a Transformers model: during training, to build the Seq-KD corpus (unless a
+        CTranslate2 teacher builds it), or to compute the stored distributions (unless the data carries them)."""
+        return (self.teacher_runs_during_training or self.uses_stored_distributions
+                or (self.needs_seqkd_corpus and not self.teacher_ctranslate2_dir))
 
     @property
     def needs_seqkd_corpus(self) -> bool:
@@ -375,6 +406,8 @@ class DistillationTrainingArguments(Seq2SeqTrainingArguments):
         if self.alpha > 0:
             out.update(alpha=self.alpha, temperature=self.temperature, divergence=self.divergence,
                        jsd_beta=self.jsd_beta if self.divergence == "jsd" else None)
+        if self.uses_stored_distributions:
+            out.update(teacher_distributions="stored", teacher_top_k=self.teacher_top_k)
         if self.needs_seqkd_corpus:
             out.update(num_beams=self.num_beams, num_return_sequences=self.num_return_sequences,
                        max_new_tokens=self.max_new_tokens,

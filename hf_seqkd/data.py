@@ -15,6 +15,7 @@ from dataclasses import dataclass
 from typing import Any, Mapping, Sequence
 
 import datasets
+import numpy as np
 import torch
 from datasets import Dataset, DatasetDict
 from transformers import DataCollatorForSeq2Seq
@@ -325,9 +326,34 @@ def select_split(raw, flag: str, name: str | None, dataset: str):
     return raw[name]
 
 
+# the teacher's stored distributions (hf_seqkd.teacher_distributions): ids (k per position), log-probabilities (k per
+# position), the tail's log-probability (one per position), the temperature they were taken at (one per row)
+STORED_COLUMNS = ("teacher_topk_ids", "teacher_topk_logprobs", "teacher_tail_logprob",
+                  "teacher_distribution_temperature")
+
+
+def _pad_stored(rows: list[dict], length: int) -> dict:
+    """The stored teacher distributions of a batch as tensors ``(batch, length, k)`` / ``(batch, length)``, padded
+    with zeros on the right (padding positions carry no loss: their labels are -100)."""
+    k = next((len(r["teacher_topk_ids"][0]) for r in rows if len(r["teacher_topk_ids"])), 1)
+    ids = torch.zeros(len(rows), length, k, dtype=torch.long)
+    log_probs = torch.zeros(len(rows), length, k, dtype=torch.float32)
+    tail = torch.zeros(len(rows), length, dtype=torch.float32)
+    for b, r in enumerate(rows):
+        n = len(r["teacher_topk_ids"])
+        if n:
+            ids[b, :n] = torch.as_tensor(np.asarray(r["teacher_topk_ids"], dtype=np.int64))
+            log_probs[b, :n] = torch.as_tensor(np.asarray(r["teacher_topk_logprobs"], dtype=np.float32))
+            tail[b, :n] = torch.as_tensor(np.asarray(r["teacher_tail_logprob"], dtype=np.float32))
+    temperature = torch.tensor([float(r["teacher_distribution_temperature"]) for r in rows])
+    return {"teacher_topk_ids": ids, "teacher_topk_logprobs": log_probs, "teacher_tail_logprob": tail,
+            "teacher_distribution_temperature": temperature}
+
+
 @dataclass
 class DistillationDataCollator:
-    """``DataCollatorForSeq2Seq`` that pads on the right and also pads ``teacher_labels`` (with -100).
+    """``DataCollatorForSeq2Seq`` that pads on the right and also pads ``teacher_labels`` (with -100) and stored
+    teacher distributions (:mod:`hf_seqkd.teacher_distributions`: zeros, to the labels' length).
 
     Args:
         tokenizer: the tokenizer (pads inputs).
@@ -352,7 +378,13 @@ class DistillationDataCollator:
         if features and "teacher_labels" in features[0]:
             extra = [list(f["teacher_labels"]) for f in features]
             features = [{k: v for k, v in f.items() if k != "teacher_labels"} for f in features]
+        stored = None
+        if features and "teacher_topk_ids" in features[0]:  # hf_seqkd.teacher_distributions
+            stored = [{k: f[k] for k in STORED_COLUMNS} for f in features]
+            features = [{k: v for k, v in f.items() if k not in STORED_COLUMNS} for f in features]
         batch = self._inner(features)
+        if stored is not None:
+            batch.update(_pad_stored(stored, batch["labels"].shape[1]))
         if self.model is not None and "labels" in batch and "decoder_input_ids" not in batch:
             # DataCollatorForSeq2Seq only asks models that have prepare_decoder_input_ids_from_labels; M2M100 and
             # NLLB (Transformers 5) neither have it nor shift the labels in forward

@@ -23,12 +23,13 @@ caller no longer needs), and the KD loss allocates no (tokens x vocab) tensor of
 from __future__ import annotations
 
 import math
+from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
 
-__all__ = ["DIVERGENCES", "distillation_loss", "fused_ce_and_distillation_loss", "token_divergence",
-           "token_cross_entropy", "sequence_cross_entropy"]
+__all__ = ["DIVERGENCES", "StoredDistributions", "distillation_loss", "fused_ce_and_distillation_loss",
+           "token_divergence", "stored_token_divergence", "token_cross_entropy", "sequence_cross_entropy"]
 
 DIVERGENCES = ("forward_kl", "reverse_kl", "jsd", "tvd")
 
@@ -65,6 +66,52 @@ def token_divergence(student_log_probs: torch.Tensor, teacher_log_probs: torch.T
     raise ValueError(f"unknown divergence {divergence!r}; choose one of {DIVERGENCES}")
 
 
+class StoredDistributions(NamedTuple):
+    """The teacher's distributions as :mod:`hf_seqkd.teacher_distributions` stores them, in place of its logits:
+    ``ids`` ``(batch, length, k)`` its k most probable tokens at each position, ``log_probs`` ``(batch, length, k)``
+    their log-probabilities at the run's temperature, ``tail_log_prob`` ``(batch, length)`` the log of the
+    probability the k leave out."""
+
+    ids: torch.Tensor
+    log_probs: torch.Tensor
+    tail_log_prob: torch.Tensor
+
+    def flat(self) -> "StoredDistributions":
+        return StoredDistributions(self.ids.reshape(-1, self.ids.shape[-1]),
+                                   self.log_probs.reshape(-1, self.log_probs.shape[-1]),
+                                   self.tail_log_prob.reshape(-1))
+
+    def select(self, index: torch.Tensor) -> "StoredDistributions":
+        return StoredDistributions(*(x.index_select(0, index) for x in self))
+
+
+def _safe_logsumexp(x: torch.Tensor) -> torch.Tensor:
+    """``logsumexp`` over the last axis that is ``-inf`` (with a zero gradient, not NaN) where every entry is."""
+    empty = torch.isneginf(x).all(-1)
+    value = torch.logsumexp(x.masked_fill(empty.unsqueeze(-1), 0.0), dim=-1)
+    return value.masked_fill(empty, float("-inf"))
+
+
+def stored_token_divergence(student_log_probs: torch.Tensor, teacher: StoredDistributions,
+                            divergence: str = "forward_kl", jsd_beta: float = 0.5) -> torch.Tensor:
+    """The divergence between the teacher's stored top-k distribution and the student's, over k + 1 buckets:
+    ``(N, V)`` student log-probabilities and ``(N, k)`` / ``(N,)`` stored values -> ``(N,)``.
+
+    Both distributions are grouped into the teacher's k tokens and one bucket for every other token: the teacher's
+    buckets are its k probabilities and its tail (renormalised: float16 rounding leaves their sum slightly off one),
+    the student's its probabilities of those k tokens and one minus their sum. Grouping never increases an
+    f-divergence (the data-processing inequality; Csiszar 1967), so this is a lower bound of
+    :func:`token_divergence` over the full vocabulary, equal to it when k covers the vocabulary (the tail is then
+    ``-inf`` for both). Storing and the choice of this approximation: :mod:`hf_seqkd.teacher_distributions`.
+    """
+    ids = teacher.ids.long()
+    student_top = student_log_probs.gather(-1, ids)
+    student_tail = _safe_logsumexp(student_log_probs.scatter(-1, ids, float("-inf")))
+    student = torch.cat([student_top, student_tail.unsqueeze(-1)], dim=-1)
+    buckets = torch.cat([teacher.log_probs.float(), teacher.tail_log_prob.float().unsqueeze(-1)], dim=-1)
+    return token_divergence(student, torch.log_softmax(buckets, dim=-1), divergence, jsd_beta)
+
+
 def token_cross_entropy(logits: torch.Tensor, labels: torch.Tensor, label_smoothing: float = 0.0,
                         ignore_index: int = -100) -> torch.Tensor:
     """Per-position cross-entropy ``(N, V), (N,) -> (N,)`` with optional label smoothing (Szegedy et al. 2016):
@@ -90,6 +137,8 @@ def _check(student_logits, teacher_logits, labels, divergence, temperature, jsd_
     if divergence == "jsd" and not 0 < jsd_beta < 1:
         raise ValueError(f"jsd needs 0 < jsd_beta < 1, got {jsd_beta} (jsd_beta=0 or 1 makes it identically zero; "
                          "use forward_kl / reverse_kl instead)")
+    if isinstance(teacher_logits, StoredDistributions):
+        return _check_stored(student_logits, teacher_logits, labels, vocab_size)
     if student_logits.shape[:-1] != teacher_logits.shape[:-1] or student_logits.shape[:-1] != labels.shape:
         raise ValueError(f"shape mismatch: student logits {tuple(student_logits.shape)}, teacher logits "
                          f"{tuple(teacher_logits.shape)}, labels {tuple(labels.shape)}; the teacher must see the same "
@@ -102,6 +151,21 @@ def _check(student_logits, teacher_logits, labels, divergence, temperature, jsd_
         vocab_size = vs
     if vocab_size > min(vs, vt):
         raise ValueError(f"vocab_size {vocab_size} is larger than the logits (student {vs}, teacher {vt})")
+    return vocab_size
+
+
+def _check_stored(student_logits, teacher: StoredDistributions, labels, vocab_size):
+    shapes = (tuple(teacher.ids.shape[:-1]), tuple(teacher.log_probs.shape[:-1]), tuple(teacher.tail_log_prob.shape))
+    if any(shape != tuple(labels.shape) for shape in shapes) or student_logits.shape[:-1] != labels.shape or \
+            teacher.ids.shape != teacher.log_probs.shape:
+        stored_shapes = [tuple(x.shape) for x in teacher]
+        raise ValueError(f"shape mismatch: student logits {tuple(student_logits.shape)}, labels "
+                         f"{tuple(labels.shape)}, stored teacher ids / log-probs / tail {stored_shapes}; the stored "
+                         "distributions must cover the same target positions as the labels")
+    vocab_size = vocab_size or student_logits.shape[-1]
+    if teacher.ids.numel() and int(teacher.ids.max()) >= vocab_size:
+        raise ValueError(f"a stored teacher token id ({int(teacher.ids.max())}) is outside the student's vocabulary "
+                         f"({vocab_size}): the distributions were stored for another vocabulary")
     return vocab_size
 
 
@@ -122,7 +186,8 @@ class _ChunkedLoss(torch.autograd.Function):
                 chunk_size, overwrite_teacher_logits, kd_weight, ce_weight, label_smoothing):
         shape = student_logits.shape
         flat_s = student_logits.reshape(-1, shape[-1])
-        flat_t = teacher_logits.reshape(-1, teacher_logits.shape[-1])
+        stored = isinstance(teacher_logits, StoredDistributions)
+        flat_t = teacher_logits.flat() if stored else teacher_logits.reshape(-1, teacher_logits.shape[-1])
         flat_labels = labels.reshape(-1)
         n = flat_s.shape[0]
         total = torch.zeros(n, dtype=torch.float32, device=student_logits.device)
@@ -130,7 +195,7 @@ class _ChunkedLoss(torch.autograd.Function):
         needs_grad = ctx.needs_input_grad[0]
         grad = None
         if needs_grad:
-            if overwrite_teacher_logits and teacher_logits.dtype == student_logits.dtype and \
+            if overwrite_teacher_logits and not stored and teacher_logits.dtype == student_logits.dtype and \
                     teacher_logits.shape == student_logits.shape and teacher_logits.is_contiguous():
                 grad = flat_t  # reuse the teacher logits' memory: each chunk is read before it is overwritten
             else:
@@ -140,9 +205,12 @@ class _ChunkedLoss(torch.autograd.Function):
         def chunk_loss(s, t, chunk_labels):
             kd = torch.zeros(s.shape[0], device=s.device)
             if kd_weight:
-                t_logp = F.log_softmax(t if temperature == 1 else t / temperature, dim=-1)
                 s_logp = F.log_softmax(s if temperature == 1 else s / temperature, dim=-1)
-                kd = token_divergence(s_logp, t_logp, divergence, jsd_beta) * temperature**2
+                if stored:  # log-probabilities stored at this temperature
+                    kd = stored_token_divergence(s_logp, t, divergence, jsd_beta) * temperature**2
+                else:
+                    t_logp = F.log_softmax(t if temperature == 1 else t / temperature, dim=-1)
+                    kd = token_divergence(s_logp, t_logp, divergence, jsd_beta) * temperature**2
             ce = torch.zeros_like(kd)
             if ce_weight:
                 ce = token_cross_entropy(s, chunk_labels, label_smoothing=label_smoothing)
@@ -150,7 +218,12 @@ class _ChunkedLoss(torch.autograd.Function):
 
         for idx in positions.split(chunk_size):
             s = flat_s.index_select(0, idx)[:, :vocab_size].float()
-            t = flat_t.index_select(0, idx)[:, :vocab_size].float() if kd_weight else None
+            if not kd_weight:
+                t = None
+            elif stored:
+                t = flat_t.select(idx)
+            else:
+                t = flat_t.index_select(0, idx)[:, :vocab_size].float()
             chunk_labels = flat_labels.index_select(0, idx)
             if needs_grad:
                 with torch.enable_grad():
@@ -187,6 +260,11 @@ class _ChunkedLoss(torch.autograd.Function):
         return (grad.view(ctx.shape),) + (None,) * 12
 
 
+def _detached(teacher):
+    return StoredDistributions(*(x.detach() for x in teacher)) if isinstance(teacher, StoredDistributions) \
+        else teacher.detach()
+
+
 def _reduce(per_token, mask, reduction):
     if reduction == "none":
         return per_token
@@ -213,7 +291,10 @@ def distillation_loss(
 
     Args:
         student_logits: ``(batch, length, V_s)``; gradients flow into it.
-        teacher_logits: ``(batch, length, V_t)``, computed on the same decoder inputs; never receives gradients.
+        teacher_logits: ``(batch, length, V_t)``, computed on the same decoder inputs; never receives gradients. Or
+            the teacher's stored top-k distributions (:class:`StoredDistributions`, log-probabilities already at
+            ``temperature``): the divergence is then :func:`stored_token_divergence`'s, over the k tokens and a
+            tail bucket (equal to the full one when k covers the vocabulary).
         labels: ``(batch, length)``; positions equal to ``ignore_index`` carry no loss.
         divergence: ``"forward_kl"`` (KL(p_t||p_s), the gradient of Kim & Rush's -sum q log p), ``"reverse_kl"``,
             ``"jsd"`` (generalised, with ``jsd_beta``) or ``"tvd"``.
@@ -235,7 +316,7 @@ def distillation_loss(
     mask = labels.ne(ignore_index)
     positions = mask.reshape(-1).nonzero().squeeze(-1)
     per_token, _, _ = _ChunkedLoss.apply(
-        student_logits, teacher_logits.detach(), labels.clamp(min=0), positions, divergence, float(temperature),
+        student_logits, _detached(teacher_logits), labels.clamp(min=0), positions, divergence, float(temperature),
         float(jsd_beta), int(vocab_size), int(chunk_size or _default_chunk_size(vocab_size)), overwrite_teacher_logits,
         1.0, 0.0, 0.0)
     return _reduce(per_token, mask, reduction)
@@ -264,8 +345,8 @@ def fused_ce_and_distillation_loss(
     and adding them, but the cross-entropy's (tokens x vocab) log-probabilities are never kept for backward: the
     combined gradient is computed chunk by chunk and stored once (in the teacher logits' memory with
     ``overwrite_teacher_logits``). Returns ``(combined, ce, kd)``; only ``combined`` carries gradients, the two
-    terms are detached values for logging, reduced the same way. Arguments as in :func:`distillation_loss`;
-    ``ce_weight``/``kd_weight`` are fixed numbers.
+    terms are detached values for logging, reduced the same way. Arguments as in :func:`distillation_loss`
+    (``teacher_logits`` may be :class:`StoredDistributions`); ``ce_weight``/``kd_weight`` are fixed numbers.
     """
     vocab_size = _check(student_logits, teacher_logits, labels, divergence, temperature, jsd_beta, vocab_size)
     if reduction not in ("mean", "sum", "none"):
@@ -273,7 +354,7 @@ def fused_ce_and_distillation_loss(
     mask = labels.ne(ignore_index)
     positions = mask.reshape(-1).nonzero().squeeze(-1)
     combined, kd, ce = _ChunkedLoss.apply(
-        student_logits, teacher_logits.detach(), labels.clamp(min=0), positions, divergence, float(temperature),
+        student_logits, _detached(teacher_logits), labels.clamp(min=0), positions, divergence, float(temperature),
         float(jsd_beta), int(vocab_size), int(chunk_size or _default_chunk_size(vocab_size)), overwrite_teacher_logits,
         float(kd_weight), float(ce_weight), float(label_smoothing))
     return (_reduce(combined, mask, reduction), _reduce(ce.detach(), mask, reduction),

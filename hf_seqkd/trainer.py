@@ -26,8 +26,14 @@ from .export import CTranslate2Translator
 from .generation import cap_max_new_tokens, max_target_positions
 from .hybrid import TeacherSequenceCache, hybrid_loss
 from .languages import Languages, check_single_direction, resolve_languages
-from .losses import distillation_loss, fused_ce_and_distillation_loss, sequence_cross_entropy
+from .losses import StoredDistributions, distillation_loss, fused_ce_and_distillation_loss, sequence_cross_entropy
 from .seqkd import build_seqkd_dataset
+from .teacher_distributions import (
+    STORED_COLUMNS,
+    build_teacher_distributions,
+    has_teacher_distributions,
+    stored_distributions,
+)
 
 logger = logging.get_logger(__name__)
 
@@ -36,7 +42,7 @@ __all__ = ["DistillationTrainer", "check_shared_vocabulary"]
 _DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
 
 # Columns the trainer consumes itself: kept by `remove_unused_columns`, removed before the student's forward.
-EXTRA_LABEL_COLUMNS = ("teacher_labels",)
+EXTRA_LABEL_COLUMNS = ("teacher_labels",) + STORED_COLUMNS
 
 
 def _vocab_rows(model: PreTrainedModel) -> int:
@@ -75,6 +81,11 @@ def _check_distinct(student, teacher) -> None:
         raise ValueError(f"the student and the teacher share {len(shared)} parameter tensor(s): freezing the teacher "
                          "would freeze them in the student too; give the student its own copy (copy.deepcopy or "
                          "hf_seqkd.make_student)")
+
+
+def _cache_dir(args) -> str:
+    """Where the Seq-KD corpus and the stored teacher distributions are cached (``seqkd_cache_dir``)."""
+    return args.seqkd_cache_dir or os.path.join(os.path.dirname(os.path.abspath(args.output_dir)), "seqkd_cache")
 
 
 def _pad_to(tensor: torch.Tensor, length: int, value: int) -> torch.Tensor:
@@ -150,10 +161,12 @@ class DistillationTrainer(Seq2SeqTrainer):
         teacher_model = self._teacher_if_needed(teacher_model, args, train_dataset)
         self.languages = self._resolve_languages(args, processing_class, teacher_model or model, model)
         self.kd_vocab_size = None
-        if self.uses_teacher:
+        if teacher_model is not None and (self.uses_teacher or args.uses_stored_distributions):
             _check_distinct(model, teacher_model)
             self.kd_vocab_size = check_shared_vocabulary(teacher_model, model, processing_class)
         train_dataset = self._prepare_dataset(train_dataset, args, processing_class, teacher_model, training=True)
+        if not self.uses_teacher:
+            teacher_model = None  # what it was needed for (corpus, stored distributions) is done: not kept
         eval_dataset, references = self._prepare_eval_dataset(eval_dataset, args, processing_class)
         if data_collator is None and processing_class is not None:
             data_collator = DistillationDataCollator(processing_class, model=model)
@@ -195,8 +208,10 @@ class DistillationTrainer(Seq2SeqTrainer):
 
     def _teacher_if_needed(self, teacher, args, train_dataset):
         """The teacher instance, loaded from ``teacher_model_name_or_path`` only when the run needs it: during
-        training, or to build the Seq-KD corpus with Transformers (not with a CTranslate2 teacher)."""
-        needed = self.uses_teacher or (self._needs_corpus(args, train_dataset) and not args.teacher_ctranslate2_dir)
+        training, to build the Seq-KD corpus with Transformers (not with a CTranslate2 teacher), or to compute stored
+        distributions the data does not carry."""
+        needed = (self.uses_teacher or (self._needs_corpus(args, train_dataset) and not args.teacher_ctranslate2_dir)
+                  or (args.uses_stored_distributions and not has_teacher_distributions(train_dataset)))
         if teacher is not None or not needed:
             return teacher
         if args.teacher_model_name_or_path is None:
@@ -206,6 +221,33 @@ class DistillationTrainer(Seq2SeqTrainer):
         return AutoModelForSeq2SeqLM.from_pretrained(args.teacher_model_name_or_path)
 
     def _prepare_dataset(self, dataset, args, tokenizer, teacher, training: bool):
+        """Tokenized data as it is; raw data completed with the Seq-KD corpus when needed, then tokenized; training
+        data with the teacher's stored distributions when the run trains on them."""
+        dataset = self._tokenized(dataset, args, tokenizer, teacher, training)
+        if training and args.uses_stored_distributions:
+            dataset = self._with_teacher_distributions(dataset, args, teacher)
+        return dataset
+
+    def _with_teacher_distributions(self, dataset, args, teacher):
+        """The tokenized training data with the teacher's top-k distributions of its labels
+        (:func:`~hf_seqkd.teacher_distributions.build_teacher_distributions`, cached in ``seqkd_cache_dir``)."""
+        if not has_teacher_distributions(dataset):
+            if teacher is None:
+                raise ValueError("teacher_distributions='stored': the training data carries no stored distributions "
+                                 "and no teacher was given to compute them; pass teacher_model= or set "
+                                 "teacher_model_name_or_path")
+            dataset = build_teacher_distributions(
+                dataset, teacher, top_k=args.teacher_top_k, temperature=args.temperature,
+                vocab_size=self.kd_vocab_size, cache_dir=_cache_dir(args),
+                dtype=args.teacher_dtype, batch_size=args.per_device_train_batch_size)
+        stored = {float(t) for t in dataset.select(range(min(len(dataset), 1000)))["teacher_distribution_temperature"]}
+        if stored != {float(args.temperature)}:
+            raise ValueError(f"the training data's stored teacher distributions were taken at temperature "
+                             f"{sorted(stored)}, but this run's temperature is {args.temperature}: rebuild them "
+                             "(remove the columns) or set temperature to match")
+        return dataset
+
+    def _tokenized(self, dataset, args, tokenizer, teacher, training: bool):
         """Tokenized data as it is; raw data completed with the Seq-KD corpus when needed, then tokenized."""
         if dataset is None or "input_ids" in dataset.column_names:
             return dataset
@@ -241,8 +283,7 @@ class DistillationTrainer(Seq2SeqTrainer):
         settings share one cached corpus. ``languages`` (default: resolved from ``args`` and the tokenizer) give
         the forced target token and the prefix."""
 
-        cache_dir = args.seqkd_cache_dir or os.path.join(os.path.dirname(os.path.abspath(args.output_dir)),
-                                                         "seqkd_cache")
+        cache_dir = _cache_dir(args)
         if args.teacher_ctranslate2_dir:
 
             device = "cuda" if str(args.device).startswith("cuda") else "cpu"
@@ -412,6 +453,8 @@ class DistillationTrainer(Seq2SeqTrainer):
 
     # ------------------------------------------------------------------------------------------------ loss
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+        if self.args.uses_stored_distributions and "teacher_topk_ids" in inputs:
+            return self._stored_distributions_loss(model, inputs, return_outputs, num_items_in_batch)
         if not self.uses_teacher:
             inputs = {k: v for k, v in inputs.items() if k not in EXTRA_LABEL_COLUMNS}
             return super().compute_loss(model, inputs, return_outputs=return_outputs,
@@ -431,6 +474,19 @@ class DistillationTrainer(Seq2SeqTrainer):
         return loss, Seq2SeqLMOutput(loss=loss, logits=outputs.logits[:batch.size, :batch.gold_length],
                                      encoder_last_hidden_state=outputs.encoder_last_hidden_state[:batch.size])
 
+    def _stored_distributions_loss(self, model, inputs, return_outputs, num_items_in_batch):
+        """Word-level KD against the teacher's stored top-k distributions (no teacher forward): the online loss with
+        :class:`~hf_seqkd.losses.StoredDistributions` in place of the teacher's logits."""
+        teacher = stored_distributions(inputs)
+        batch = self._distillation_batch(model, {k: v for k, v in inputs.items() if k not in STORED_COLUMNS},
+                                         num_items_in_batch)
+        outputs = model(**batch.student_inputs)
+        terms = self._word_level_terms(outputs, teacher, batch)
+        loss = sum(weight * value for value, weight in terms.values())
+        if self.args.average_tokens_across_devices and num_items_in_batch is not None and self.model.training:
+            loss = loss * self.accelerator.num_processes  # DDP averages gradients over processes
+        return (loss, outputs) if return_outputs else loss
+
     def _kd_kwargs(self) -> dict:
         args = self.args
         # overwrite_teacher_logits: the loss stores its gradient in the teacher logits' memory (not used afterwards)
@@ -444,8 +500,9 @@ class DistillationTrainer(Seq2SeqTrainer):
     def _word_level_terms(self, outputs, teacher_outputs, batch: _Batch) -> dict:
         """``(1 - alpha - w) * CE + alpha * KD`` in one chunked pass (Kim & Rush 2016, Eq. 4 mixture); returns
         ``{name: (value divided by its token count, weight)}``."""
+        teacher = teacher_outputs if isinstance(teacher_outputs, StoredDistributions) else teacher_outputs.logits
         combined, ce_sum, kd_sum = fused_ce_and_distillation_loss(
-            outputs.logits, teacher_outputs.logits, batch.labels, ce_weight=self._ce_weight, kd_weight=self.args.alpha,
+            outputs.logits, teacher, batch.labels, ce_weight=self._ce_weight, kd_weight=self.args.alpha,
             label_smoothing=self.args.label_smoothing_factor, reduction="sum", **self._kd_kwargs())
         self._record("loss_ce", ce_sum / batch.local_tokens.clamp(min=1))
         self._record("loss_kd", kd_sum / batch.local_tokens.clamp(min=1))

@@ -7,7 +7,8 @@
         --target_lang en --kd_target teacher_target --output_dir out/seqkd_student
 
 The method is set by the training arguments: `--kd_target target|teacher_target|seq_inter_target` (gold, Seq-KD,
-Seq-Inter; Kim & Rush 2016), `--alpha` (word-level KD), `--intermediate_loss_weight` (CKD), `--hybrid_gate`
+Seq-Inter; Kim & Rush 2016), `--alpha` (word-level KD; `--teacher_distributions stored --teacher_top_k 32` computes
+the teacher's distributions once and trains without it), `--intermediate_loss_weight` (CKD), `--hybrid_gate`
 (hybrid KD); `--alpha 0 --kd_target target` trains the baseline. The paper's best student, staged:
     python recipes/seq_kd.py --config C.yaml --kd_target teacher_target --output_dir out/stage1
     python recipes/seq_kd.py --config C.yaml --kd_target seq_inter_target --num_beams 35 --num_return_sequences 35 \
@@ -62,12 +63,16 @@ def main(argv=None):
     # 2. Train: the trainer builds (or reuses) the Seq-KD corpus when the method needs it, tokenizes, trains
     trainer = DistillationTrainer(model=student, teacher_model=teacher, args=training_args, train_dataset=train,
                                   eval_dataset=validation, processing_class=tokenizer)
+    if not training_args.teacher_runs_during_training:
+        teacher = None  # its work (corpus, stored distributions) is done: not in memory while the student trains
     trainer.train(resume_from_checkpoint=training_args.resume_from_checkpoint)
     if not trainer.is_world_process_zero():
         return None
 
     # 3. Teacher and student on the test split: BLEU, chrF (greedy and beam) with 95% confidence intervals and the
     #    student's paired test against the teacher (sacrebleu), sentences/s, parameters
+    if eval_args.evaluate_teacher and teacher is None:
+        teacher = AutoModelForSeq2SeqLM.from_pretrained(training_args.teacher_model_name_or_path)
     models = ([("teacher", "teacher", teacher.to(trainer.args.device))] if eval_args.evaluate_teacher else [])
     bleu_tokenize = training_args.resolved_bleu_tokenize(languages.target_language or data_args.target_lang)
     results = [] if test is None else evaluate_models(
