@@ -716,7 +716,7 @@ def _settings_cell(settings: dict | None) -> str:
     return ", ".join(parts)
 
 
-def write_study_report(study: "Study", path: str) -> str:
+def write_study_report(study: "Study", path: str, results_dir: str | None = None) -> str:
     """Markdown of a (finished or partial) study: stage wall times, the results table, the papers' claims checked,
     the plot (copied next to ``path``)."""
     import shutil
@@ -748,10 +748,11 @@ def write_study_report(study: "Study", path: str) -> str:
             side_by_side = [json.load(f)]
     total, wall = sum(r["seconds"] for r in records), study_wall_seconds(records + side_by_side)
     if wall is not None and wall < total - 1:  # some stages ran side by side
-        lines += [f"| sum of the stages | {total / 60:.1f} | | |",
-                  f"| **study wall time** (stages side by side counted once) | **{wall / 60:.1f}** | | |"]
+        lines += [f"| sum of the stages | {total / 60:.1f} | | | |",
+                  f"| **study wall time** (stages side by side counted once) | **{wall / 60:.1f}** | | | |"]
     else:
-        lines += [f"| **total** | **{total / 60:.1f}** | | |"]
+        lines += [f"| **total** | **{total / 60:.1f}** | | | |"]
+    findings: list[str] = []
     pending = [n for n, _ in study.stages() if not study.done(n)]
     if pending:
         lines += ["", f"Not run yet: {', '.join(pending)}."]
@@ -783,7 +784,30 @@ def write_study_report(study: "Study", path: str) -> str:
     text = "\n".join(lines) + "\n"
     with open(path, "w") as f:
         f.write(text)
+    write_results_json(study, records, findings, results_dir)
     return text
+
+
+RESULT_FIELDS = ("model", "kind", "params", "nonzero_params", "bleu_greedy", "bleu_greedy_ci", "bleu_beam",
+                 "bleu_beam_ci", "chrf_greedy", "chrf_beam", "sent_per_s_greedy_batch1", "sent_per_s_beam_batch1",
+                 "sent_per_s_greedy_batched", "sent_per_s_beam_batched", "threads", "test_sentences")
+
+
+def write_results_json(study: "Study", records: list[dict], claims: list[str], directory: str | None = None) -> str:
+    """``<directory>/multi30k_<preset>.json`` (default ``bench/results``): the study's results for programs (per
+    model the sizes, BLEU and chrF with their confidence intervals, speeds in its engine; the stage times and
+    settings; the claims)."""
+    results = os.path.join(study.work_dir, "report", "results.json")
+    rows = json.load(open(results)) if os.path.exists(results) else []
+    out = {"study": "multi30k", "preset": study.preset_name, "settings": study.p,
+           "models": [{k: r.get(k) for k in RESULT_FIELDS} for r in rows],
+           "stages": [{k: r.get(k) for k in ("stage", "seconds", "attempts", "started", "finished", "machine",
+                                              "settings")} for r in records],
+           "claims": claims}
+    path = os.path.join(directory or os.path.join(REPO, "bench", "results"), f"multi30k_{study.preset_name}.json")
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    _write_json(path, out)
+    return path
 
 
 def run_side_by_side(names, needs, done, launch, jobs: int, poll_seconds: float = 2.0) -> list[str]:

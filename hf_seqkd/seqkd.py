@@ -563,7 +563,7 @@ def build_seqkd_dataset(
             under ``torch.inference_mode()``; a device move is undone afterwards and a dtype change happens on a
             copy. Or a :class:`hf_seqkd.export.CTranslate2Translator` (the teacher converted with
             :func:`hf_seqkd.export.to_ctranslate2`): CTranslate2's beam search, several times faster on a CPU; its
-            scores have the same definition and agree with Transformers' to about 5e-3 (``bench/RESULTS.md``);
+            scores have the same definition and agree with Transformers' to about 1e-5 (``bench/RESULTS.md``);
             ``dtype``/``device`` do not apply.
         tokenizer: the teacher's tokenizer (used to encode sources, right-padded, and decode outputs).
         generation: :class:`~hf_seqkd.generation.GenerationSettings` (beam size, K, length limit, batch sizes);

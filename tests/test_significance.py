@@ -184,3 +184,32 @@ def test_study_trains_the_seeded_stages_with_their_seed(multi30k, tmp_path):
     assert record["settings"]["seed"] == 1 and record["settings"]["threads"] >= 1
     assert record["settings"]["corpus_backend"] == "ctranslate2"
     assert multi30k._settings_cell(record["settings"]).startswith(f"{record['settings']['threads']} thread(s), seed 1")
+
+
+def test_study_report_and_results_json(multi30k, tmp_path):
+    """The report of a (partial) study: stage settings, the seed table, the claims with their verdicts, and the
+    results JSON for programs."""
+    import gzip
+
+    data = tmp_path / "data"
+    data.mkdir()
+    with gzip.open(data / f"{multi30k.TEST_SPLIT}.en.gz", "wt") as f:
+        f.write("\n".join(REFERENCES) + "\n")
+    study = multi30k.Study("smoke", str(tmp_path / "study"), str(data))
+    study.run_stage("seq_kd", lambda: {})
+    study.run_stage("seq_kd_seed1", lambda: {})
+    rows = [dict(_study_row(name, hyps), params=100, nonzero_params=100, test_sentences=len(REFERENCES),
+                 bleu_signature="nrefs:1|tok:13a|version:2.6.0")
+            for name, hyps in (("teacher", GOOD), ("baseline", WORSE), ("baseline_seed1", WORSE[:38] + GOOD[38:]),
+                               ("seq_kd", GOOD), ("seq_kd_seed1", GOOD[:36] + WORSE[36:]))]
+    (tmp_path / "study" / "report").mkdir()
+    (tmp_path / "study" / "report" / "results.json").write_text(json.dumps(rows))
+    text = multi30k.write_study_report(study, str(tmp_path / "report.md"), results_dir=str(tmp_path / "results"))
+    assert "seed 1" in text and "corpus ctranslate2 float32" in text
+    assert "| seq_kd | 2 |" in text
+    assert "Seq-KD beats the baseline on greedy BLEU" in text and ": holds." in text
+    saved = json.loads((tmp_path / "results" / "multi30k_smoke.json").read_text())
+    assert saved["preset"] == "smoke" and [m["model"] for m in saved["models"]][:2] == ["teacher", "baseline"]
+    assert saved["models"][1]["bleu_greedy"] == pytest.approx(rows[1]["bleu_greedy"])
+    assert [s["stage"] for s in saved["stages"]] == ["seq_kd", "seq_kd_seed1"]
+    assert saved["claims"] and saved["claims"][0].startswith("Seq-KD beats the baseline")

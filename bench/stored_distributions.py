@@ -1,0 +1,176 @@
+"""Benchmark: Seq-KD + Word-KD with the teacher online against the same with its stored top-k distributions.
+
+Every variant trains the Multi30k study's student (``bench/multi30k.py --preset cpu``: 2 x 128, the study's teacher,
+its Seq-KD corpus, its training settings) with ``kd_target=teacher_target, alpha=0.5`` (Kim & Rush's Seq-KD +
+Word-KD) through ``recipes/seq_kd.py``, each in its own process, one after the other:
+
+* ``online``: the teacher runs forward at every step (in the preset's ``teacher_dtype``);
+* ``stored-k<K>``: ``--teacher_distributions stored --teacher_top_k K`` (the distributions built first, in a cache
+  folder of this benchmark's own, so that the one-off cost is measured).
+
+Per variant: the one-off cost of building the distributions, training time per epoch, the peak resident memory
+while training (``VmHWM`` reset when training starts) and over the whole process, the bytes per target token of the
+stored distributions on disk, validation and test BLEU (greedy; test also beam 5). It needs a finished study's
+``tokenizer``, ``teacher`` and ``seqkd_corpus`` stages (``--study_dir``):
+
+    python bench/stored_distributions.py --study_dir runs/multi30k_cpu --top_k 8 32 128 --threads 1
+    python bench/stored_distributions.py --study_dir runs/multi30k_cpu --epochs 1   # shorter runs
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import subprocess
+import sys
+import time
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def _vm(field: str) -> int:
+    """A ``/proc/self/status`` memory field in bytes (``VmHWM``: peak resident set; ``VmRSS``: now)."""
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith(field + ":"):
+                return int(line.split()[1]) * 1024
+    raise RuntimeError(f"{field} not in /proc/self/status")
+
+
+def _load(path: str, name: str):
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location(name, path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def worker(args) -> dict:
+    """One variant in this process: the recipe's ``main`` with timers around the distributions and training."""
+    import torch
+
+    import hf_seqkd.trainer as trainer_module
+    from hf_seqkd import DistillationTrainer, load_parallel_data
+    from hf_seqkd.evaluation import evaluate_translation
+
+    torch.set_num_threads(args.threads)
+    multi30k = _load(os.path.join(REPO, "bench", "multi30k.py"), "bench_multi30k")
+    study = multi30k.Study("cpu", args.study_dir, args.data_dir)
+    p = study.p
+    out_dir = os.path.join(args.out_dir, args.variant)
+    d_model, layers, ffn, heads = p["student"]
+    argv = ["--teacher_model_name_or_path", study.teacher_dir, "--kd_target", "teacher_target", "--alpha", "0.5",
+            "--teacher_dtype", p["teacher_dtype"], "--student_init", "config", "--student_d_model", str(d_model),
+            "--student_encoder_layers", str(layers), "--student_decoder_layers", str(layers),
+            "--student_ffn_dim", str(ffn), "--student_attention_heads", str(heads),
+            "--test_split", multi30k.TEST_SPLIT, "--evaluate_teacher", "false"]
+    argv += study.common_data_args() + study.seqkd_args()
+    argv += study.training_args(out_dir, args.epochs, p["student_lr"])
+    argv += ["--save_strategy", "no"]
+    if args.train_samples:  # a quick check of the script (the Seq-KD corpus of those rows is built again)
+        argv += ["--max_train_samples", str(args.train_samples), "--max_test_samples", "50"]
+    if args.variant != "online":
+        k = int(args.variant.split("-k")[1])
+        argv += ["--teacher_distributions", "stored", "--teacher_top_k", str(k)]
+    record: dict = {"variant": args.variant, "epochs": args.epochs}
+
+    build = trainer_module.build_teacher_distributions
+
+    def timed_build(*a, **kw):
+        kw["cache_dir"] = os.path.join(args.out_dir, f"distributions-{args.variant}")
+        start = time.perf_counter()
+        out = build(*a, **kw)
+        record["build_seconds"] = time.perf_counter() - start
+        folder = next(os.scandir(kw["cache_dir"])).path
+        tokens = sum(len(x) for x in out["labels"])
+        record["stored_bytes_per_token"] = os.path.getsize(os.path.join(folder, "result.parquet")) / tokens
+        record["target_tokens"] = tokens
+        return out
+
+    trainer_module.build_teacher_distributions = timed_build
+    train = DistillationTrainer.train
+    trained = {}
+
+    def timed_train(self, *a, **kw):
+        with open("/proc/self/clear_refs", "w") as f:  # reset the peak resident set: training's own peak
+            f.write("5")
+        start = time.perf_counter()
+        result = train(self, *a, **kw)
+        record["train_seconds"] = time.perf_counter() - start
+        record["train_seconds_per_epoch"] = record["train_seconds"] / args.epochs
+        record["peak_rss_training_gib"] = _vm("VmHWM") / 2**30
+        record["teacher_in_trainer"] = self.teacher_model is not None
+        trained["model"], trained["tokenizer"] = self.model, self.processing_class
+        return result
+
+    DistillationTrainer.train = timed_train
+    recipe = _load(os.path.join(REPO, "recipes", "seq_kd.py"), "recipe_seq_kd")
+    rows = recipe.main(argv)
+    student = next(r for r in rows if r["model"] == "student")
+    record.update(test_bleu_greedy=student["bleu_greedy"], test_bleu_beam=student["bleu_beam"])
+    raw = load_parallel_data(args.data_dir, source_lang="de", target_lang="en")
+    validation = raw["validation"] if "validation" in raw else raw["val"]
+    scores = evaluate_translation(trained["model"], trained["tokenizer"], list(validation["source"]),
+                                  list(validation["target"]), max_new_tokens=96)
+    record["validation_bleu_greedy"] = scores["bleu"]
+    record["peak_rss_process_gib"] = _vm("VmHWM") / 2**30  # after the final evaluation (reset at training)
+    return record
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--study_dir", default=os.path.join(REPO, "runs", "multi30k_cpu"))
+    parser.add_argument("--data_dir", default=os.path.join(os.path.dirname(REPO), "shared", "data", "multi30k"))
+    parser.add_argument("--out_dir", default=os.path.join(REPO, "runs", "bench_stored_distributions"))
+    parser.add_argument("--top_k", type=int, nargs="*", default=[8, 32, 128])
+    parser.add_argument("--epochs", type=int, default=3, help="training epochs (the cpu preset's students: 3)")
+    parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--train_samples", type=int, default=0, help="train on the first N pairs only (a check)")
+    parser.add_argument("--variant", default=None, help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.variant:
+        print("RESULT " + json.dumps(worker(args)), flush=True)
+        return
+    os.makedirs(args.out_dir, exist_ok=True)
+    records = []
+    for variant in ["online"] + [f"stored-k{k}" for k in args.top_k]:
+        command = [sys.executable, os.path.abspath(__file__), "--variant", variant, "--study_dir", args.study_dir,
+                   "--data_dir", args.data_dir, "--out_dir", args.out_dir, "--epochs", str(args.epochs),
+                   "--threads", str(args.threads), "--train_samples", str(args.train_samples)]
+        env = dict(os.environ, OMP_NUM_THREADS=str(args.threads))
+        with open(os.path.join(args.out_dir, f"{variant}.log"), "w") as log:
+            proc = subprocess.run(command, stdout=subprocess.PIPE, stderr=log, text=True, env=env, check=True)
+        records.append(json.loads(next(line for line in proc.stdout.splitlines() if line.startswith("RESULT "))[7:]))
+        print(json.dumps(records[-1]), flush=True)
+    with open(os.path.join(args.out_dir, "results.json"), "w") as f:
+        json.dump(records, f, indent=2)
+    import torch
+    import transformers
+
+    online = records[0]
+    print(f"\ncommand: python {' '.join(sys.argv)}")
+    print(f"machine: {platform.platform()}, {os.cpu_count()} CPUs, torch {torch.__version__} ({args.threads} "
+          f"thread(s)), transformers {transformers.__version__}; {args.epochs} epoch(s) each, variants one after "
+          "the other in their own processes")
+    print()
+    print("| variant | build (s, once) | bytes / target token | training s / epoch | vs online | peak RSS training "
+          "(GiB) | validation BLEU | test BLEU greedy | test BLEU beam 5 |")
+    print("| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |")
+    for r in records:
+        build = f"{r['build_seconds']:.0f}" if "build_seconds" in r else ""
+        size = f"{r['stored_bytes_per_token']:.0f}" if "stored_bytes_per_token" in r else ""
+        print(f"| {r['variant']} | {build} | {size} | {r['train_seconds_per_epoch']:.0f} | "
+              f"{r['train_seconds_per_epoch'] / online['train_seconds_per_epoch']:.2f}x | "
+              f"{r['peak_rss_training_gib']:.2f} | {r['validation_bleu_greedy']:.2f} | {r['test_bleu_greedy']:.2f} | "
+              f"{r['test_bleu_beam']:.2f} |")
+
+
+if __name__ == "__main__":
+    main()
