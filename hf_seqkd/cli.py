@@ -192,3 +192,24 @@ def select_splits(raw, data_args: DataArguments, training_args) -> tuple:
 
     return (first(train, data_args.max_train_samples), first(evaluation, data_args.max_eval_samples),
             first(test, data_args.max_test_samples))
+
+
+def main(argv=None) -> None:
+    """``python -m hf_seqkd.cli merge PART_DIR... --into CACHE_DIR``: put together the parts of a Seq-KD corpus built
+    on several machines (:func:`hf_seqkd.seqkd.merge_seqkd_parts`)."""
+    import argparse
+
+    from .seqkd import merge_seqkd_parts
+
+    parser = argparse.ArgumentParser(prog="python -m hf_seqkd.cli",
+                                     description="Merge the parts of a Seq-KD corpus built on several machines.")
+    sub = parser.add_subparsers(dest="command", required=True)
+    merge = sub.add_parser("merge", help="put the parts' cache folders together")
+    merge.add_argument("parts", nargs="+", help="the seqkd_cache_dir of every part")
+    merge.add_argument("--into", required=True, help="the cache folder of the whole corpus")
+    args = parser.parse_args(argv)
+    print(f"merged into {merge_seqkd_parts(args.parts, args.into)}")
+
+
+if __name__ == "__main__":
+    main()

@@ -17,6 +17,7 @@ from .generation import GenerationSettings
 from .hybrid import parse_hybrid_gate
 from .intermediate import LAYER_MAPPING_STRATEGIES
 from .losses import DIVERGENCES
+from .seqkd import parse_corpus_part
 
 logger = logging.get_logger(__name__)
 
@@ -167,6 +168,10 @@ class DistillationTrainingArguments(Seq2SeqTrainingArguments):
         seqkd_cache_dir (`str` or `None`, *optional*, defaults to `None`):
             Where the corpus is cached (default `<output_dir>/../seqkd_cache`): a rerun with the same teacher, data
             and settings reuses it, an interrupted one resumes.
+        seqkd_corpus_part (`str` or `None`, *optional*, defaults to `None`):
+            `"i/N"`: build only part i of N of the Seq-KD corpus into `seqkd_cache_dir` and stop (machines without
+            a shared file system; `recipes/seq_kd.py` then exits). Merge the parts' folders with
+            `python -m hf_seqkd.cli merge PART_DIR... --into CACHE_DIR` and run again with that cache.
 
         > Intermediate-layer distillation (CKD, Wu et al. 2020)
 
@@ -234,6 +239,8 @@ class DistillationTrainingArguments(Seq2SeqTrainingArguments):
     max_tokens_per_batch: Optional[int] = field(default=None, metadata={"help": "Token budget per generate call."})
     seq_inter_metric: str = field(default="bleu", metadata={"help": "bleu or chrf."})
     seqkd_cache_dir: Optional[str] = field(default=None, metadata={"help": "Cache of the Seq-KD corpus."})
+    seqkd_corpus_part: Optional[str] = field(default=None, metadata={"help": "i/N: build only this part of the "
+                                                                             "Seq-KD corpus, then stop."})
     # CKD
     intermediate_loss_weight: float = field(default=0.0, metadata={"help": "Weight of the CKD hidden-state loss."})
     layer_mapping: str = field(default="regular_comb", metadata={"help": "CKD mapping strategy or JSON mapping."})
@@ -301,6 +308,8 @@ class DistillationTrainingArguments(Seq2SeqTrainingArguments):
             raise ValueError(f"kd_target='seq_inter_target' chooses among the teacher's K-best list and needs "
                              f"num_return_sequences K > 1, got {self.num_return_sequences} (Kim & Rush used K = 35 "
                              "with num_beams = 35)")
+        if self.seqkd_corpus_part is not None:
+            parse_corpus_part(self.seqkd_corpus_part)  # raises on a bad value
         if self.seq_inter_metric not in ("bleu", "chrf"):
             raise ValueError(f"seq_inter_metric={self.seq_inter_metric!r}: use 'bleu' or 'chrf'")
         if self.bleu_tokenize is not None:

@@ -24,6 +24,7 @@ import json
 import os
 import tempfile
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any, Sequence
 
 import datasets
@@ -42,6 +43,7 @@ from .languages import check_single_direction, target_token_id
 
 __all__ = [
     "build_seqkd_dataset",
+    "merge_seqkd_parts",
     "select_seq_inter",
     "make_length_batches",
     "model_fingerprint",
@@ -542,6 +544,7 @@ def build_seqkd_dataset(
     accelerator=None,
     show_progress: bool = True,
     teacher_fingerprint: str | None = None,
+    corpus_part: str | tuple[int, int] | None = None,
 ):
     """Sequence-level KD data: the dataset with the teacher's beam-search translations of its sources (Kim & Rush
     2016, Sec. 3.2; Sec. 3.3 with ``seq_inter``). The module docstring says how the work is batched, cached, resumed
@@ -590,9 +593,15 @@ def build_seqkd_dataset(
         show_progress: a tqdm bar (sentences, sentences/s) on each node's main process.
         teacher_fingerprint: a string identifying the teacher for the cache instead of hashing all its weights
             (e.g. a checkpoint id with revision); you are responsible for it changing when the weights do.
+        corpus_part: ``"i/N"`` (or ``(i, N)``, 1 <= i <= N): build only part i of N, for machines without a shared
+            file system: shard ``j`` belongs to part ``j % N + 1`` (and, within a part, to process
+            ``(j // N) % processes``). The part's shards and a manifest go to ``cache_dir`` and nothing is returned;
+            :func:`merge_seqkd_parts` puts the parts' cache folders together, after which this function with the same
+            inputs and the merged ``cache_dir`` returns the whole corpus (the same rows, order and texts as one run).
 
     Returns:
-        A ``datasets.Dataset``: every input row once, in the original order, with the added columns.
+        A ``datasets.Dataset``: every input row once, in the original order, with the added columns (``None`` with
+        ``corpus_part``).
 
     Raises:
         TypeError: ``dataset`` is not a ``datasets.Dataset``, ``generation`` not a ``GenerationSettings``.
@@ -620,6 +629,10 @@ def build_seqkd_dataset(
     targets = _texts(dataset, target_column) if seq_inter else None
     job = _CorpusJob(generation=generation, max_source_length=_max_source_length(tokenizer, teacher),
                      seq_inter=seq_inter, seq_inter_metric=seq_inter_metric, bleu_tokenize=bleu_tokenize)
+    part = parse_corpus_part(corpus_part)
+    if part is not None and cache_dir is None:
+        raise ValueError(f"build_seqkd_dataset: corpus_part={corpus_part!r} builds one part into a cache folder; "
+                         "pass cache_dir (then merge the parts' folders with merge_seqkd_parts)")
 
     with _datasets_progress_bars_off():
         store, result_path = _ShardStore(None), None
@@ -629,8 +642,7 @@ def build_seqkd_dataset(
             directory = os.path.join(os.fspath(cache_dir), fingerprint)
             result_path = os.path.join(directory, _RESULT_FILE)
             if os.path.exists(result_path):  # a finished run with the same inputs: nothing to generate
-
-                return _attach(dataset, pq.read_table(result_path), job)
+                return None if part is not None else _attach(dataset, pq.read_table(result_path), job)
             os.makedirs(directory, exist_ok=True)
             if state.is_main_process:
                 _write_text_atomic(json.dumps(dict(settings, num_rows=len(sources)), indent=2, default=str),
@@ -638,7 +650,13 @@ def build_seqkd_dataset(
             store = _ShardStore(directory)
         _generate_missing_shards(teacher, tokenizer, sources, targets, job, store, state, shard_size=shard_size,
                                  device=device, dtype=dtype, sort_by_length=sort_by_length,
-                                 show_progress=show_progress)
+                                 show_progress=show_progress, part=part)
+        if part is not None:
+            if state.is_main_process:
+                _write_text_atomic(json.dumps({"part": part[0], "parts": part[1], "fingerprint": fingerprint,
+                                               "num_rows": len(sources), "shard_size": shard_size}),
+                                   os.path.join(directory, f"part-{part[0]}-of-{part[1]}.json"))
+            return None
         result = _assemble(store, len(sources), shard_size, cache_dir)
         if result_path is not None and state.is_main_process:
             _write_parquet_atomic(result, result_path)
@@ -650,14 +668,37 @@ def _shards(num_rows: int, shard_size: int) -> list[tuple[int, int]]:
     return [(start, min(start + shard_size, num_rows)) for start in range(0, num_rows, shard_size)]
 
 
+def parse_corpus_part(corpus_part) -> tuple[int, int] | None:
+    """``"2/4"`` or ``(2, 4)`` -> ``(2, 4)``; a clear error for anything else."""
+    if corpus_part is None:
+        return None
+    try:
+        i, n = (int(x) for x in (corpus_part.split("/") if isinstance(corpus_part, str) else corpus_part))
+    except (TypeError, ValueError):
+        i = n = 0
+    if not 1 <= i <= n:
+        raise ValueError(f"corpus_part={corpus_part!r}: expected 'i/N' with 1 <= i <= N, e.g. '2/4' for the second "
+                         "of four parts")
+    return i, n
+
+
+def _my_shards(num_shards: int, rank: int, num_processes: int, part: tuple[int, int] | None) -> list[int]:
+    """The shards this process builds: shard ``j`` belongs to part ``j % N + 1`` and, within its part, to process
+    ``(j // N) % num_processes`` (without parts: ``j % num_processes``)."""
+    if part is None:
+        return [j for j in range(num_shards) if j % num_processes == rank]
+    i, n = part
+    return [j for j in range(num_shards) if j % n == i - 1 and (j // n) % num_processes == rank]
+
+
 def _generate_missing_shards(teacher, tokenizer, sources, targets, job, store, state, *, shard_size, device, dtype,
-                             sort_by_length, show_progress) -> None:
-    """Translate this process's shards (shard ``i`` belongs to process ``i % N``) that are not stored yet, then
-    wait for every process."""
+                             sort_by_length, show_progress, part=None) -> None:
+    """Translate this process's shards (:func:`_my_shards`) that are not stored yet, then wait for every
+    process."""
 
     rank, num_processes = state.process_index, state.num_processes
-    todo = [(s, e) for i, (s, e) in enumerate(_shards(len(sources), shard_size))
-            if i % num_processes == rank and not store.has(s, e)]
+    shards = _shards(len(sources), shard_size)
+    todo = [shards[j] for j in _my_shards(len(shards), rank, num_processes, part) if not store.has(*shards[j])]
     if todo:
         progress = tqdm(total=sum(e - s for s, e in todo), unit="sent", dynamic_ncols=True,
                         desc=f"teacher beam search (process {rank + 1}/{num_processes})" if num_processes > 1
@@ -690,3 +731,55 @@ def _attach(dataset, table, job: _CorpusJob):
     generated = Dataset(InMemoryTable(table.select(new_columns)))
     kept = dataset.remove_columns([c for c in new_columns if c in dataset.column_names])
     return concatenate_datasets([kept, generated], axis=1)
+
+
+def merge_seqkd_parts(part_dirs: Sequence[str | os.PathLike], cache_dir: str | os.PathLike) -> str:
+    """Put together the parts of a Seq-KD corpus built on several machines (``build_seqkd_dataset(...,
+    corpus_part="i/N", cache_dir=part_dir)`` on each) into ``cache_dir``.
+
+    Checks that the parts belong together (one fingerprint: the same teacher, tokenizer, texts and generation
+    settings; the same shard size and number of parts) and that every part is there once, copies their shards and
+    writes the assembled result. ``build_seqkd_dataset`` with the same inputs and ``cache_dir`` then returns the
+    corpus without translating anything: the same rows, order and texts as one run.
+
+    Args:
+        part_dirs: the ``cache_dir`` of each part (copied from its machine), in any order.
+        cache_dir: where the whole corpus goes (may be one of ``part_dirs``).
+
+    Returns:
+        The merged corpus's folder (``cache_dir/<fingerprint>``).
+
+    Raises:
+        ValueError: a folder without a part, parts of different corpora or settings, a part missing or given twice.
+    """
+    import shutil
+
+    manifests = []
+    for folder in part_dirs:
+        found = sorted(Path(folder).glob("*/part-*-of-*.json"))
+        if not found:
+            raise ValueError(f"merge_seqkd_parts: {folder} holds no corpus part (part-<i>-of-<N>.json); build one "
+                             "with build_seqkd_dataset(..., corpus_part='i/N', cache_dir=that folder)")
+        for path in found:
+            manifests.append((path, json.loads(path.read_text())))
+    keys = {(m["fingerprint"], m["parts"], m["shard_size"], m["num_rows"]) for _, m in manifests}
+    if len(keys) != 1:
+        found = "; ".join(f"{p.parent.parent}: part {m['part']}/{m['parts']} of {m['fingerprint'][:12]}, "
+                          f"shard_size {m['shard_size']}, {m['num_rows']} rows" for p, m in manifests)
+        raise ValueError("merge_seqkd_parts: the parts do not belong together (different teachers, data, generation "
+                         f"settings, shard sizes or numbers of parts): {found}")
+    fingerprint, parts, shard_size, num_rows = keys.pop()
+    have = sorted(m["part"] for _, m in manifests)
+    if have != list(range(1, parts + 1)):
+        raise ValueError(f"merge_seqkd_parts: parts {have} of {parts} given; every part 1..{parts} is needed exactly "
+                         "once")
+    target = Path(cache_dir) / fingerprint
+    target.mkdir(parents=True, exist_ok=True)
+    for path, _ in manifests:
+        for item in path.parent.iterdir():
+            if item.name.startswith(("shard-", "part-", "settings")) and not (target / item.name).exists():
+                shutil.copyfile(item, target / item.name)
+    result = _assemble(_ShardStore(str(target)), num_rows, shard_size, target)
+    _write_parquet_atomic(result, str(target / _RESULT_FILE))
+    return str(target)
+

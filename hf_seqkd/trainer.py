@@ -156,6 +156,10 @@ class DistillationTrainer(Seq2SeqTrainer):
             args = DistillationTrainingArguments(output_dir="tmp_trainer")
         if not isinstance(args, DistillationTrainingArguments):
             raise TypeError(f"DistillationTrainer needs DistillationTrainingArguments, got {type(args).__name__}")
+        if args.seqkd_corpus_part:
+            raise ValueError(f"seqkd_corpus_part={args.seqkd_corpus_part!r} builds one part of the Seq-KD corpus "
+                             "and stops; build it with DistillationTrainer.build_seqkd_corpus (or recipes/seq_kd.py), "
+                             "merge the parts (python -m hf_seqkd.cli merge), then train without seqkd_corpus_part")
         self.method = args.method
         self.uses_teacher = args.teacher_runs_during_training
         teacher_model = self._teacher_if_needed(teacher_model, args, train_dataset)
@@ -281,7 +285,8 @@ class DistillationTrainer(Seq2SeqTrainer):
         the Transformers teacher or ``teacher_ctranslate2_dir``. With ``num_return_sequences`` K > 1 the Seq-Inter
         choice is always added (cheap next to the beam search), so Seq-KD and Seq-Inter runs with the same
         settings share one cached corpus. ``languages`` (default: resolved from ``args`` and the tokenizer) give
-        the forced target token and the prefix."""
+        the forced target token and the prefix. With ``seqkd_corpus_part`` only that part is built (``None`` is
+        returned)."""
 
         cache_dir = _cache_dir(args)
         if args.teacher_ctranslate2_dir:
@@ -295,7 +300,7 @@ class DistillationTrainer(Seq2SeqTrainer):
         return build_seqkd_dataset(
             dataset, teacher, tokenizer, generation, seq_inter=args.num_return_sequences > 1,
             seq_inter_metric=args.seq_inter_metric, source_prefix=languages.source_prefix, cache_dir=cache_dir,
-            bleu_tokenize=args.resolved_bleu_tokenize(languages.target_language))
+            bleu_tokenize=args.resolved_bleu_tokenize(languages.target_language), corpus_part=args.seqkd_corpus_part)
 
     def _prepare_teacher(self, teacher: PreTrainedModel) -> PreTrainedModel:
         teacher.eval()

@@ -58,6 +58,11 @@ def main(argv=None):
                                   source_prefix=training_args.source_prefix)
     languages.apply(tokenizer)  # sources and labels tagged with the codes
     languages.apply_to_arguments(training_args, data_args.source_lang)  # the trainer follows them
+    if training_args.seqkd_corpus_part:  # one machine's part of the corpus, merged later (python -m hf_seqkd.seqkd)
+        DistillationTrainer.build_seqkd_corpus(train, teacher, tokenizer, training_args, languages)
+        print(f"Part {training_args.seqkd_corpus_part} of the Seq-KD corpus is in {training_args.seqkd_cache_dir}; "
+              "merge the parts with: python -m hf_seqkd.cli merge PART_DIR... --into CACHE_DIR")
+        return None
     student = load_or_make_student(model_args, teacher)
 
     # 2. Train: the trainer builds (or reuses) the Seq-KD corpus when the method needs it, tokenizes, trains

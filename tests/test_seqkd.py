@@ -388,3 +388,84 @@ def test_cache_key_covers_every_tokenizer_setting_that_changes_the_source(family
     german = _tokenizer_fingerprint(m2m)
     m2m.src_lang = "en"
     assert _tokenizer_fingerprint(m2m) != german
+
+
+# ---------------------------------------------------------------------------------------------- corpus parts
+def test_corpus_parts_built_apart_and_merged_equal_one_run(teacher, tokenizer, data, tmp_path, monkeypatch):
+    """Machines without a shared file system: each builds its part (corpus_part='i/N'), the parts' folders are
+    merged, and the corpus equals one run's; a merged folder is loaded without translating anything."""
+    from hf_seqkd.seqkd import merge_seqkd_parts
+
+    rows = data.select(range(20))
+    kwargs = dict(num_beams=3, num_return_sequences=2, max_new_tokens=MAX_NEW, shard_size=3, batch_size=4,
+                  seq_inter=True, show_progress=False)
+    calls = _count_calls(teacher, monkeypatch)
+    for i in (1, 2, 3):
+        assert build(rows, teacher, tokenizer, cache_dir=tmp_path / f"machine{i}", corpus_part=f"{i}/3",
+                     **kwargs) is None
+    built = [sum(len(c) for c in calls)]
+    (entry,) = (tmp_path / "machine2").iterdir()
+    # 7 shards of 3 rows: shard j belongs to part j % 3 + 1
+    assert sorted(p.name for p in entry.glob("shard-*")) == [f"shard-{s:09d}-{min(s + 3, 20):09d}.parquet"
+                                                               for s in (3, 12)]
+    with pytest.raises(ValueError, match=r"parts \[1, 3\] of 3 given"):
+        merge_seqkd_parts([tmp_path / "machine1", tmp_path / "machine3"], tmp_path / "merged")
+    build(rows, teacher, tokenizer, cache_dir=tmp_path / "other", corpus_part="2/3",
+          **dict(kwargs, num_beams=4))
+    with pytest.raises(ValueError, match="do not belong together"):
+        merge_seqkd_parts([tmp_path / "machine1", tmp_path / "other", tmp_path / "machine3"], tmp_path / "merged")
+    folder = merge_seqkd_parts([tmp_path / f"machine{i}" for i in (3, 1, 2)], tmp_path / "merged")
+    assert (Path(folder) / "result.parquet").exists()
+
+    calls.clear()
+    merged = build(rows, teacher, tokenizer, cache_dir=tmp_path / "merged", **kwargs)
+    assert calls == []  # loaded, not translated
+    single = build(rows, teacher, tokenizer, **kwargs)
+    assert merged.to_dict() == single.to_dict()
+    assert built[0] == 20  # every row translated once over the three parts
+    with pytest.raises(ValueError, match=r"corpus_part='3/2': expected 'i/N' with 1 <= i <= N"):
+        build(rows, teacher, tokenizer, cache_dir=tmp_path / "x", corpus_part="3/2", **kwargs)
+    with pytest.raises(ValueError, match="pass cache_dir"):
+        build(rows, teacher, tokenizer, corpus_part="1/2", **kwargs)
+    with pytest.raises(ValueError, match="holds no corpus part"):
+        merge_seqkd_parts([tmp_path / "nothing"], tmp_path / "merged2")
+
+
+def test_recipe_builds_corpus_parts_and_trains_from_the_merged_corpus(teacher, tokenizer, toy_corpus, tmp_path,
+                                                                       monkeypatch):
+    """``recipes/seq_kd.py --seqkd_corpus_part i/N`` on each "machine", ``python -m hf_seqkd.cli merge``, then the
+    training run finds the whole corpus in the merged cache and translates nothing."""
+    import importlib.util
+
+    from transformers import GenerationMixin
+
+    from hf_seqkd.cli import main as cli_main
+
+    from _helpers import write_split_files
+
+    root = Path(__file__).resolve().parent.parent
+    spec = importlib.util.spec_from_file_location("recipe_seq_kd_parts", root / "recipes" / "seq_kd.py")
+    recipe = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(recipe)
+    teacher.save_pretrained(tmp_path / "teacher")
+    tokenizer.save_pretrained(tmp_path / "teacher")
+    (tmp_path / "data").mkdir()
+    write_split_files(tmp_path / "data", toy_corpus, {"train": 24, "validation": 4, "test": 4})
+    common = ["--teacher_model_name_or_path", str(tmp_path / "teacher"), "--dataset", str(tmp_path / "data"),
+              "--source_lang", "src", "--target_lang", "tgt", "--kd_target", "teacher_target", "--alpha", "0",
+              "--num_beams", "2", "--max_new_tokens", "16", "--student_encoder_layers", "1",
+              "--student_decoder_layers", "1", "--max_steps", "1", "--per_device_train_batch_size", "8",
+              "--save_strategy", "no", "--eval_strategy", "no", "--report_to", "none", "--disable_tqdm", "true",
+              "--use_cpu", "true", "--test_split", "none", "--dataloader_num_workers", "0"]
+    for i in (1, 2):
+        out = recipe.main(common + ["--seqkd_corpus_part", f"{i}/2", "--seqkd_cache_dir", str(tmp_path / f"m{i}"),
+                                    "--output_dir", str(tmp_path / f"out{i}")])
+        assert out is None and not (tmp_path / f"out{i}" / "config.json").exists()  # no student trained
+    cli_main(["merge", str(tmp_path / "m1"), str(tmp_path / "m2"), "--into", str(tmp_path / "merged")])
+
+    def no_generate(*args, **kwargs):
+        raise AssertionError("the merged corpus should have been loaded, not translated")
+
+    monkeypatch.setattr(GenerationMixin, "generate", no_generate)
+    recipe.main(common + ["--seqkd_cache_dir", str(tmp_path / "merged"), "--output_dir", str(tmp_path / "student")])
+    assert (tmp_path / "student" / "config.json").exists()
