@@ -125,10 +125,15 @@ def seeded_name(stage: str, seed: int) -> str:
     return f"{stage}_seed{seed}"
 
 
+def seed_of(name: str) -> int | None:
+    """The seed in a seeded stage name (``baseline_seed1`` -> 1); ``None`` for a plain name."""
+    stem, sep, seed = name.rpartition("_seed")
+    return int(seed) if sep and stem and seed.isascii() and seed.isdigit() else None
+
+
 def seed_group(name: str) -> str:
     """The stage a (seeded) stage name belongs to: ``baseline_seed1`` -> ``baseline``."""
-    stem, sep, seed = name.rpartition("_seed")
-    return stem if sep and seed.isdigit() else name
+    return name.rpartition("_seed")[0] if seed_of(name) is not None else name
 
 
 def load_recipe(name: str):
@@ -557,7 +562,7 @@ class Claims:
         out = {}
         for model, row in self.rows.items():
             if seed_group(model) == name and row.get("bleu_greedy") is not None:
-                out[-1 if model == name else int(model.rpartition("_seed")[2])] = row
+                out[-1 if model == name else seed_of(model)] = row
         return dict(sorted(out.items()))
 
     def p_value(self, a: dict, b: dict, decoding_a: str = "greedy", decoding_b: str = "greedy") -> float | None:
@@ -621,7 +626,7 @@ def _findings(rows: dict, references: list[str] | None = None, tokenize: str = "
         timing = ("batch1" if teacher.get("sent_per_s_beam_batch1") and best.get("sent_per_s_greedy_batch1")
                   else "batched")
         speed, tspeed = best.get(f"sent_per_s_greedy_{timing}"), teacher.get(f"sent_per_s_beam_{timing}")
-        if speed and tspeed:
+        if speed and tspeed and best.get("params") and teacher.get("params"):
             p = claims.p_value(best, teacher, "greedy", "beam")
             out.append(f"The best student ({best_name}, greedy, mean of {len(claims.seeds(best_name))} seed(s)) "
                        f"against the teacher (beam {EVAL_BEAMS}): BLEU {means[best_name]:.2f} vs "
@@ -665,7 +670,8 @@ def _findings(rows: dict, references: list[str] | None = None, tokenize: str = "
             continue
         original = name[: -len("_ct2_int8")]
         source = rows.get(original)
-        if source and source.get("sent_per_s_greedy_batch1") and r.get("sent_per_s_greedy_batch1"):
+        speeds = ("sent_per_s_greedy_batch1", "sent_per_s_greedy_batched")
+        if source and all(source.get(k) and r.get(k) for k in speeds):
             batch1 = r["sent_per_s_greedy_batch1"] / source["sent_per_s_greedy_batch1"]
             batched = r["sent_per_s_greedy_batched"] / source["sent_per_s_greedy_batched"]
             p = claims.p_value(r, source)

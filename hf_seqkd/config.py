@@ -4,6 +4,7 @@ read-only answers to what a run needs (:class:`DistillationMethod`, the teacher,
 from __future__ import annotations
 
 import json
+import math
 import os
 from dataclasses import dataclass, field
 from typing import Optional
@@ -113,7 +114,8 @@ class DistillationTrainingArguments(Seq2SeqTrainingArguments):
             every step) or `"stored"` (its top-`teacher_top_k` log-probabilities and tail are computed once, by one
             teacher-forced pass over the training targets, cached in `seqkd_cache_dir` like the Seq-KD corpus,
             and training runs with no teacher loaded; `hf_seqkd.teacher_distributions`). Not with CKD or the
-            hybrid objective, which need the teacher's forward pass.
+            hybrid objective, which need the teacher's forward pass. The evaluation loss (on data without stored
+            distributions) is then the cross-entropy alone.
         teacher_top_k (`int`, *optional*, defaults to `32`):
             k of the stored distributions (tokens kept per target position; 130 bytes per token at 32).
 
@@ -277,8 +279,8 @@ class DistillationTrainingArguments(Seq2SeqTrainingArguments):
             raise ValueError(f"divergence={self.divergence!r} is not one of {DIVERGENCES}")
         if not 0.0 <= self.alpha <= 1.0:
             raise ValueError(f"alpha must be in [0, 1], got {self.alpha}")
-        if self.temperature <= 0:
-            raise ValueError(f"temperature must be > 0, got {self.temperature}")
+        if not math.isfinite(self.temperature) or self.temperature <= 0:
+            raise ValueError(f"temperature must be a finite number > 0, got {self.temperature}")
         if self.divergence == "jsd" and not 0.0 < self.jsd_beta < 1.0:
             raise ValueError(f"jsd_beta must be in (0, 1), got {self.jsd_beta}")
         if self.teacher_distributions not in ("online", "stored"):

@@ -163,9 +163,12 @@ def _check_stored(student_logits, teacher: StoredDistributions, labels, vocab_si
                          f"{tuple(labels.shape)}, stored teacher ids / log-probs / tail {stored_shapes}; the stored "
                          "distributions must cover the same target positions as the labels")
     vocab_size = vocab_size or student_logits.shape[-1]
-    if teacher.ids.numel() and int(teacher.ids.max()) >= vocab_size:
-        raise ValueError(f"a stored teacher token id ({int(teacher.ids.max())}) is outside the student's vocabulary "
-                         f"({vocab_size}): the distributions were stored for another vocabulary")
+    if vocab_size > student_logits.shape[-1]:
+        raise ValueError(f"vocab_size {vocab_size} is larger than the student's logits ({student_logits.shape[-1]})")
+    if teacher.ids.numel() and (int(teacher.ids.min()) < 0 or int(teacher.ids.max()) >= vocab_size):
+        raise ValueError(f"stored teacher token ids {int(teacher.ids.min())}..{int(teacher.ids.max())} are outside "
+                         f"the student's vocabulary (0..{vocab_size - 1}): the distributions were stored for another "
+                         "vocabulary")
     return vocab_size
 
 

@@ -13,12 +13,15 @@
 
 from __future__ import annotations
 
+import math
 import statistics
 from dataclasses import dataclass
 from typing import Sequence
 
 from sacrebleu.metrics import BLEU, CHRF
 from sacrebleu.significance import PairedTest
+
+from .evaluation import resolve_bleu_tokenize
 
 __all__ = ["SystemScores", "paired_test", "add_significance", "Claim", "judge_claim", "HOLDS", "DOES_NOT_HOLD",
            "NOT_RESOLVED"]
@@ -58,12 +61,13 @@ def paired_test(systems: Sequence[tuple[str, Sequence[str]]], references: Sequen
     Returns:
         ``(scores, signatures)``: a :class:`SystemScores` per system, in order, and the sacrebleu signatures of BLEU
         and chrF (``{"bleu": ..., "chrf": ...}``, with the test, its samples and its seed). The random seed is
-        sacrebleu's (``SACREBLEU_SEED``, 12345 by default), so the numbers repeat. A system whose hypotheses are
-        the baseline's, word for word, gets p = 1 (sacrebleu's test gives its smallest p-value there).
+        sacrebleu's (``SACREBLEU_SEED``, 12345 by default), so the numbers repeat. A system whose score equals the
+        baseline's gets p = 1 for it (sacrebleu's test gives its smallest p-value there).
 
     Raises:
-        ValueError: an unknown ``test``, fewer than two systems, duplicate names, or a system whose number of
-            hypotheses is not the number of references.
+        ValueError: an unknown ``test`` or tokenizer, fewer than two systems, duplicate names, empty references,
+            hypotheses that are not strings, a system whose number of hypotheses is not the number of references,
+            ``n_samples < 0``.
     """
     if test not in _TESTS:
         raise ValueError(f"test={test!r}: use 'bs' (paired bootstrap resampling) or 'ar' (approximate randomization)")
@@ -73,7 +77,15 @@ def paired_test(systems: Sequence[tuple[str, Sequence[str]]], references: Sequen
     names = [name for name, _ in systems]
     if len(set(names)) != len(names):
         raise ValueError(f"paired_test: system names must differ; got {names}")
+    if isinstance(references, str) or not len(references):
+        raise ValueError("paired_test needs the references as a non-empty list of strings, one per sentence")
+    if n_samples < 0:
+        raise ValueError(f"n_samples={n_samples}: the number of resamples / trials must be >= 0 (0: sacrebleu's "
+                         "default)")
+    tokenize = resolve_bleu_tokenize(tokenize=tokenize)  # a clear error for an unknown tokenizer
     for name, hypotheses in systems:
+        if isinstance(hypotheses, str) or not all(isinstance(h, str) for h in hypotheses):
+            raise ValueError(f"paired_test: the hypotheses of {name!r} must be a list of strings, one per sentence")
         if len(hypotheses) != len(references):
             raise ValueError(f"paired_test: {name!r} has {len(hypotheses)} hypotheses but there are "
                              f"{len(references)} references; every system must translate the whole test set")
@@ -86,12 +98,14 @@ def paired_test(systems: Sequence[tuple[str, Sequence[str]]], references: Sequen
 
     scores = [SystemScores(name, *(number(getattr(r, a)) for r in (bleu, chrf) for a in ("score", "ci", "p_value")))
               for name, bleu, chrf in zip(results["System"], results[bleu_key], results[chrf_key])]
-    baseline = list(systems[0][1])
-    for score, (_, hypotheses) in zip(scores[1:], systems[1:]):
-        if list(hypotheses) == baseline:
-            # no difference at all: sacrebleu counts resampled differences strictly above the observed one (zero
-            # here, and every resample's too), which gives its smallest p-value; the right one is 1
-            score.bleu_p_value = score.chrf_p_value = 1.0
+    for score in scores[1:]:
+        # no difference at all: sacrebleu counts resampled differences strictly above the observed one (zero here,
+        # and often every resample's too, e.g. for systems that differ only in words no reference has), which gives
+        # its smallest p-value; with no observed difference the right one is 1
+        if score.bleu == scores[0].bleu:
+            score.bleu_p_value = 1.0
+        if score.chrf == scores[0].chrf:
+            score.chrf_p_value = 1.0
     return scores, {"bleu": signatures[bleu_key].format(), "chrf": signatures[chrf_key].format()}
 
 
@@ -113,29 +127,38 @@ def add_significance(results: Sequence, references: Sequence[str], *, baseline: 
     Returns ``results``.
 
     Raises:
-        ValueError: ``baseline`` names no row.
+        ValueError: no rows, ``baseline`` names no row, translations of another length than ``references``.
     """
     rows = list(results)
     names = [r.model for r in rows]
+    if not rows:
+        raise ValueError("add_significance: no rows")
     if isinstance(baseline, str):
         if baseline not in names:
             raise ValueError(f"baseline={baseline!r} is not one of the models compared ({', '.join(names)}); "
                              "name one of them")
         baseline = names.index(baseline)
-    if not 0 <= baseline < len(rows):
+    if isinstance(baseline, bool) or not 0 <= baseline < len(rows):
         raise ValueError(f"baseline={baseline} is not a row index (0..{len(rows) - 1})")
     for decoding in ("greedy", "beam"):
         field = f"hypotheses_{decoding}"
         if getattr(rows[baseline], field) is None:
             continue
-        compared = [r for r in rows if getattr(r, field) is not None and len(getattr(r, field)) == len(references)]
-        others = [r for r in compared if r is not rows[baseline]]
+        wrong = [r.model for r in rows if getattr(r, field) is not None and len(getattr(r, field)) != len(references)]
+        if wrong:
+            raise ValueError(f"add_significance: {len(references)} references, but the {decoding} translations of "
+                             f"{', '.join(wrong)} have another length; pass the references of the test set the rows "
+                             "were evaluated on")
+        others = [r for r in rows if getattr(r, field) is not None and r is not rows[baseline]]
         if not others:
             continue
-        scores, signatures = paired_test([(f"{i}", getattr(r, field)) for i, r in
-                                          enumerate([rows[baseline]] + others)], references, test=test,
-                                         n_samples=n_samples, tokenize=tokenize)
-        for row, s in zip([rows[baseline]] + others, scores):
+        systems = [rows[baseline]] + others
+        labels = [r.model for r in systems]
+        if len(set(labels)) != len(labels):
+            labels = [f"{i}: {label}" for i, label in enumerate(labels)]
+        scores, signatures = paired_test([(label, getattr(r, field)) for label, r in zip(labels, systems)],
+                                         references, test=test, n_samples=n_samples, tokenize=tokenize)
+        for row, s in zip(systems, scores):
             for metric in ("bleu", "chrf"):
                 setattr(row, f"{metric}_{decoding}_ci", getattr(s, f"{metric}_ci"))
                 setattr(row, f"{metric}_{decoding}_p_value", getattr(s, f"{metric}_p_value"))
@@ -191,8 +214,17 @@ def judge_claim(scores_a: Sequence[float], scores_b: Sequence[float], p_values: 
     Raises:
         ValueError: no scores, or ``p_values`` of another length than the pairs.
     """
+    scores_a, scores_b = [float(x) for x in scores_a], [float(x) for x in scores_b]
     if not scores_a or not scores_b:
         raise ValueError("judge_claim needs at least one score on each side")
+    if not all(math.isfinite(x) for x in scores_a + scores_b):
+        raise ValueError(f"judge_claim: scores must be finite numbers, got {scores_a} and {scores_b}")
+    if not 0 < alpha < 1:
+        raise ValueError(f"alpha={alpha}: the significance level must be between 0 and 1 (e.g. 0.05)")
+    if p_values is not None:
+        p_values = [float(p) for p in p_values]
+        if not all(0 <= p <= 1 for p in p_values):  # also false for NaN
+            raise ValueError(f"judge_claim: p-values must lie in [0, 1], got {p_values}")
     if p_values is not None and len(p_values) != min(len(scores_a), len(scores_b)):
         raise ValueError(f"judge_claim: {len(p_values)} p-values for {min(len(scores_a), len(scores_b))} seed pairs")
     mean_a, mean_b = statistics.fmean(scores_a), statistics.fmean(scores_b)

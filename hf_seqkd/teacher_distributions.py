@@ -24,6 +24,8 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
+import operator
 import os
 
 import numpy as np
@@ -201,7 +203,8 @@ def build_teacher_distributions(dataset, teacher, *, top_k: int = 32, temperatur
     Raises:
         TypeError: ``dataset`` is not a ``datasets.Dataset``.
         ValueError: no ``input_ids`` / ``labels`` columns, an empty dataset, ``top_k`` outside ``1..vocabulary``,
-            ``temperature <= 0``, several processes without a shared ``cache_dir``.
+            a temperature that is not a finite number > 0, ``batch_size < 1``, ``vocab_size`` above the teacher's,
+            -100 inside a row's labels (only trailing padding), several processes without a shared ``cache_dir``.
     """
     from .seqkd import (
         _assemble,
@@ -224,14 +227,20 @@ def build_teacher_distributions(dataset, teacher, *, top_k: int = 32, temperatur
         raise ValueError("build_teacher_distributions: the dataset is empty")
     if hasattr(teacher, "module") and not hasattr(teacher, "generate"):
         teacher = teacher.module
-    if vocab_size is None:
-        vocab_size = (len(teacher.tokenizer) if _is_ctranslate2(teacher)
-                      else teacher.get_output_embeddings().weight.shape[0])
-    vocab = int(vocab_size)
-    if not isinstance(top_k, int) or not 1 <= top_k <= vocab:
+    rows = (len(teacher.tokenizer) if _is_ctranslate2(teacher) else teacher.get_output_embeddings().weight.shape[0])
+    vocab = int(rows if vocab_size is None else vocab_size)
+    if not 1 <= vocab <= rows:
+        raise ValueError(f"vocab_size={vocab_size}: the teacher has {rows} output entries; keep at most that many")
+    try:
+        top_k = operator.index(top_k) if not isinstance(top_k, bool) else None
+    except TypeError:
+        top_k = None
+    if top_k is None or not 1 <= top_k <= vocab:
         raise ValueError(f"top_k={top_k!r}: keep between 1 and the vocabulary size ({vocab}) tokens per position")
-    if temperature <= 0:
-        raise ValueError(f"temperature must be > 0, got {temperature}")
+    if not math.isfinite(temperature) or temperature <= 0:
+        raise ValueError(f"temperature must be a finite number > 0, got {temperature}")
+    if not isinstance(batch_size, int) or batch_size < 1:
+        raise ValueError(f"batch_size must be a positive number of rows, got {batch_size!r}")
     if not isinstance(shard_size, int) or shard_size < 1:
         raise ValueError(f"shard_size must be a positive integer, got {shard_size!r}")
     state = accelerator if accelerator is not None else PartialState(cpu=not _has_accelerator())
@@ -241,7 +250,7 @@ def build_teacher_distributions(dataset, teacher, *, top_k: int = 32, temperatur
     device = torch.device(device) if device is not None else torch.device(state.device)
     dtype = _resolve_dtype(dtype, device, teacher)
     input_ids = [list(ids) for ids in dataset["input_ids"]]
-    labels = [[t for t in row if t != -100] for row in dataset["labels"]]
+    labels = [_unpadded(row, i) for i, row in enumerate(dataset["labels"])]
     settings = {"top_k": top_k, "temperature": float(temperature), "vocab_size": vocab, "dtype": str(dtype)}
 
     store, result_path = _ShardStore(None), None
@@ -274,6 +283,17 @@ def build_teacher_distributions(dataset, teacher, *, top_k: int = 32, temperatur
     if result_path is not None and state.is_main_process:
         _write_parquet_atomic(result, result_path)
     return _attach(dataset, result)
+
+
+def _unpadded(row, index: int) -> list[int]:
+    """A row's labels without trailing -100 padding; -100 anywhere else would shift the positions (an error)."""
+    row = list(row)
+    while row and row[-1] == -100:
+        row.pop()
+    if -100 in row:
+        raise ValueError(f"build_teacher_distributions: row {index}'s labels have -100 before the end ({row}); the "
+                         "stored distributions follow the label positions, so only trailing padding can be -100")
+    return row
 
 
 def _attach(dataset, table) -> Dataset:

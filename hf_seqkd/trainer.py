@@ -83,6 +83,33 @@ def _check_distinct(student, teacher) -> None:
                          "hf_seqkd.make_student)")
 
 
+def _check_stored_distributions(dataset, args) -> None:
+    """Stored distributions that fit this run: one per label position of every row, k = ``teacher_top_k``, taken
+    at the run's temperature (float32-stored, compared to 1e-6)."""
+    import numpy as np
+    import pyarrow.compute as pc
+
+    table = dataset.with_format("arrow")[:]
+    labels = table.column("labels")
+    unpadded = np.asarray(pc.list_value_length(labels)) - np.asarray(
+        [sum(1 for t in row if t == -100) for row in labels.to_pylist()])
+    stored = np.asarray(pc.list_value_length(table.column("teacher_topk_ids")))
+    bad = np.flatnonzero(stored != unpadded)
+    if bad.size:
+        raise ValueError(f"{bad.size} training row(s) have stored distributions for another number of positions "
+                         f"than their labels (row {bad[0]}: {stored[bad[0]]} stored, {unpadded[bad[0]]} labels): the "
+                         "labels changed after the distributions were built; rebuild them")
+    k = pc.list_value_length(pc.list_flatten(table.column("teacher_topk_ids"))).unique().to_pylist()
+    if k and k != [args.teacher_top_k]:
+        raise ValueError(f"the stored teacher distributions keep k = {k} tokens per position, but teacher_top_k = "
+                         f"{args.teacher_top_k}: set teacher_top_k to the stored k, or rebuild them")
+    temperatures = np.unique(np.asarray(table.column("teacher_distribution_temperature")))
+    if not np.allclose(temperatures, args.temperature, rtol=1e-6, atol=0):
+        raise ValueError(f"the training data's stored teacher distributions were taken at temperature "
+                         f"{temperatures.tolist()}, but this run's temperature is {args.temperature}: rebuild them "
+                         "(remove the columns) or set temperature to match")
+
+
 def _cache_dir(args) -> str:
     """Where the Seq-KD corpus and the stored teacher distributions are cached (``seqkd_cache_dir``)."""
     return args.seqkd_cache_dir or os.path.join(os.path.dirname(os.path.abspath(args.output_dir)), "seqkd_cache")
@@ -214,6 +241,12 @@ class DistillationTrainer(Seq2SeqTrainer):
         """The teacher instance, loaded from ``teacher_model_name_or_path`` only when the run needs it: during
         training, to build the Seq-KD corpus with Transformers (not with a CTranslate2 teacher), or to compute stored
         distributions the data does not carry."""
+        if args.uses_stored_distributions and train_dataset is not None:
+            present = [c for c in STORED_COLUMNS if c in train_dataset.column_names]
+            if present and len(present) < len(STORED_COLUMNS):
+                raise ValueError(f"the training data has the stored-distribution columns {present} but not "
+                                 f"{[c for c in STORED_COLUMNS if c not in present]}: rebuild them with "
+                                 "build_teacher_distributions (or remove them all and let the trainer build them)")
         needed = (self.uses_teacher or (self._needs_corpus(args, train_dataset) and not args.teacher_ctranslate2_dir)
                   or (args.uses_stored_distributions and not has_teacher_distributions(train_dataset)))
         if teacher is not None or not needed:
@@ -244,11 +277,7 @@ class DistillationTrainer(Seq2SeqTrainer):
                 dataset, teacher, top_k=args.teacher_top_k, temperature=args.temperature,
                 vocab_size=self.kd_vocab_size, cache_dir=_cache_dir(args),
                 dtype=args.teacher_dtype, batch_size=args.per_device_train_batch_size)
-        stored = {float(t) for t in dataset.select(range(min(len(dataset), 1000)))["teacher_distribution_temperature"]}
-        if stored != {float(args.temperature)}:
-            raise ValueError(f"the training data's stored teacher distributions were taken at temperature "
-                             f"{sorted(stored)}, but this run's temperature is {args.temperature}: rebuild them "
-                             "(remove the columns) or set temperature to match")
+        _check_stored_distributions(dataset, args)
         return dataset
 
     def _tokenized(self, dataset, args, tokenizer, teacher, training: bool):

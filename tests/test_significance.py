@@ -64,6 +64,15 @@ def test_identical_systems_have_p_one_and_a_broken_copy_p_near_zero(test_type):
     assert scores[2].bleu_p_value <= 0.001 and scores[2].chrf_p_value <= 0.001
 
 
+def test_an_equal_score_has_p_one_even_when_the_words_differ():
+    # "carpet" and "rug" match no reference: the two systems score the same, so nothing tells them apart
+    a = [h + " carpet" for h in GOOD]
+    b = [h + " rug" for h in GOOD]
+    for test_type in ("bs", "ar"):
+        scores, _ = paired_test([("a", a), ("b", b)], REFERENCES, test=test_type)
+        assert scores[0].bleu == scores[1].bleu and scores[1].bleu_p_value == 1.0
+
+
 def test_paired_test_rejects_bad_input():
     with pytest.raises(ValueError, match="'bs'.*'ar'"):
         paired_test([("a", GOOD), ("b", WORSE)], REFERENCES, test="bootstrap")
@@ -73,6 +82,14 @@ def test_paired_test_rejects_bad_input():
         paired_test([("a", GOOD), ("b", WORSE[:3])], REFERENCES)
     with pytest.raises(ValueError, match="names must differ"):
         paired_test([("a", GOOD), ("a", WORSE)], REFERENCES)
+    with pytest.raises(ValueError, match="non-empty list"):
+        paired_test([("a", []), ("b", [])], [])
+    with pytest.raises(ValueError, match="must be a list of strings"):
+        paired_test([("a", GOOD), ("b", [None] * len(GOOD))], REFERENCES)
+    with pytest.raises(ValueError, match="not a sacrebleu tokenizer"):
+        paired_test([("a", GOOD), ("b", WORSE)], REFERENCES, tokenize="nope")
+    with pytest.raises(ValueError, match="n_samples=-5"):
+        paired_test([("a", GOOD), ("b", WORSE)], REFERENCES, n_samples=-5)
 
 
 def _row(name, greedy, beam=None):
@@ -101,6 +118,8 @@ def test_add_significance_fills_the_rows_against_the_named_baseline():
     assert f"{student.bleu_greedy:.2f} ± {student.bleu_greedy_ci:.2f}" in table
     with pytest.raises(ValueError, match="baseline='nobody' is not one of the models compared"):
         add_significance(rows, REFERENCES, baseline="nobody")
+    with pytest.raises(ValueError, match="39 references, but the greedy translations of teacher, student"):
+        add_significance(rows, REFERENCES[:-1])
 
 
 def test_judge_claim_on_hand_made_numbers():
@@ -122,6 +141,15 @@ def test_judge_claim_on_hand_made_numbers():
     assert "holds" in judge_claim([32.0, 32.4, 32.2], [30.0, 30.3, 30.1], [0.001, 0.002, 0.01]).describe()
     with pytest.raises(ValueError, match="2 p-values for 3 seed pairs"):
         judge_claim([1.0, 2.0, 3.0], [1.0, 2.0, 3.0], [0.1, 0.2])
+    with pytest.raises(ValueError, match="p-values must lie in"):
+        judge_claim([30.0, 31.0], [20.0, 21.0], [0.01, float("nan")])
+    with pytest.raises(ValueError, match="alpha=5"):
+        judge_claim([30.0, 31.0], [20.0, 21.0], [0.9, 0.9], alpha=5)
+    with pytest.raises(ValueError, match="finite"):
+        judge_claim([30.0, float("nan")], [20.0, 21.0])
+    import numpy as np
+
+    assert judge_claim(np.array([32.0, 32.4]), np.array([30.0, 30.3]), np.array([0.01, 0.01])).verdict == HOLDS
 
 
 @pytest.fixture(scope="module")
@@ -213,3 +241,11 @@ def test_study_report_and_results_json(multi30k, tmp_path):
     assert saved["models"][1]["bleu_greedy"] == pytest.approx(rows[1]["bleu_greedy"])
     assert [s["stage"] for s in saved["stages"]] == ["seq_kd", "seq_kd_seed1"]
     assert saved["claims"] and saved["claims"][0].startswith("Seq-KD beats the baseline")
+
+
+def test_seed_names(multi30k):
+    assert multi30k.seed_group("baseline_seed1") == "baseline" and multi30k.seed_of("baseline_seed12") == 12
+    for name in ("my_seedless_model", "x_seed", "x_seed²", "_seed1", "teacher"):
+        assert multi30k.seed_group(name) == name and multi30k.seed_of(name) is None
+    assert multi30k.seed_group("x_seed1_seed2") == "x_seed1"
+    assert multi30k.seed_group(multi30k.seeded_name("hybrid", 2)) == "hybrid"

@@ -196,8 +196,19 @@ def test_builder_rejects_bad_input(teacher, train_set, toy_corpus):
         build_teacher_distributions(toy_corpus["train"].select(range(4)), teacher)
     with pytest.raises(ValueError, match=r"top_k=0: keep between 1 and the vocabulary size"):
         build_teacher_distributions(train_set, teacher, top_k=0)
-    with pytest.raises(ValueError, match="temperature must be > 0"):
+    with pytest.raises(ValueError, match="temperature must be a finite number > 0"):
         build_teacher_distributions(train_set, teacher, temperature=0)
+    with pytest.raises(ValueError, match="temperature must be a finite number > 0"):
+        build_teacher_distributions(train_set, teacher, temperature=float("nan"))
+    with pytest.raises(ValueError, match="batch_size must be a positive"):
+        build_teacher_distributions(train_set, teacher, batch_size=0)
+    with pytest.raises(ValueError, match="vocab_size=999: the teacher has 300 output entries"):
+        build_teacher_distributions(train_set, teacher, vocab_size=999)
+    assert len(build_teacher_distributions(train_set.select(range(2)), teacher, top_k=np.int64(3),
+                                           show_progress=False)[0]["teacher_topk_ids"][0]) == 3
+    masked = train_set.select(range(2)).map(lambda row: {"labels": [-100] + row["labels"][1:]})
+    with pytest.raises(ValueError, match="row 0's labels have -100 before the end"):
+        build_teacher_distributions(masked, teacher)
 
 
 # --------------------------------------------------------------------------------------------------- trainer
@@ -247,11 +258,33 @@ def test_trainer_builds_the_distributions_then_drops_the_teacher(tmp_path, token
     assert any((tmp_path / "cache").iterdir())
     trainer.train()
     assert trainer.args.card_hyperparameters()["teacher_top_k"] == 8
-    # stored at another temperature than the run's: refused
+    # stored at another temperature, with another k, for other labels, or with a column missing: refused
+    data = trainer.train_dataset
     with pytest.raises(ValueError, match="taken at temperature"):
-        SequentialTrainer(model=tiny_marian, train_dataset=trainer.train_dataset, processing_class=tokenizer,
-                          args=training_args(tmp_path / "t2", alpha=0.5, temperature=2.0,
+        SequentialTrainer(model=tiny_marian, train_dataset=data, processing_class=tokenizer,
+                          args=training_args(tmp_path / "t2", alpha=0.5, temperature=2.0, teacher_top_k=8,
                                              teacher_distributions="stored"))
+    with pytest.raises(ValueError, match=r"keep k = \[8\] tokens per position, but teacher_top_k = 32"):
+        SequentialTrainer(model=tiny_marian, train_dataset=data, processing_class=tokenizer,
+                          args=training_args(tmp_path / "t3", alpha=0.5, teacher_distributions="stored"))
+    longer = data.map(lambda row: {"labels": row["labels"] + row["labels"][-1:]})
+    with pytest.raises(ValueError, match="another number of positions than their labels"):
+        SequentialTrainer(model=tiny_marian, train_dataset=longer, processing_class=tokenizer,
+                          args=training_args(tmp_path / "t4", alpha=0.5, teacher_top_k=8,
+                                             teacher_distributions="stored"))
+    with pytest.raises(ValueError, match=r"but not \['teacher_tail_logprob'\]"):
+        SequentialTrainer(model=tiny_marian, train_dataset=data.remove_columns("teacher_tail_logprob"),
+                          processing_class=tokenizer,
+                          args=training_args(tmp_path / "t5", alpha=0.5, teacher_top_k=8,
+                                             teacher_distributions="stored"))
+
+
+def test_a_temperature_float32_cannot_represent_is_accepted(tmp_path, tokenizer, train_set, tiny_marian, teacher):
+    stored = build_teacher_distributions(train_set, teacher, top_k=4, temperature=0.7, show_progress=False)
+    trainer = SequentialTrainer(model=tiny_marian, train_dataset=stored, processing_class=tokenizer,
+                                args=training_args(tmp_path, alpha=0.5, temperature=0.7, teacher_top_k=4,
+                                                   teacher_distributions="stored"))
+    assert trainer.teacher_model is None
 
 
 def test_stored_distributions_settings_are_checked(tmp_path):
