@@ -727,7 +727,7 @@ def write_study_report(study: "Study", path: str, results_dir: str | None = None
     the plot (copied next to ``path``)."""
     import shutil
 
-    from hf_seqkd.report import report_table
+    from hf_seqkd.report import report_table, signature_line
 
     lines = [f"## Multi30k study, preset `{study.preset_name}` (`bench/multi30k.py`)", ""]
     records = []
@@ -772,7 +772,7 @@ def write_study_report(study: "Study", path: str, results_dir: str | None = None
                       f"batch 1 timed on the first {first.get('batch1_sentences')} sentences, batched = "
                       f"{first.get('batch_size')} sentences per call; speed-up over the teacher's greedy decoding.",
                   ""]
-        lines += [report_table(rows, REPORT_COLUMNS), ""]
+        lines += [report_table(rows, REPORT_COLUMNS), "", signature_line(rows) + ".", ""]
         by_name = {r["model"]: r for r in rows}
         seeds = seed_table(by_name)
         if seeds:

@@ -469,3 +469,16 @@ def test_recipe_builds_corpus_parts_and_trains_from_the_merged_corpus(teacher, t
     monkeypatch.setattr(GenerationMixin, "generate", no_generate)
     recipe.main(common + ["--seqkd_cache_dir", str(tmp_path / "merged"), "--output_dir", str(tmp_path / "student")])
     assert (tmp_path / "student" / "config.json").exists()
+
+
+def test_corpus_part_settings_are_checked(tmp_path, tiny_marian):
+    from hf_seqkd import DistillationTrainer
+
+    from _helpers import training_args
+
+    with pytest.raises(ValueError, match=r"corpus_part='0/2': expected 'i/N'"):
+        training_args(tmp_path, seqkd_corpus_part="0/2")
+    with pytest.raises(ValueError, match="corpus_part='two': expected"):
+        training_args(tmp_path, seqkd_corpus_part="two")
+    with pytest.raises(ValueError, match="builds one part of the Seq-KD corpus and stops"):
+        DistillationTrainer(model=tiny_marian, args=training_args(tmp_path, seqkd_corpus_part="1/2", alpha=0.0))
