@@ -15,6 +15,7 @@ stored distributions on disk, validation and test BLEU (greedy; test also beam 5
 
     python bench/stored_distributions.py --study_dir runs/multi30k_cpu --top_k 8 32 128 --threads 1
     python bench/stored_distributions.py --study_dir runs/multi30k_cpu --epochs 1   # shorter runs
+    python bench/stored_distributions.py ... --variants stored-k32 --reuse_log LOG   # add to an earlier run
 """
 
 from __future__ import annotations
@@ -133,6 +134,11 @@ def main():
     parser.add_argument("--epochs", type=int, default=3, help="training epochs (the cpu preset's students: 3)")
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--train_samples", type=int, default=0, help="train on the first N pairs only (a check)")
+    parser.add_argument("--variants", nargs="*", default=None,
+                        help="run only these (online, stored-k<K>); default: online and every --top_k")
+    parser.add_argument("--reuse_log", default=None,
+                        help="a log of an earlier run of this script: its finished variants' records (the JSON lines "
+                             "it printed) join the table instead of being run again")
     parser.add_argument("--variant", default=None, help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.variant:
@@ -140,7 +146,14 @@ def main():
         return
     os.makedirs(args.out_dir, exist_ok=True)
     records = []
-    for variant in ["online"] + [f"stored-k{k}" for k in args.top_k]:
+    if args.reuse_log:
+        with open(args.reuse_log) as f:
+            records = [json.loads(line) for line in f if line.startswith('{"variant"')]
+        print(f"reused from {args.reuse_log}: {[r['variant'] for r in records]}")
+        if any(r["epochs"] != args.epochs for r in records):
+            raise SystemExit(f"--reuse_log {args.reuse_log} holds runs of other lengths than --epochs {args.epochs}")
+    variants = args.variants or ["online"] + [f"stored-k{k}" for k in args.top_k]
+    for variant in [v for v in variants if v not in {r["variant"] for r in records}]:
         command = [sys.executable, os.path.abspath(__file__), "--variant", variant, "--study_dir", args.study_dir,
                    "--data_dir", args.data_dir, "--out_dir", args.out_dir, "--epochs", str(args.epochs),
                    "--threads", str(args.threads), "--train_samples", str(args.train_samples)]
@@ -154,6 +167,8 @@ def main():
     import torch
     import transformers
 
+    records.sort(key=lambda r: (r["variant"] != "online", int(r["variant"].split("-k")[-1]) if "-k" in r["variant"]
+                                else 0))
     online = records[0]
     print(f"\ncommand: python {' '.join(sys.argv)}")
     print(f"machine: {platform.platform()}, {os.cpu_count()} CPUs, torch {torch.__version__} ({args.threads} "
