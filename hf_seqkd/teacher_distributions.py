@@ -90,9 +90,16 @@ def _ctranslate2_logits(translator, input_ids, labels, rows) -> torch.Tensor:
     sources = [tokenizer.convert_ids_to_tokens(list(input_ids[i])) for i in rows]
     prefixes = [tokenizer.convert_ids_to_tokens(list(labels[i][:-1])) for i in rows]
     width = max(max(len(labels[i]) for i in rows), 1)
-    results = translator.translator.translate_batch(
-        sources, target_prefix=prefixes, beam_size=1, max_decoding_length=width, min_decoding_length=0,
-        return_logits_vocab=True)
+    try:
+        results = translator.translator.translate_batch(
+            sources, target_prefix=prefixes, beam_size=1, max_decoding_length=width, min_decoding_length=0,
+            return_logits_vocab=True)
+    except TypeError as e:  # an older CTranslate2 without return_logits_vocab
+        import ctranslate2
+
+        raise RuntimeError(f"storing a CTranslate2 teacher's distributions needs translate_batch(return_logits_vocab="
+                           f"True), which ctranslate2 {ctranslate2.__version__} does not take ({e}); upgrade it "
+                           "(4.8 is tested) or pass the Transformers teacher") from None
     steps = [np.stack([np.asarray(x, dtype=np.float32) for x in r.logits[0]]) for r in results]
     out = torch.zeros(len(rows), width, steps[0].shape[-1])
     for b, (i, step) in enumerate(zip(rows, steps)):
