@@ -15,7 +15,7 @@ stored distributions on disk, validation and test BLEU (greedy; test also beam 5
 
     python bench/stored_distributions.py --study_dir runs/multi30k_cpu --top_k 8 32 128 --threads 1
     python bench/stored_distributions.py --study_dir runs/multi30k_cpu --epochs 1   # shorter runs
-    python bench/stored_distributions.py ... --variants stored-k32 --reuse_log LOG   # add to an earlier run
+    python bench/stored_distributions.py ... --variants stored-k32 --reuse_log LOG...   # add to earlier runs
 """
 
 from __future__ import annotations
@@ -136,9 +136,9 @@ def main():
     parser.add_argument("--train_samples", type=int, default=0, help="train on the first N pairs only (a check)")
     parser.add_argument("--variants", nargs="*", default=None,
                         help="run only these (online, stored-k<K>); default: online and every --top_k")
-    parser.add_argument("--reuse_log", default=None,
-                        help="a log of an earlier run of this script: its finished variants' records (the JSON lines "
-                             "it printed) join the table instead of being run again")
+    parser.add_argument("--reuse_log", nargs="*", default=(),
+                        help="logs of earlier runs of this script: their finished variants' records (the JSON lines "
+                             "they printed) join the table instead of being run again")
     parser.add_argument("--variant", default=None, help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.variant:
@@ -146,12 +146,14 @@ def main():
         return
     os.makedirs(args.out_dir, exist_ok=True)
     records = []
+    for log in args.reuse_log:
+        with open(log) as f:
+            found = [json.loads(line) for line in f if line.startswith('{"variant"')]
+        records += [r for r in found if r["variant"] not in {x["variant"] for x in records}]
+        print(f"reused from {log}: {[r['variant'] for r in found]}")
     if args.reuse_log:
-        with open(args.reuse_log) as f:
-            records = [json.loads(line) for line in f if line.startswith('{"variant"')]
-        print(f"reused from {args.reuse_log}: {[r['variant'] for r in records]}")
         if any(r["epochs"] != args.epochs for r in records):
-            raise SystemExit(f"--reuse_log {args.reuse_log} holds runs of other lengths than --epochs {args.epochs}")
+            raise SystemExit(f"--reuse_log {args.reuse_log} hold runs of other lengths than --epochs {args.epochs}")
     variants = args.variants or ["online"] + [f"stored-k{k}" for k in args.top_k]
     for variant in [v for v in variants if v not in {r["variant"] for r in records}]:
         command = [sys.executable, os.path.abspath(__file__), "--variant", variant, "--study_dir", args.study_dir,
