@@ -6,7 +6,8 @@ Word-KD) through ``recipes/seq_kd.py``, each in its own process, one after the o
 
 * ``online``: the teacher runs forward at every step (in the preset's ``teacher_dtype``);
 * ``stored-k<K>``: ``--teacher_distributions stored --teacher_top_k K`` (the distributions built first, in a cache
-  folder of this benchmark's own, so that the one-off cost is measured).
+  folder of this benchmark's own, so that the one-off cost is measured); ``stored-k<K>-uniform`` with
+  ``--teacher_tail uniform`` (``--variants``).
 
 Per variant: the one-off cost of building the distributions, training time per epoch, the peak resident memory
 while training (``VmHWM`` reset when training starts) and over the whole process, the bytes per target token of the
@@ -77,9 +78,9 @@ def worker(args) -> dict:
     argv += ["--save_strategy", "no"]
     if args.train_samples:  # a quick check of the script (the Seq-KD corpus of those rows is built again)
         argv += ["--max_train_samples", str(args.train_samples), "--max_test_samples", "50"]
-    if args.variant != "online":
-        k = int(args.variant.split("-k")[1])
-        argv += ["--teacher_distributions", "stored", "--teacher_top_k", str(k)]
+    if args.variant != "online":  # stored-k<K>, or stored-k<K>-uniform (teacher_tail uniform)
+        k, _, tail = args.variant.split("-k")[1].partition("-")
+        argv += ["--teacher_distributions", "stored", "--teacher_top_k", k, "--teacher_tail", tail or "bucket"]
     record: dict = {"variant": args.variant, "epochs": args.epochs}
 
     build = trainer_module.build_teacher_distributions
@@ -169,8 +170,8 @@ def main():
     import torch
     import transformers
 
-    records.sort(key=lambda r: (r["variant"] != "online", int(r["variant"].split("-k")[-1]) if "-k" in r["variant"]
-                                else 0))
+    records.sort(key=lambda r: (r["variant"] != "online", r["variant"].endswith("-uniform"),
+                                int(r["variant"].split("-k")[-1].split("-")[0]) if "-k" in r["variant"] else 0))
     online = records[0]
     print(f"\ncommand: python {' '.join(sys.argv)}")
     print(f"machine: {platform.platform()}, {os.cpu_count()} CPUs, torch {torch.__version__} ({args.threads} "

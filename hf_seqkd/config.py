@@ -17,7 +17,7 @@ from .evaluation import resolve_bleu_tokenize
 from .generation import GenerationSettings
 from .hybrid import parse_hybrid_gate
 from .intermediate import LAYER_MAPPING_STRATEGIES
-from .losses import DIVERGENCES
+from .losses import DIVERGENCES, TAILS
 from .seqkd import parse_corpus_part
 
 logger = logging.get_logger(__name__)
@@ -118,6 +118,10 @@ class DistillationTrainingArguments(Seq2SeqTrainingArguments):
             distributions) is then the cross-entropy alone.
         teacher_top_k (`int`, *optional*, defaults to `32`):
             k of the stored distributions (tokens kept per target position; 130 bytes per token at 32).
+        teacher_tail (`str`, *optional*, defaults to `"bucket"`):
+            What the stored loss does with the probability the top-k leave out: `"bucket"` (both distributions
+            grouped into the k tokens and one bucket for the rest) or `"uniform"` (spread evenly over the other
+            tokens, the divergence over the whole vocabulary); `hf_seqkd.losses.stored_token_divergence`.
 
         > Data preparation (the trainer tokenizes raw `source`/`target` data with these)
 
@@ -218,6 +222,7 @@ class DistillationTrainingArguments(Seq2SeqTrainingArguments):
     teacher_distributions: str = field(default="online", metadata={"help": "online (teacher forward every step) or "
                                                                            "stored (top-k computed once)."})
     teacher_top_k: int = field(default=32, metadata={"help": "k of the stored teacher distributions."})
+    teacher_tail: str = field(default="bucket", metadata={"help": "bucket or uniform: the stored loss's tail."})
     # data preparation
     max_source_length: int = field(default=256, metadata={"help": "Source truncation length (tokens)."})
     max_target_length: int = field(default=256, metadata={"help": "Target truncation length (tokens); also the "
@@ -287,6 +292,8 @@ class DistillationTrainingArguments(Seq2SeqTrainingArguments):
             raise ValueError(f"teacher_distributions={self.teacher_distributions!r}: use 'online' (the teacher runs "
                              "at every step) or 'stored' (its top-k distributions computed once)")
         if self.teacher_distributions == "stored":
+            if self.teacher_tail not in TAILS:
+                raise ValueError(f"teacher_tail={self.teacher_tail!r}: use one of {TAILS}")
             if self.teacher_top_k < 1:
                 raise ValueError(f"teacher_top_k must be a positive number of tokens, got {self.teacher_top_k}")
             if self.alpha <= 0:
@@ -418,7 +425,8 @@ class DistillationTrainingArguments(Seq2SeqTrainingArguments):
             out.update(alpha=self.alpha, temperature=self.temperature, divergence=self.divergence,
                        jsd_beta=self.jsd_beta if self.divergence == "jsd" else None)
         if self.uses_stored_distributions:
-            out.update(teacher_distributions="stored", teacher_top_k=self.teacher_top_k)
+            out.update(teacher_distributions="stored", teacher_top_k=self.teacher_top_k,
+                       teacher_tail=self.teacher_tail)
         if self.needs_seqkd_corpus:
             out.update(num_beams=self.num_beams, num_return_sequences=self.num_return_sequences,
                        max_new_tokens=self.max_new_tokens,

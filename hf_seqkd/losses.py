@@ -66,23 +66,31 @@ def token_divergence(student_log_probs: torch.Tensor, teacher_log_probs: torch.T
     raise ValueError(f"unknown divergence {divergence!r}; choose one of {DIVERGENCES}")
 
 
+TAILS = ("bucket", "uniform")
+
+
 class StoredDistributions(NamedTuple):
     """The teacher's distributions as :mod:`hf_seqkd.teacher_distributions` stores them, in place of its logits:
     ``ids`` ``(batch, length, k)`` its k most probable tokens at each position, ``log_probs`` ``(batch, length, k)``
     their log-probabilities at the run's temperature, ``tail_log_prob`` ``(batch, length)`` the log of the
-    probability the k leave out."""
+    probability the k leave out; ``tail`` how the loss treats that probability (:func:`stored_token_divergence`)."""
 
     ids: torch.Tensor
     log_probs: torch.Tensor
     tail_log_prob: torch.Tensor
+    tail: str = "bucket"
+
+    @property
+    def tensors(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        return self.ids, self.log_probs, self.tail_log_prob
 
     def flat(self) -> "StoredDistributions":
         return StoredDistributions(self.ids.reshape(-1, self.ids.shape[-1]),
                                    self.log_probs.reshape(-1, self.log_probs.shape[-1]),
-                                   self.tail_log_prob.reshape(-1))
+                                   self.tail_log_prob.reshape(-1), self.tail)
 
     def select(self, index: torch.Tensor) -> "StoredDistributions":
-        return StoredDistributions(*(x.index_select(0, index) for x in self))
+        return StoredDistributions(*(x.index_select(0, index) for x in self.tensors), self.tail)
 
 
 def _safe_logsumexp(x: torch.Tensor) -> torch.Tensor:
@@ -94,17 +102,27 @@ def _safe_logsumexp(x: torch.Tensor) -> torch.Tensor:
 
 def stored_token_divergence(student_log_probs: torch.Tensor, teacher: StoredDistributions,
                             divergence: str = "forward_kl", jsd_beta: float = 0.5) -> torch.Tensor:
-    """The divergence between the teacher's stored top-k distribution and the student's, over k + 1 buckets:
-    ``(N, V)`` student log-probabilities and ``(N, k)`` / ``(N,)`` stored values -> ``(N,)``.
+    """The divergence between the teacher's stored top-k distribution and the student's: ``(N, V)`` student
+    log-probabilities and ``(N, k)`` / ``(N,)`` stored values -> ``(N,)``.
 
-    Both distributions are grouped into the teacher's k tokens and one bucket for every other token: the teacher's
-    buckets are its k probabilities and its tail (renormalised: float16 rounding leaves their sum slightly off one),
-    the student's its probabilities of those k tokens and one minus their sum. Grouping never increases an
-    f-divergence (the data-processing inequality; Csiszar 1967), so this is a lower bound of
-    :func:`token_divergence` over the full vocabulary, equal to it when k covers the vocabulary (the tail is then
-    ``-inf`` for both). Storing and the choice of this approximation: :mod:`hf_seqkd.teacher_distributions`.
+    ``teacher.tail == "uniform"``: the teacher's left-out probability is spread evenly over the V - k other tokens
+    (what a label-smoothed teacher's tail mostly is), and the divergence is taken over the whole vocabulary.
+    ``"bucket"`` (the default): both distributions are grouped into the teacher's k tokens and one bucket for every
+    other token: the teacher's buckets are its k probabilities and its tail (renormalised: float16 rounding leaves
+    their sum slightly off one), the student's its probabilities of those k tokens and one minus their sum. Grouping
+    never increases an f-divergence (the data-processing inequality; Csiszar 1967), so this is a lower bound of
+    :func:`token_divergence` over the full vocabulary. Both equal it when k covers the vocabulary (the tail is then
+    ``-inf``). Storing and the choice of the approximation: :mod:`hf_seqkd.teacher_distributions`.
     """
     ids = teacher.ids.long()
+    if teacher.tail == "uniform":
+        rest = student_log_probs.shape[-1] - ids.shape[-1]
+        fill = (teacher.tail_log_prob.float() - math.log(rest)) if rest else \
+            torch.full_like(teacher.tail_log_prob, float("-inf"), dtype=torch.float32)
+        dense = fill.unsqueeze(-1).expand_as(student_log_probs).scatter(-1, ids, teacher.log_probs.float())
+        return token_divergence(student_log_probs, torch.log_softmax(dense, dim=-1), divergence, jsd_beta)
+    if teacher.tail != "bucket":
+        raise ValueError(f"tail={teacher.tail!r}: use one of {TAILS}")
     student_top = student_log_probs.gather(-1, ids)
     student_tail = _safe_logsumexp(student_log_probs.scatter(-1, ids, float("-inf")))
     student = torch.cat([student_top, student_tail.unsqueeze(-1)], dim=-1)
@@ -158,7 +176,7 @@ def _check_stored(student_logits, teacher: StoredDistributions, labels, vocab_si
     shapes = (tuple(teacher.ids.shape[:-1]), tuple(teacher.log_probs.shape[:-1]), tuple(teacher.tail_log_prob.shape))
     if any(shape != tuple(labels.shape) for shape in shapes) or student_logits.shape[:-1] != labels.shape or \
             teacher.ids.shape != teacher.log_probs.shape:
-        stored_shapes = [tuple(x.shape) for x in teacher]
+        stored_shapes = [tuple(x.shape) for x in teacher.tensors]
         raise ValueError(f"shape mismatch: student logits {tuple(student_logits.shape)}, labels "
                          f"{tuple(labels.shape)}, stored teacher ids / log-probs / tail {stored_shapes}; the stored "
                          "distributions must cover the same target positions as the labels")
@@ -264,8 +282,8 @@ class _ChunkedLoss(torch.autograd.Function):
 
 
 def _detached(teacher):
-    return StoredDistributions(*(x.detach() for x in teacher)) if isinstance(teacher, StoredDistributions) \
-        else teacher.detach()
+    return StoredDistributions(*(x.detach() for x in teacher.tensors), teacher.tail) \
+        if isinstance(teacher, StoredDistributions) else teacher.detach()
 
 
 def _reduce(per_token, mask, reduction):

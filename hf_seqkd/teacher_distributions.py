@@ -309,7 +309,7 @@ def _attach(dataset, table) -> Dataset:
     return concatenate_datasets([kept, stored], axis=1)
 
 
-def stored_distributions(batch: dict) -> StoredDistributions:
+def stored_distributions(batch: dict, tail: str = "bucket") -> StoredDistributions:
     """The :class:`~hf_seqkd.losses.StoredDistributions` of a collated batch (its padded stored columns)."""
     return StoredDistributions(batch["teacher_topk_ids"], batch["teacher_topk_logprobs"],
-                               batch["teacher_tail_logprob"])
+                               batch["teacher_tail_logprob"], tail)

@@ -511,7 +511,7 @@ class DistillationTrainer(Seq2SeqTrainer):
     def _stored_distributions_loss(self, model, inputs, return_outputs, num_items_in_batch):
         """Word-level KD against the teacher's stored top-k distributions (no teacher forward): the online loss with
         :class:`~hf_seqkd.losses.StoredDistributions` in place of the teacher's logits."""
-        teacher = stored_distributions(inputs)
+        teacher = stored_distributions(inputs, tail=self.args.teacher_tail)
         batch = self._distillation_batch(model, {k: v for k, v in inputs.items() if k not in STORED_COLUMNS},
                                          num_items_in_batch)
         outputs = model(**batch.student_inputs)

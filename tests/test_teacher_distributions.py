@@ -63,9 +63,10 @@ def _bucket_reference(student_logits, teacher_log_probs, labels, k, divergence, 
     return total / count
 
 
+@pytest.mark.parametrize("tail", ["bucket", "uniform"])
 @pytest.mark.parametrize("temperature", [1.0, 2.0])
 @pytest.mark.parametrize("divergence", DIVERGENCES)
-def test_stored_loss_with_k_equal_to_the_vocabulary_is_the_online_loss(divergence, temperature):
+def test_stored_loss_with_k_equal_to_the_vocabulary_is_the_online_loss(divergence, temperature, tail):
     torch.manual_seed(0)
     batch, length, vocab = 3, 6, 17
     student = torch.randn(batch, length, vocab, dtype=torch.float64)
@@ -74,7 +75,7 @@ def test_stored_loss_with_k_equal_to_the_vocabulary_is_the_online_loss(divergenc
     labels[0, 4:] = -100
     labels[2, 1:] = -100
     log_probs = torch.log_softmax(teacher_logits / temperature, dim=-1)
-    stored = _stored_from_log_probs(log_probs, vocab)
+    stored = _stored_from_log_probs(log_probs, vocab)._replace(tail=tail)
     for reduction in ("mean", "sum"):
         s1 = student.clone().requires_grad_(True)
         s2 = student.clone().requires_grad_(True)
@@ -107,6 +108,30 @@ def test_stored_top_k_loss_against_a_bucket_by_bucket_reference(divergence):
     assert value.item() <= full.item() + 1e-12
 
 
+@pytest.mark.parametrize("divergence", DIVERGENCES)
+def test_uniform_tail_is_the_full_divergence_to_the_teacher_with_its_tail_spread_evenly(divergence):
+    torch.manual_seed(3)
+    student = torch.randn(2, 4, 13, dtype=torch.float64)
+    teacher_logits = 2 * torch.randn(2, 4, 13, dtype=torch.float64)
+    labels = torch.randint(0, 13, (2, 4))
+    labels[0, 3:] = -100
+    temperature, k = 2.0, 4
+    log_probs = torch.log_softmax(teacher_logits / temperature, dim=-1)
+    stored = _stored_from_log_probs(log_probs, k)._replace(tail="uniform")
+    # the reference: a dense teacher distribution, built entry by entry
+    dense = torch.empty_like(log_probs)
+    for b in range(2):
+        for j in range(4):
+            top = set(stored.ids[b, j].tolist())
+            rest = math.exp(stored.tail_log_prob[b, j].item()) / (13 - k)
+            for v in range(13):
+                dense[b, j, v] = log_probs[b, j, v] if v in top else math.log(rest)
+    value = distillation_loss(student, stored, labels, divergence=divergence, temperature=temperature)
+    reference = distillation_loss(student, dense * temperature, labels, divergence=divergence,
+                                  temperature=temperature)
+    assert value.item() == pytest.approx(reference.item(), rel=1e-5)
+
+
 def test_fused_loss_takes_stored_distributions_and_checks_them():
     torch.manual_seed(2)
     student = torch.randn(2, 3, 9, requires_grad=True)
@@ -120,9 +145,9 @@ def test_fused_loss_takes_stored_distributions_and_checks_them():
     for a, b in zip(online, offline):
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
     with pytest.raises(ValueError, match="same target positions"):
-        distillation_loss(student, StoredDistributions(*(x[:, :2] for x in stored)), labels)
+        distillation_loss(student, StoredDistributions(*(x[:, :2] for x in stored.tensors)), labels)
     with pytest.raises(ValueError, match="outside the student's vocabulary"):
-        distillation_loss(student, StoredDistributions(stored.ids + 5, *stored[1:]), labels)
+        distillation_loss(student, StoredDistributions(stored.ids + 5, *stored.tensors[1:]), labels)
 
 
 # --------------------------------------------------------------------------------------------------- builder
@@ -296,6 +321,8 @@ def test_stored_distributions_settings_are_checked(tmp_path):
         training_args(tmp_path, teacher_distributions="stored", alpha=0.2, intermediate_loss_weight=0.5)
     with pytest.raises(ValueError, match="teacher_top_k must be a positive"):
         training_args(tmp_path, teacher_distributions="stored", teacher_top_k=0)
+    with pytest.raises(ValueError, match="teacher_tail='spread'"):
+        training_args(tmp_path, teacher_distributions="stored", teacher_tail="spread")
     args = training_args(tmp_path, teacher_distributions="stored", alpha=0.5)
     assert args.uses_stored_distributions and not args.teacher_runs_during_training and args.needs_teacher_model
 
