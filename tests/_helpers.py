@@ -39,3 +39,25 @@ def write_split_files(folder, corpus, sizes: dict) -> None:
         part = corpus[split].select(range(n))
         (folder / f"{split}.src").write_text("\n".join(part["source"]) + "\n")
         (folder / f"{split}.tgt").write_text("\n".join(part["target"]) + "\n")
+
+
+def load_recipe(name: str, module_name: str | None = None):
+    """A recipe script of ``recipes/`` as a module (they are scripts, not a package)."""
+    import importlib.util
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parent.parent / "recipes" / f"{name}.py"
+    spec = importlib.util.spec_from_file_location(module_name or f"recipe_{name}_helpers", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def save_teacher_and_data(folder, teacher, tokenizer, corpus, sizes: dict):
+    """``folder/teacher`` (model and tokenizer, like a Hub snapshot) and ``folder/data`` (SPLIT.src / SPLIT.tgt
+    files of the first rows of each split of ``corpus``); returns the two paths."""
+    teacher.save_pretrained(folder / "teacher")
+    tokenizer.save_pretrained(folder / "teacher")
+    (folder / "data").mkdir()
+    write_split_files(folder / "data", corpus, sizes)
+    return folder / "teacher", folder / "data"

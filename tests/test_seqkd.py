@@ -435,22 +435,14 @@ def test_recipe_builds_corpus_parts_and_trains_from_the_merged_corpus(teacher, t
                                                                        monkeypatch):
     """``recipes/seq_kd.py --seqkd_corpus_part i/N`` on each "machine", ``python -m hf_seqkd.cli merge``, then the
     training run finds the whole corpus in the merged cache and translates nothing."""
-    import importlib.util
-
     from transformers import GenerationMixin
 
     from hf_seqkd.cli import main as cli_main
 
-    from _helpers import write_split_files
+    from _helpers import load_recipe, save_teacher_and_data
 
-    root = Path(__file__).resolve().parent.parent
-    spec = importlib.util.spec_from_file_location("recipe_seq_kd_parts", root / "recipes" / "seq_kd.py")
-    recipe = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(recipe)
-    teacher.save_pretrained(tmp_path / "teacher")
-    tokenizer.save_pretrained(tmp_path / "teacher")
-    (tmp_path / "data").mkdir()
-    write_split_files(tmp_path / "data", toy_corpus, {"train": 24, "validation": 4, "test": 4})
+    recipe = load_recipe("seq_kd")
+    save_teacher_and_data(tmp_path, teacher, tokenizer, toy_corpus, {"train": 24, "validation": 4, "test": 4})
     common = ["--teacher_model_name_or_path", str(tmp_path / "teacher"), "--dataset", str(tmp_path / "data"),
               "--source_lang", "src", "--target_lang", "tgt", "--kd_target", "teacher_target", "--alpha", "0",
               "--num_beams", "2", "--max_new_tokens", "16", "--student_encoder_layers", "1",

@@ -89,15 +89,20 @@ def test_stored_loss_with_k_equal_to_the_vocabulary_is_the_online_loss(divergenc
         assert g2[labels.eq(-100)].abs().max() == 0  # padding positions: no gradient
 
 
-@pytest.mark.parametrize("divergence", DIVERGENCES)
-def test_stored_top_k_loss_against_a_bucket_by_bucket_reference(divergence):
-    torch.manual_seed(1)
+def _random_case(seed, temperature=2.0):
+    """Student and teacher logits ``(2, 4, 13)`` in float64, labels with padding, the teacher's log-probabilities."""
+    torch.manual_seed(seed)
     student = torch.randn(2, 4, 13, dtype=torch.float64)
     teacher_logits = 2 * torch.randn(2, 4, 13, dtype=torch.float64)
     labels = torch.randint(0, 13, (2, 4))
     labels[1, 2:] = -100
+    return student, teacher_logits, labels, torch.log_softmax(teacher_logits / temperature, dim=-1)
+
+
+@pytest.mark.parametrize("divergence", DIVERGENCES)
+def test_stored_top_k_loss_against_a_bucket_by_bucket_reference(divergence):
     temperature, k = 2.0, 3
-    log_probs = torch.log_softmax(teacher_logits / temperature, dim=-1)
+    student, teacher_logits, labels, log_probs = _random_case(1, temperature)
     value = distillation_loss(student, _stored_from_log_probs(log_probs, k), labels, divergence=divergence,
                               temperature=temperature, jsd_beta=0.3)
     reference = _bucket_reference(student, log_probs, labels, k, divergence, temperature, jsd_beta=0.3)
@@ -110,13 +115,8 @@ def test_stored_top_k_loss_against_a_bucket_by_bucket_reference(divergence):
 
 @pytest.mark.parametrize("divergence", DIVERGENCES)
 def test_uniform_tail_is_the_full_divergence_to_the_teacher_with_its_tail_spread_evenly(divergence):
-    torch.manual_seed(3)
-    student = torch.randn(2, 4, 13, dtype=torch.float64)
-    teacher_logits = 2 * torch.randn(2, 4, 13, dtype=torch.float64)
-    labels = torch.randint(0, 13, (2, 4))
-    labels[0, 3:] = -100
     temperature, k = 2.0, 4
-    log_probs = torch.log_softmax(teacher_logits / temperature, dim=-1)
+    student, _, labels, log_probs = _random_case(3, temperature)
     stored = _stored_from_log_probs(log_probs, k)._replace(tail="uniform")
     # the reference: a dense teacher distribution, built entry by entry
     dense = torch.empty_like(log_probs)
@@ -403,23 +403,15 @@ def test_the_recipe_trains_on_stored_distributions_without_the_teacher_in_memory
     """``recipes/seq_kd.py --teacher_distributions stored``: the teacher builds the distributions, then no teacher
     loaded from its folder is alive while the student trains, and the card names the setting."""
     import gc
-    import importlib.util
-    import os
 
     from transformers import PreTrainedModel
 
     from hf_seqkd import DistillationTrainer
 
-    from _helpers import write_split_files
+    from _helpers import load_recipe, save_teacher_and_data
 
-    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    spec = importlib.util.spec_from_file_location("recipe_seq_kd_td", os.path.join(root, "recipes", "seq_kd.py"))
-    recipe = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(recipe)
-    teacher.save_pretrained(tmp_path / "teacher")
-    tokenizer.save_pretrained(tmp_path / "teacher")
-    (tmp_path / "data").mkdir()
-    write_split_files(tmp_path / "data", toy_corpus, {"train": 32, "validation": 8, "test": 8})
+    recipe = load_recipe("seq_kd")
+    save_teacher_and_data(tmp_path, teacher, tokenizer, toy_corpus, {"train": 32, "validation": 8, "test": 8})
     live_models = {}
     real_train = DistillationTrainer.train
 
