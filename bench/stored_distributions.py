@@ -126,6 +126,29 @@ def worker(args) -> dict:
     return record
 
 
+def tail_stats(out_dir: str) -> None:
+    """Per cached build: k, and the teacher's probability outside its top-k per target token (mean, median, 90th
+    percentile), with the mean probability of its top-1 token."""
+    import glob
+
+    import numpy as np
+    import pyarrow.compute as pc
+    import pyarrow.parquet as pq
+
+    print("| build | k | tokens | tail probability: mean | median | 90th percentile | top-1 probability: mean |")
+    print("| --- | ---: | ---: | ---: | ---: | ---: | ---: |")
+    for path in sorted(glob.glob(os.path.join(out_dir, "distributions-*", "*", "result.parquet"))):
+        table = pq.read_table(path, columns=["teacher_tail_logprob", "teacher_topk_logprobs"])
+        tail = np.exp(pc.list_flatten(table.column("teacher_tail_logprob")).to_numpy(zero_copy_only=False)
+                      .astype(np.float64))
+        top = pc.list_flatten(table.column("teacher_topk_logprobs"))
+        k = pc.list_value_length(top)[0].as_py()
+        top1 = np.exp(pc.list_flatten(top).to_numpy(zero_copy_only=False).astype(np.float64).reshape(-1, k)[:, 0])
+        name = os.path.basename(os.path.dirname(os.path.dirname(path)))
+        print(f"| {name} | {k} | {tail.size:,} | {tail.mean():.3f} | {np.median(tail):.3f} | "
+              f"{np.quantile(tail, 0.9):.3f} | {top1.mean():.3f} |")
+
+
 def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--study_dir", default=os.path.join(REPO, "runs", "multi30k_cpu"))
@@ -140,8 +163,14 @@ def main():
     parser.add_argument("--reuse_log", nargs="*", default=(),
                         help="logs of earlier runs of this script: their finished variants' records (the JSON lines "
                              "they printed) join the table instead of being run again")
+    parser.add_argument("--tail_stats", action="store_true",
+                        help="print how much probability the teacher leaves outside its stored top-k (from the cached "
+                             "distributions in --out_dir), then stop")
     parser.add_argument("--variant", default=None, help=argparse.SUPPRESS)
     args = parser.parse_args()
+    if args.tail_stats:
+        tail_stats(args.out_dir)
+        return
     if args.variant:
         print("RESULT " + json.dumps(worker(args)), flush=True)
         return
