@@ -187,9 +187,8 @@ def build_teacher_distributions(dataset, teacher, *, top_k: int = 32, temperatur
         dataset: a tokenized ``datasets.Dataset`` with ``input_ids`` and ``labels`` (lists of ids, no padding).
         teacher: the teacher, a seq2seq ``PreTrainedModel`` (used in eval mode; a dtype change happens on a copy), or
             a :class:`~hf_seqkd.export.CTranslate2Translator`: greedy decoding forced through the labels returns the
-            full-vocabulary logits of every step (``return_logits_vocab``), the teacher-forced distributions (they
-            agree with Transformers' to about 5e-5 in float32; ``<pad>``, banned by the exporter, gets none);
-            ``dtype``/``device`` do not apply.
+            full-vocabulary logits of every step (``return_logits_vocab``), the teacher-forced distributions (tested
+            against Transformers'; ``<pad>``, banned by the exporter, gets none); ``dtype``/``device`` do not apply.
         top_k: k, the tokens kept per position (at most the vocabulary).
         temperature: the softmax temperature of the stored log-probabilities (that of the training run).
         vocab_size: keep the first ``vocab_size`` logits (the vocabulary shared with the student when a model's
