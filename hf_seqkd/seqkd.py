@@ -693,22 +693,33 @@ def _my_shards(num_shards: int, rank: int, num_processes: int, part: tuple[int, 
 
 def _generate_missing_shards(teacher, tokenizer, sources, targets, job, store, state, *, shard_size, device, dtype,
                              sort_by_length, show_progress, part=None) -> None:
-    """Translate this process's shards (:func:`_my_shards`) that are not stored yet, then wait for every
-    process."""
+    """Translate this process's shards that are not stored yet (:func:`build_missing_shards`)."""
 
+    def translate_shard(model, start, end, progress):
+        shard_targets = targets[start:end] if targets is not None else None
+        return _generate_shard(model, tokenizer, sources[start:end], shard_targets, start, job,
+                               sort_by_length=sort_by_length, progress=progress)
+
+    build_missing_shards(teacher, translate_shard, store, state, len(sources), shard_size, device=device, dtype=dtype,
+                         desc="teacher beam search", show_progress=show_progress, part=part)
+
+
+def build_missing_shards(teacher, make_shard, store, state, num_rows: int, shard_size: int, *, device, dtype,
+                         desc: str, show_progress: bool, part=None) -> None:
+    """The shard loop of every teacher pass over a corpus (the Seq-KD corpus, the stored teacher distributions):
+    this process's shards (:func:`_my_shards`) that ``store`` lacks are made by ``make_shard(model, start, end,
+    progress)`` (a pyarrow table) with the teacher prepared once (:func:`_teacher_for_generation`) and saved one by
+    one; then every process waits for the others."""
     rank, num_processes = state.process_index, state.num_processes
-    shards = _shards(len(sources), shard_size)
+    shards = _shards(num_rows, shard_size)
     todo = [shards[j] for j in _my_shards(len(shards), rank, num_processes, part) if not store.has(*shards[j])]
     if todo:
         progress = tqdm(total=sum(e - s for s, e in todo), unit="sent", dynamic_ncols=True,
-                        desc=f"teacher beam search (process {rank + 1}/{num_processes})" if num_processes > 1
-                        else "teacher beam search", disable=not (show_progress and state.is_local_main_process))
+                        desc=f"{desc} (process {rank + 1}/{num_processes})" if num_processes > 1 else desc,
+                        disable=not (show_progress and state.is_local_main_process))
         with _teacher_for_generation(teacher, device, dtype) as model:
             for start, end in todo:
-                table = _generate_shard(model, tokenizer, sources[start:end],
-                                        targets[start:end] if targets is not None else None, start, job,
-                                        sort_by_length=sort_by_length, progress=progress)
-                store.save(start, end, table)
+                store.save(start, end, make_shard(model, start, end, progress))
         progress.close()
     state.wait_for_everyone()  # every shard is on disk now
 

@@ -35,11 +35,21 @@ import torch
 from accelerate import PartialState
 from datasets import Dataset, concatenate_datasets
 from datasets.table import InMemoryTable
-from tqdm.auto import tqdm
 
 from .data import STORED_COLUMNS, decoder_inputs_from_labels
-from .export import CTranslate2Translator
 from .losses import StoredDistributions, _safe_logsumexp
+from .seqkd import (
+    _assemble,
+    _ctranslate2_fingerprint,
+    _has_accelerator,
+    _is_ctranslate2,
+    _resolve_dtype,
+    _ShardStore,
+    _write_parquet_atomic,
+    _write_text_atomic,
+    build_missing_shards,
+    model_fingerprint,
+)
 
 __all__ = ["STORED_COLUMNS", "build_teacher_distributions", "has_teacher_distributions", "stored_distributions"]
 
@@ -141,13 +151,7 @@ def _shard_distributions(teacher, input_ids, labels, first_row: int, *, top_k: i
     })
 
 
-def _is_ctranslate2(teacher) -> bool:
-    return isinstance(teacher, CTranslate2Translator)
-
-
 def _fingerprint(teacher, input_ids, labels, settings: dict, teacher_fingerprint: str | None) -> str:
-    from .seqkd import _ctranslate2_fingerprint, model_fingerprint
-
     if teacher_fingerprint is None:
         teacher_fingerprint = (_ctranslate2_fingerprint(teacher) if _is_ctranslate2(teacher)
                                else model_fingerprint(teacher))
@@ -212,17 +216,6 @@ def build_teacher_distributions(dataset, teacher, *, top_k: int = 32, temperatur
             a temperature that is not a finite number > 0, ``batch_size < 1``, ``vocab_size`` above the teacher's,
             -100 inside a row's labels (only trailing padding), several processes without a shared ``cache_dir``.
     """
-    from .seqkd import (
-        _assemble,
-        _has_accelerator,
-        _resolve_dtype,
-        _shards,
-        _ShardStore,
-        _teacher_for_generation,
-        _write_parquet_atomic,
-        _write_text_atomic,
-    )
-
     if not isinstance(dataset, Dataset):
         raise TypeError(f"build_teacher_distributions needs a datasets.Dataset, got {type(dataset).__name__}")
     missing = [c for c in ("input_ids", "labels") if c not in dataset.column_names]
@@ -271,20 +264,15 @@ def build_teacher_distributions(dataset, teacher, *, top_k: int = 32, temperatur
             _write_text_atomic(json.dumps(dict(settings, num_rows=len(labels)), indent=2),
                                os.path.join(directory, "settings.json"))
         store = _ShardStore(directory)
-    rank, num_processes = state.process_index, state.num_processes
-    todo = [(s, e) for i, (s, e) in enumerate(_shards(len(labels), shard_size))
-            if i % num_processes == rank and not store.has(s, e)]
-    if todo:
-        progress = tqdm(total=sum(e - s for s, e in todo), unit="sent", dynamic_ncols=True,
-                        desc="teacher distributions", disable=not (show_progress and state.is_local_main_process))
-        pad_id = getattr(getattr(teacher, "config", None), "pad_token_id", None) or 0
-        with _teacher_for_generation(teacher, device, dtype) as model:
-            for start, end in todo:
-                store.save(start, end, _shard_distributions(
-                    model, input_ids[start:end], labels[start:end], start, top_k=top_k, temperature=temperature,
-                    vocab_size=vocab, batch_size=batch_size, pad_id=pad_id, progress=progress))
-        progress.close()
-    state.wait_for_everyone()
+    pad_id = getattr(getattr(teacher, "config", None), "pad_token_id", None) or 0
+
+    def distributions_shard(model, start, end, progress):
+        return _shard_distributions(model, input_ids[start:end], labels[start:end], start, top_k=top_k,
+                                    temperature=temperature, vocab_size=vocab, batch_size=batch_size, pad_id=pad_id,
+                                    progress=progress)
+
+    build_missing_shards(teacher, distributions_shard, store, state, len(labels), shard_size, device=device,
+                         dtype=dtype, desc="teacher distributions", show_progress=show_progress)
     result = _assemble(store, len(labels), shard_size, cache_dir)
     if result_path is not None and state.is_main_process:
         _write_parquet_atomic(result, result_path)
