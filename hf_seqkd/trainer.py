@@ -487,15 +487,18 @@ class DistillationTrainer(Seq2SeqTrainer):
 
     # ------------------------------------------------------------------------------------------------ loss
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
-        if self.args.uses_stored_distributions and "teacher_topk_ids" in inputs:
-            return self._stored_distributions_loss(model, inputs, return_outputs, num_items_in_batch)
-        if not self.uses_teacher:
+        stored = self.args.uses_stored_distributions and "teacher_topk_ids" in inputs
+        if not (self.uses_teacher or stored):
             inputs = {k: v for k, v in inputs.items() if k not in EXTRA_LABEL_COLUMNS}
             return super().compute_loss(model, inputs, return_outputs=return_outputs,
                                         num_items_in_batch=num_items_in_batch)
-        batch = self._distillation_batch(model, inputs, num_items_in_batch)
+        # the teacher's side: its stored top-k distributions, or (below) its forward pass on the same decoder inputs
+        teacher_outputs = stored_distributions(inputs, tail=self.args.teacher_tail) if stored else None
+        batch = self._distillation_batch(model, {k: v for k, v in inputs.items() if k not in STORED_COLUMNS},
+                                         num_items_in_batch)
         outputs = model(**batch.student_inputs, output_hidden_states=self.args.uses_ckd)
-        teacher_outputs = self._teacher_forward(batch.inputs)
+        if teacher_outputs is None:
+            teacher_outputs = self._teacher_forward(batch.inputs)
         terms = (self._hybrid_terms if self.args.uses_hybrid else self._word_level_terms)(outputs, teacher_outputs,
                                                                                            batch)
         if self.args.uses_ckd:
@@ -507,19 +510,6 @@ class DistillationTrainer(Seq2SeqTrainer):
             return loss
         return loss, Seq2SeqLMOutput(loss=loss, logits=outputs.logits[:batch.size, :batch.gold_length],
                                      encoder_last_hidden_state=outputs.encoder_last_hidden_state[:batch.size])
-
-    def _stored_distributions_loss(self, model, inputs, return_outputs, num_items_in_batch):
-        """Word-level KD against the teacher's stored top-k distributions (no teacher forward): the online loss with
-        :class:`~hf_seqkd.losses.StoredDistributions` in place of the teacher's logits."""
-        teacher = stored_distributions(inputs, tail=self.args.teacher_tail)
-        batch = self._distillation_batch(model, {k: v for k, v in inputs.items() if k not in STORED_COLUMNS},
-                                         num_items_in_batch)
-        outputs = model(**batch.student_inputs)
-        terms = self._word_level_terms(outputs, teacher, batch)
-        loss = sum(weight * value for value, weight in terms.values())
-        if self.args.average_tokens_across_devices and num_items_in_batch is not None and self.model.training:
-            loss = loss * self.accelerator.num_processes  # DDP averages gradients over processes
-        return (loss, outputs) if return_outputs else loss
 
     def _kd_kwargs(self) -> dict:
         args = self.args
