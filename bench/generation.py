@@ -268,24 +268,26 @@ def memory_main(args):
     print(f"teacher: random Marian, d_model {args.memory_d_model}, 2+2 layers; {args.memory_sentences} sentences of "
           f"20 tokens in one batch, beam {args.num_beams}, max_new_tokens {args.max_new_tokens}; "
           f"{args.repeats} rounds, each way in a fresh process (MALLOC_MMAP_THRESHOLD_=131072); peak: the highest "
-          f"of the rounds, time: the fastest")
+          f"of the rounds, time: the fastest; paired: the median over rounds of generate's time / the way's time "
+          f"in the same round (robust to load that changes between rounds)")
     print()
     print("| vocabulary | way | peak RSS (GiB) | of which decoding (GiB) | peak / generate's | time (s) | "
-          "sentences/s vs generate | mean output tokens |")
-    print("| ---: | --- | ---: | ---: | ---: | ---: | ---: | ---: |")
+          "sentences/s vs generate | paired, median | mean output tokens |")
+    print("| ---: | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: |")
     for vocab in vocabs:
         plain = results[(vocab, "generate")]
         plain_peak, plain_time = max(r["peak_kib"] for r in plain), min(r["seconds"] for r in plain)
         for way in MEMORY_WAYS:
             rows = results.get((vocab, way))
             if not rows:
-                print(f"| {vocab:,} | `{way}` | not run (> {args.memory_limit_gib:g} GiB) | | | | | |")
+                print(f"| {vocab:,} | `{way}` | not run (> {args.memory_limit_gib:g} GiB) | | | | | | |")
                 continue
             peak = max(r["peak_kib"] for r in rows)
             used = max(r["peak_kib"] - r["baseline_kib"] for r in rows)
             seconds = min(r["seconds"] for r in rows)
+            paired = statistics.median(p["seconds"] / r["seconds"] for p, r in zip(plain, rows))
             print(f"| {vocab:,} | `{way}` | {peak / 2**20:.2f} | {used / 2**20:.2f} | {peak / plain_peak:.2f}x | "
-                  f"{seconds:.1f} | {plain_time / seconds:.2f}x | {rows[0]['mean_length']:.0f} |")
+                  f"{seconds:.1f} | {plain_time / seconds:.2f}x | {paired:.2f}x | {rows[0]['mean_length']:.0f} |")
 
 
 def main():
