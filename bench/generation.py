@@ -12,6 +12,12 @@ trains a tokenizer (vocab 8000) and a small Marian teacher (d_model 256, 3+3 lay
     python bench/generation.py                          # train a teacher (~2 min), then benchmark
     python bench/generation.py --save_teacher /tmp/t    # ... and keep the teacher
     python bench/generation.py --teacher /tmp/t         # reuse it
+    python bench/generation.py --device cuda --ctranslate2 float16 --teacher /tmp/t   # on a GPU (bf16 by default)
+
+``--device`` (default: as without it, the teacher on the CPU and ``build_seqkd_dataset`` on its own default device)
+trains and runs the teacher there: the naive way in the teacher's float32, ``build_seqkd_dataset`` in its default
+dtype for that device (bf16 on CUDA), CTranslate2 on that device in the converted type. ``--json FILE`` writes the
+table's numbers for programs.
 
 The data is read from /work/shared/data/multi30k (``--data_dir``); nothing is copied into the repository.
 
@@ -22,6 +28,8 @@ used to be computed: every step's rows x vocabulary scores are kept); ``build_se
 a logits processor and a stopping criterion that keep one score per hypothesis and step).
 
     python bench/generation.py --memory --repeats 3     # ~40 min on one thread
+    python bench/generation.py --memory --memory_vocabs 256206 --memory_sentences 16 --max_new_tokens 48 \
+        --throughput_rounds 8                           # throughput only: the ways alternated in one process
 """
 
 from __future__ import annotations
@@ -61,7 +69,7 @@ def train_teacher(args):
     t0 = time.perf_counter()
     tokenizer = train_tokenizer(de + en, vocab_size=8000)
     model = tiny_seq2seq_model(tokenizer, "marian", d_model=256, encoder_layers=3, decoder_layers=3, ffn_dim=1024,
-                               attention_heads=4, seed=0)
+                               attention_heads=4, seed=0).to(args.device or "cpu")
     opt = torch.optim.AdamW(model.parameters(), lr=args.lr, betas=(0.9, 0.98), weight_decay=0.0)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda step: min(1.0, (step + 1) / args.warmup_steps))
     g = torch.Generator().manual_seed(0)
@@ -69,7 +77,7 @@ def train_teacher(args):
     for step in range(args.train_steps):
         idx = torch.randint(0, len(de), (args.train_batch_size,), generator=g).tolist()
         enc = tokenizer([de[i] for i in idx], text_target=[en[i] for i in idx], return_tensors="pt", padding=True,
-                        truncation=True, max_length=64)
+                        truncation=True, max_length=64).to(model.device)
         labels = enc["labels"].masked_fill(enc["labels"] == tokenizer.pad_token_id, -100)
         loss = model(input_ids=enc["input_ids"], attention_mask=enc["attention_mask"], labels=labels).loss
         opt.zero_grad()
@@ -90,7 +98,7 @@ def naive(dataset, teacher, tokenizer, args) -> tuple[list[str], float]:
     """The straightforward way: fixed batches in file order, one ``generate`` each, inside ``Dataset.map``."""
 
     def translate(batch):
-        enc = tokenizer(batch["source"], return_tensors="pt", padding=True)
+        enc = tokenizer(batch["source"], return_tensors="pt", padding=True).to(teacher.device)
         with torch.inference_mode():
             out = teacher.generate(**enc, num_beams=args.num_beams, max_new_tokens=args.max_new_tokens)
         return {"teacher_target": tokenizer.batch_decode(out, skip_special_tokens=True)}
@@ -110,7 +118,8 @@ def _generation(args):
 
 def ours(dataset, teacher, tokenizer, args, dtype=None) -> tuple[list[str], float]:
     t0 = time.perf_counter()
-    out = build_seqkd_dataset(dataset, teacher, tokenizer, _generation(args), show_progress=False, dtype=dtype)
+    out = build_seqkd_dataset(dataset, teacher, tokenizer, _generation(args), show_progress=False, dtype=dtype,
+                              device=args.device)
     return list(out["teacher_target"]), time.perf_counter() - t0
 
 
@@ -192,45 +201,82 @@ def _rss_kib(field: str) -> int:
         return next(int(line.split()[1]) for line in f if line.startswith(field + ":"))
 
 
+def _decode_once(way: str, teacher, tokenizer, texts: list[str], beams: int, max_new_tokens: int) -> list[int]:
+    """One batch decoded one of the --memory ways; the output lengths (tokens, without </s>)."""
+    from hf_seqkd import GenerationSettings
+
+    if way == "build_seqkd_dataset":
+        out = build_seqkd_dataset(Dataset.from_dict({"source": texts}), teacher, tokenizer, GenerationSettings(
+            num_beams=beams, max_new_tokens=max_new_tokens, generation_batch_size=len(texts)), show_progress=False)
+        return [len(tokenizer(t)["input_ids"]) - 1 for t in out["teacher_target"]]  # without the </s> added
+    enc = tokenizer(texts, return_tensors="pt", padding=True)
+    with torch.inference_mode():
+        if way == "generate":
+            sequences = teacher.generate(**enc, num_beams=beams, max_new_tokens=max_new_tokens, do_sample=False)
+        else:  # the former way: all scores kept, sequences_scores read from them
+            out = teacher.generate(**enc, num_beams=beams, max_new_tokens=max_new_tokens, do_sample=False,
+                                   output_scores=True, return_dict_in_generate=True)
+            sequences, _ = out.sequences, out.sequences_scores
+    return [int((row[1:] != tokenizer.pad_token_id).sum()) for row in sequences]
+
+
+def _memory_sources(args, vocab: int) -> list[str]:
+    g = torch.Generator().manual_seed(1)
+    return [" ".join(f"w{int(i)}" for i in torch.randint(2, vocab - 1, (20,), generator=g))
+            for _ in range(args.memory_sentences)]
+
+
 def memory_worker(args):
     """One measurement: prints a JSON line with the baseline and peak RSS (KiB), seconds and output lengths."""
     import json
 
-    from hf_seqkd import GenerationSettings
-
     torch.set_num_threads(args.threads or 1)
     tokenizer, teacher = _memory_teacher(args.memory_vocab, args.memory_d_model)
-    g = torch.Generator().manual_seed(1)
-    sources = [" ".join(f"w{int(i)}" for i in torch.randint(2, args.memory_vocab - 1, (20,), generator=g))
-               for _ in range(args.memory_sentences)]
-    beams, limit = args.num_beams, args.max_new_tokens
-
-    def run(texts, max_new_tokens):
-        if args.memory_way == "build_seqkd_dataset":
-            out = build_seqkd_dataset(Dataset.from_dict({"source": texts}), teacher, tokenizer, GenerationSettings(
-                num_beams=beams, max_new_tokens=max_new_tokens, generation_batch_size=len(texts)),
-                show_progress=False)
-            return [len(tokenizer(t)["input_ids"]) - 1 for t in out["teacher_target"]]  # without the </s> added
-        enc = tokenizer(texts, return_tensors="pt", padding=True)
-        with torch.inference_mode():
-            if args.memory_way == "generate":
-                sequences = teacher.generate(**enc, num_beams=beams, max_new_tokens=max_new_tokens, do_sample=False)
-            else:  # the former way: all scores kept, sequences_scores read from them
-                out = teacher.generate(**enc, num_beams=beams, max_new_tokens=max_new_tokens, do_sample=False,
-                                       output_scores=True, return_dict_in_generate=True)
-                sequences, _ = out.sequences, out.sequences_scores
-        return [int((row[1:] != tokenizer.pad_token_id).sum()) for row in sequences]
-
-    run(sources[:2], 4)  # warm-up: lazy imports, first allocations
+    sources = _memory_sources(args, args.memory_vocab)
+    _decode_once(args.memory_way, teacher, tokenizer, sources[:2], args.num_beams, 4)  # warm-up
     baseline = _rss_kib("VmRSS")
     with open("/proc/self/clear_refs", "w") as f:  # reset the peak (VmHWM) to the current RSS
         f.write("5")
     t0 = time.perf_counter()
-    lengths = run(sources, limit)
+    lengths = _decode_once(args.memory_way, teacher, tokenizer, sources, args.num_beams, args.max_new_tokens)
     seconds = time.perf_counter() - t0
     print(json.dumps({"way": args.memory_way, "vocab": args.memory_vocab, "baseline_kib": baseline,
                       "peak_kib": _rss_kib("VmHWM"), "seconds": seconds, "mean_length": statistics.mean(lengths),
                       "sentences": len(sources)}), flush=True)
+
+
+def throughput_main(args):
+    """``--throughput_rounds N``: throughput only, in one process (no memory measurement): plain ``generate`` and
+    ``build_seqkd_dataset`` on the same batch, alternated N times (order swapped every round), so that each pair
+    of calls sees the same machine load; prints each way's median time and the median of the per-round ratios."""
+    torch.set_num_threads(args.threads or 1)
+    ways = ("generate", "build_seqkd_dataset")
+    print(f"command: python {' '.join(sys.argv)}")
+    print(f"machine: {platform.platform()}, {os.cpu_count()} CPUs, torch {torch.__version__} "
+          f"({args.threads or 1} thread), transformers {transformers.__version__}")
+    print(f"teacher: random Marian, d_model {args.memory_d_model}, 2+2 layers; {args.memory_sentences} sentences of "
+          f"20 tokens in one batch, beam {args.num_beams}, max_new_tokens {args.max_new_tokens}; "
+          f"{args.throughput_rounds} rounds in one process, the ways alternated")
+    print()
+    print("| vocabulary | way | median time (s) | fastest (s) | sentences/s vs generate, median of round ratios "
+          "(range) |")
+    print("| ---: | --- | ---: | ---: | --- |")
+    for vocab in [int(v) for v in args.memory_vocabs.split(",")]:
+        tokenizer, teacher = _memory_teacher(vocab, args.memory_d_model)
+        sources = _memory_sources(args, vocab)
+        for way in ways:
+            _decode_once(way, teacher, tokenizer, sources[:2], args.num_beams, 4)  # warm-up
+        seconds: dict[str, list[float]] = {way: [] for way in ways}
+        for r in range(args.throughput_rounds):
+            for way in ways if r % 2 == 0 else ways[::-1]:
+                t0 = time.perf_counter()
+                _decode_once(way, teacher, tokenizer, sources, args.num_beams, args.max_new_tokens)
+                seconds[way].append(time.perf_counter() - t0)
+                print(f"  vocab {vocab} round {r}: {way}: {seconds[way][-1]:.1f}s", file=sys.stderr, flush=True)
+        for way in ways:
+            ratios = [g / t for g, t in zip(seconds["generate"], seconds[way])]
+            print(f"| {vocab:,} | `{way}` | {statistics.median(seconds[way]):.1f} | {min(seconds[way]):.1f} | "
+                  f"{statistics.median(ratios):.3f}x ({min(ratios):.3f}-{max(ratios):.3f}) |", flush=True)
 
 
 def memory_main(args):
@@ -302,9 +348,15 @@ def main():
                    help="build_seqkd_dataset: sentences x longest source x num_beams per batch")
     p.add_argument("--repeats", type=int, default=1, help="alternate the two methods this many times, keep the best")
     p.add_argument("--threads", type=int, default=0, help="torch intra-op threads (0: torch's default)")
+    p.add_argument("--device", default=None,
+                   help="cpu, cuda, cuda:1, ...: train and run the teacher there (the naive way in float32, "
+                        "build_seqkd_dataset in its default dtype there: bf16 on CUDA), CTranslate2 there too; "
+                        "default: the teacher on the CPU and build_seqkd_dataset on its own default device")
+    p.add_argument("--json", default=None, metavar="FILE", help="also write the results as JSON to FILE")
     p.add_argument("--ctranslate2", default=None,
                    help="also time build_seqkd_dataset with the teacher converted to CTranslate2, e.g. float32,int8 "
-                        "(needs --teacher; same number of threads)")
+                        "(needs --teacher or --save_teacher; same number of threads); a type that fails to convert or "
+                        "load is reported, the others are timed, and the exit status is 1")
     p.add_argument("--processes", type=int, default=0,
                    help="also time build_seqkd_dataset under torchrun with this many single-thread processes "
                         "(needs --teacher); compare with the naive way on torch's default threads")
@@ -325,6 +377,9 @@ def main():
     p.add_argument("--memory_d_model", type=int, default=256, help="--memory: the teacher's width")
     p.add_argument("--memory_limit_gib", type=float, default=16.0,
                    help="--memory: leave out output_scores where its scores alone would exceed this")
+    p.add_argument("--throughput_rounds", type=int, default=0,
+                   help="--memory: instead of memory, time generate and build_seqkd_dataset alternately this many "
+                        "times in one process (paired round ratios)")
     p.add_argument("--memory_worker", action="store_true", help=argparse.SUPPRESS)
     p.add_argument("--memory_way", default=None, help=argparse.SUPPRESS)
     p.add_argument("--memory_vocab", type=int, default=None, help=argparse.SUPPRESS)
@@ -334,12 +389,13 @@ def main():
     if args.memory:
         if "--max_new_tokens" not in sys.argv:
             args.max_new_tokens = 128
-        return memory_main(args)
+        return throughput_main(args) if args.throughput_rounds else memory_main(args)
     if args.worker:
         return worker(args)
-    if (args.processes > 1 or args.ctranslate2) and not args.teacher:
-        raise SystemExit("--processes and --ctranslate2 need --teacher (a saved teacher to load in every process / "
-                         "to convert)")
+    if args.processes > 1 and not args.teacher:
+        raise SystemExit("--processes needs --teacher (a saved teacher to load in every process)")
+    if args.ctranslate2 and not (args.teacher or args.save_teacher):
+        raise SystemExit("--ctranslate2 needs --teacher or --save_teacher (a saved teacher to convert)")
     if args.threads:
         torch.set_num_threads(args.threads)
     datasets.disable_progress_bars()
@@ -350,6 +406,8 @@ def main():
 
         tokenizer = AutoTokenizer.from_pretrained(args.teacher)
         teacher = AutoModelForSeq2SeqLM.from_pretrained(args.teacher).eval()
+        if args.device:
+            teacher.to(args.device)
         teacher_note = f"loaded from {args.teacher}"
     else:
         print(f"training a teacher for {args.train_steps} steps ...", flush=True)
@@ -364,7 +422,7 @@ def main():
 
     if args.also_dtype:
         ours(warm, teacher, tokenizer, args, dtype=args.also_dtype)
-    converted = {}
+    converted, failed = {}, {}
     if args.ctranslate2:
         import tempfile
 
@@ -372,12 +430,24 @@ def main():
 
         ct2_root = tempfile.mkdtemp(prefix="seqkd_ct2_")
         for quantization in args.ctranslate2.split(","):
-            folder = to_ctranslate2(args.teacher, os.path.join(ct2_root, quantization), quantization=quantization)
-            converted[quantization] = CTranslate2Translator(folder, tokenizer, intra_threads=torch.get_num_threads())
-            ours(warm, converted[quantization], tokenizer, args)
+            try:
+                folder = to_ctranslate2(args.teacher or args.save_teacher, os.path.join(ct2_root, quantization),
+                                        quantization=quantization)
+                ct2_device = torch.device(args.device).type if args.device else "cpu"
+                converted[quantization] = CTranslate2Translator(folder, tokenizer, device=ct2_device,
+                                                                intra_threads=torch.get_num_threads())
+                ours(warm, converted[quantization], tokenizer, args)
+            except Exception as e:  # e.g. a compute type the device lacks, or CTranslate2 without CUDA support
+                converted.pop(quantization, None)
+                failed[f"build_seqkd_dataset, CTranslate2 {quantization}"] = f"{type(e).__name__}: {e}"
+                print(f"CTranslate2 {quantization}: not timed: {type(e).__name__}: {e}", flush=True)
     # what is timed beside the naive way: (name in the progress lines, "method | batching" cells, run)
-    variants = [("build_seqkd_dataset", f"`build_seqkd_dataset` | length-sorted, <= {args.batch_size} sentences, "
-                                        f"<= {args.max_tokens_per_batch} tokens",
+    from hf_seqkd.seqkd import _resolve_dtype  # the dtype build_seqkd_dataset picks by default, for the table
+
+    ours_device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    ours_dtype = str(_resolve_dtype(None, ours_device, teacher)).replace("torch.", "")
+    variants = [("build_seqkd_dataset", f"`build_seqkd_dataset` ({ours_dtype}) | length-sorted, <= {args.batch_size} "
+                                        f"sentences, <= {args.max_tokens_per_batch} tokens",
                  lambda: ours(dataset, teacher, tokenizer, args))]
     variants += [(f"build_seqkd_dataset, CTranslate2 {quantization}",
                   f"`build_seqkd_dataset`, teacher converted to CTranslate2 ({quantization}) | the same",
@@ -412,9 +482,10 @@ def main():
 
     print()
     print(f"command: python {' '.join(sys.argv)}")
+    gpu = f", {torch.cuda.get_device_name(ours_device)}" if ours_device.type == "cuda" else ""
     print(f"machine: {platform.platform()}, {platform.processor() or platform.machine()}, {os.cpu_count()} CPUs, "
           f"torch {torch.__version__} ({torch.get_num_threads()} threads), transformers {transformers.__version__}, "
-          f"datasets {datasets.__version__}")
+          f"datasets {datasets.__version__}; teacher on {teacher.device}, build_seqkd_dataset on {ours_device}{gpu}")
     print(f"teacher: Marian d_model=256, 3+3 layers, ffn 1024, 4 heads, vocab {len(tokenizer)}, {teacher_note}")
     print(f"data: first {n} German sentences of Multi30k train; mean source {src_len:.1f} tokens, "
           f"mean output {out_len:.1f} tokens ({capped} outputs hit max_new_tokens={args.max_new_tokens}); "
@@ -435,6 +506,24 @@ def main():
         print(f"\nall times (s): naive {[round(t, 1) for t in naive_times]}, "
               + ", ".join(f"{name} {[round(t, 1) for t in times[name]]}" for name in times)
               + "; the table shows the best of each")
+    for name, error in failed.items():
+        print(f"{name}: FAILED: {error}")
+    if args.json:
+        import json
+
+        rows = [{"method": "naive", "seconds": t_naive, "sentences_per_s": n / t_naive, "speedup": 1.0,
+                 "identical_to_naive": 1.0}]
+        rows += [{"method": name, "seconds": min(times[name]), "sentences_per_s": n / min(times[name]),
+                  "speedup": t_naive / min(times[name]), "identical_to_naive": same[name]} for name in times]
+        with open(args.json, "w") as f:
+            json.dump({"command": " ".join(sys.argv), "device": str(ours_device),
+                       "teacher_device": str(teacher.device), "build_seqkd_dataset_dtype": ours_dtype,
+                       "torch": torch.__version__,
+                       "transformers": transformers.__version__, "teacher": teacher_note, "sentences": n,
+                       "num_beams": args.num_beams, "max_new_tokens": args.max_new_tokens,
+                       "outputs_hitting_max_new_tokens": capped, "rows": rows, "failed": failed}, f, indent=2)
+    if failed:
+        sys.exit(1)
 
 
 if __name__ == "__main__":

@@ -2,6 +2,11 @@
 
     python bench/kd_step.py                       # vocabulary 32k, batch 32 x 32 target tokens, CPU
     python bench/kd_step.py --vocab_size 32000 --batch_size 64 --target_length 48 --steps 5
+    python bench/kd_step.py --device cuda --bf16 --json kd_step.json   # mixed precision, as a --bf16 training run
+
+``--bf16``: the student's forward pass under ``torch.autocast(dtype=torch.bfloat16)`` (what the Trainer's ``--bf16``
+does; the weights and optimizer stay float32) and the frozen teacher's weights in bfloat16 (``--teacher_dtype
+bfloat16``), so its logits are bfloat16; the losses compute in float32 inside, as in training.
 
 Rows:
   ce_only            student forward + cross-entropy + backward + optimizer step (the Seq2SeqTrainer step)
@@ -77,9 +82,14 @@ def main():
     p.add_argument("--student", default="128,2,512,4", help="d_model,layers,ffn,heads")
     p.add_argument("--steps", type=int, default=5)
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--bf16", action="store_true",
+                   help="student forward under bf16 autocast, teacher weights in bf16 (the module docstring)")
+    p.add_argument("--json", default=None, metavar="FILE", help="also write the rows as JSON to FILE")
     args = p.parse_args()
     device = torch.device(args.device)
     teacher = build(args.vocab_size, *map(int, args.teacher.split(",")), seed=1).to(device)
+    if args.bf16:
+        teacher = teacher.to(torch.bfloat16)
     teacher = teacher.eval().requires_grad_(False)
     student = build(args.vocab_size, *map(int, args.student.split(",")), seed=2).to(device)
     optimizer = torch.optim.AdamW(student.parameters(), lr=1e-4)
@@ -96,18 +106,22 @@ def main():
     with torch.no_grad():
         teacher_logits_fixed = teacher(**inputs).logits
 
+    def student_logits():
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=args.bf16):
+            return student(**inputs).logits
+
     def step(mode, given):
         """One training step; `given` holds teacher logits computed before the step (a fresh copy each time)."""
         if mode == "ce_only":
             def run():
-                logits = student(**inputs).logits
+                logits = student_logits()
                 sequence_cross_entropy(logits, labels, reduction="mean").backward()
                 optimizer.step()
                 optimizer.zero_grad(set_to_none=True)
             return run
 
         def run():
-            logits = student(**inputs).logits
+            logits = student_logits()
             loss = 0.5 * sequence_cross_entropy(logits, labels, reduction="mean") if "fused" not in mode else None
             if mode == "kd_loss":
                 loss = loss + 0.5 * distillation_loss(logits, given[0], labels, overwrite_teacher_logits=True)
@@ -160,8 +174,8 @@ def main():
         rows.append({"mode": mode, "seconds": statistics.median(times), "peak_mb": peak_bytes(run, device) / 2**20})
     base = rows[0]
     print(f"machine: {platform.node()} {platform.processor() or platform.machine()}, {os.cpu_count()} cores, "
-          f"device {device}{' ' + torch.cuda.get_device_name() if device.type == 'cuda' else ''}, torch "
-          f"{torch.__version__}")
+          f"device {device}{' ' + torch.cuda.get_device_name(device) if device.type == 'cuda' else ''}, torch "
+          f"{torch.__version__}{', bf16 (student autocast, teacher weights)' if args.bf16 else ', float32'}")
     print(f"vocab {V}, batch {B} x source {S} / target {T} tokens ({int(labels.ne(-100).sum())} non-padding), "
           f"teacher {args.teacher}, student {args.student} (d_model,layers,ffn,heads), median of {args.steps} steps\n")
     print("| step | time (s) | time vs ce_only | peak memory (MiB) | peak vs ce_only |")
@@ -169,6 +183,14 @@ def main():
     for r in rows:
         print(f"| {r['mode']} | {r['seconds']:.3f} | {r['seconds'] / base['seconds']:.2f}x | {r['peak_mb']:.0f} | "
               f"{r['peak_mb'] / base['peak_mb']:.2f}x |")
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump({"device": str(device), "gpu": torch.cuda.get_device_name(device) if device.type == "cuda"
+                       else None, "bf16": args.bf16, "torch": torch.__version__, "vocab_size": V, "batch_size": B,
+                       "source_length": S, "target_length": T, "teacher": args.teacher, "student": args.student,
+                       "steps": args.steps, "rows": [dict(r, seconds_vs_ce_only=r["seconds"] / base["seconds"],
+                                                          peak_vs_ce_only=r["peak_mb"] / base["peak_mb"])
+                                                     for r in rows]}, f, indent=2)
 
 
 if __name__ == "__main__":

@@ -13,6 +13,7 @@ import torch
 from transformers import Seq2SeqTrainingArguments
 from transformers.utils import logging
 
+from .distributed import TEACHER_SHARDING
 from .evaluation import resolve_bleu_tokenize
 from .generation import GenerationSettings
 from .hybrid import parse_hybrid_gate
@@ -91,6 +92,19 @@ class DistillationTrainingArguments(Seq2SeqTrainingArguments):
             trainer and the run needs one.
         teacher_dtype (`str` or `None`, *optional*, defaults to `None`):
             Run the teacher in `"bfloat16"`, `"float16"` or `"float32"` during training; `None` keeps its dtype.
+        teacher_sharding (`str` or `None`, *optional*, defaults to `None`):
+            Where the teacher lives on several processes (`hf_seqkd.distributed`): `"replicate"` (a copy per
+            process), `"fsdp"` (sharded with FSDP2, about `1 / num_processes` of it per process) or `"deepspeed"`
+            (a ZeRO-3 inference engine). `None` follows the student: sharded under FSDP or DeepSpeed ZeRO-3,
+            replicated otherwise. A sharded teacher cannot decode the hybrid's teacher labels during training
+            (build them into the dataset first).
+        teacher_device_map (`str` or `None`, *optional*, defaults to `None`):
+            Load the teacher with accelerate's big-model inference, for a teacher larger than one device: `"auto"`,
+            `"balanced"`, `"sequential"` or a JSON object `{"module": device}` (`from_pretrained(device_map=...)`;
+            layers on several GPUs, the CPU or disk, moved by hooks, never by hf_seqkd). Loaded in
+            `teacher_dtype`. Not with a sharded teacher.
+        teacher_offload_folder (`str` or `None`, *optional*, defaults to `None`):
+            Where `teacher_device_map` may put the layers that fit on no device (`offload_folder`).
         teacher_ctranslate2_dir (`str` or `None`, *optional*, defaults to `None`):
             The teacher converted with `hf_seqkd.export.to_ctranslate2`: the Seq-KD corpus is translated by
             CTranslate2 (several times faster on a CPU) instead of `teacher.generate`.
@@ -211,6 +225,12 @@ class DistillationTrainingArguments(Seq2SeqTrainingArguments):
     # teacher
     teacher_model_name_or_path: Optional[str] = field(default=None, metadata={"help": "Teacher to load."})
     teacher_dtype: Optional[str] = field(default=None, metadata={"help": "bfloat16, float16 or float32."})
+    teacher_sharding: Optional[str] = field(default=None, metadata={"help": "replicate, fsdp or deepspeed (None: "
+                                                                            "follow the student's FSDP / ZeRO-3)."})
+    teacher_device_map: Optional[str] = field(default=None, metadata={"help": "Big-model inference for the teacher: "
+                                                                              "auto, balanced, sequential or JSON."})
+    teacher_offload_folder: Optional[str] = field(default=None, metadata={"help": "Disk offload folder of "
+                                                                                  "teacher_device_map."})
     teacher_ctranslate2_dir: Optional[str] = field(default=None, metadata={"help": "Translate the Seq-KD corpus with "
                                                                                     "this CTranslate2 teacher."})
     # word level
@@ -274,10 +294,41 @@ class DistillationTrainingArguments(Seq2SeqTrainingArguments):
     def _check_teacher(self):
         if self.teacher_dtype not in (None, "bfloat16", "float16", "float32"):
             raise ValueError(f"teacher_dtype={self.teacher_dtype!r}: use bfloat16, float16, float32 or None")
+        if self.teacher_device_map is not None:
+            self.teacher_loading_kwargs()  # a malformed device map is an error now, not after the data is loaded
+            if self.teacher_sharding not in (None, "replicate"):
+                raise ValueError(f"teacher_device_map={self.teacher_device_map!r} with teacher_sharding="
+                                 f"{self.teacher_sharding!r}: a teacher placed by big-model inference is not sharded "
+                                 "again; use one or the other")
+        if self.teacher_sharding not in (None, *TEACHER_SHARDING):
+            raise ValueError(f"teacher_sharding={self.teacher_sharding!r} is not one of {TEACHER_SHARDING} (or None: "
+                             "follow the student's FSDP / DeepSpeed ZeRO-3 setting)")
         if self.teacher_ctranslate2_dir and not os.path.isfile(os.path.join(self.teacher_ctranslate2_dir,
                                                                              "model.bin")):
             raise ValueError(f"teacher_ctranslate2_dir={self.teacher_ctranslate2_dir}: no CTranslate2 model there "
                              "(model.bin); convert the teacher with hf_seqkd.export.to_ctranslate2 first")
+
+    def teacher_loading_kwargs(self) -> dict:
+        """``AutoModelForSeq2SeqLM.from_pretrained`` arguments for the teacher: with ``teacher_device_map``, the
+        device map, the offload folder and ``teacher_dtype`` (cast while loading); else none."""
+        if self.teacher_device_map is None:
+            return {}
+        device_map = self.teacher_device_map
+        if device_map.lstrip().startswith("{"):
+            try:
+                device_map = json.loads(device_map)
+            except json.JSONDecodeError as e:
+                raise ValueError(f"teacher_device_map={self.teacher_device_map!r} is not valid JSON ({e}); give "
+                                 'e.g. \'{"model.encoder": 0, "model.decoder": 1, "lm_head": 1}\' or "auto"') from e
+        elif device_map not in ("auto", "balanced", "balanced_low_0", "sequential"):
+            raise ValueError(f"teacher_device_map={device_map!r}: use auto, balanced, balanced_low_0, sequential or a "
+                             'JSON object mapping module names to devices (e.g. \'{"": "cuda:0"}\')')
+        kwargs = {"device_map": device_map}
+        if self.teacher_offload_folder:
+            kwargs["offload_folder"] = self.teacher_offload_folder
+        if self.teacher_dtype is not None:
+            kwargs["dtype"] = self.teacher_dtype
+        return kwargs
 
     def _check_word_level(self):
         if self.divergence not in DIVERGENCES:

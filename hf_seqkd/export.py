@@ -306,21 +306,24 @@ class CTranslate2Translator:
         tokenizer: the model's tokenizer (an object, or a folder/name for ``AutoTokenizer.from_pretrained``); its
             source language (``src_lang``) tags the sources.
         device: ``"cpu"``, ``"cuda"`` or ``"auto"``.
+        device_index: the GPU (or GPUs: one replica on each, batches spread over them) to run on; default 0. Under
+            ``torchrun`` / ``accelerate launch`` each process passes its own (the trainer does).
         compute_type: CTranslate2 compute type (``"default"`` = the saved weight type where supported).
         intra_threads: threads per translation (0 = CTranslate2's default).
         inter_threads: parallel translations.
     """
 
     def __init__(self, ct2_dir, tokenizer, device: str = "cpu", compute_type: str = "default",
-                 intra_threads: int = 0, inter_threads: int = 1):
+                 intra_threads: int = 0, inter_threads: int = 1, device_index: int | list[int] = 0):
         ctranslate2 = _import_ctranslate2()
         if isinstance(tokenizer, (str, os.PathLike)):
             tokenizer = AutoTokenizer.from_pretrained(tokenizer)
         self.tokenizer = tokenizer
         self.ct2_dir = str(ct2_dir)
         self.intra_threads = int(intra_threads)
-        self.translator = ctranslate2.Translator(self.ct2_dir, device=device, compute_type=compute_type,
-                                                 intra_threads=intra_threads, inter_threads=inter_threads)
+        self.translator = ctranslate2.Translator(self.ct2_dir, device=device, device_index=device_index,
+                                                 compute_type=compute_type, intra_threads=intra_threads,
+                                                 inter_threads=inter_threads)
         config = Path(self.ct2_dir) / "generation_config.json"
         self.generation_config = json.loads(config.read_text()) if config.is_file() else {}
         self.last_timing: dict | None = None
@@ -430,6 +433,8 @@ def translate_ctranslate2(
         batch_size: sentences per batch.
         max_new_tokens: the most target tokens generated.
         device: ``"cpu"``, ``"cuda"`` or ``"auto"``.
+        device_index: the GPU (or GPUs: one replica on each, batches spread over them) to run on; default 0. Under
+            ``torchrun`` / ``accelerate launch`` each process passes its own (the trainer does).
         compute_type: CTranslate2 compute type (``"default"``, ``"int8"``, ``"float32"``, ...).
         intra_threads: CPU threads per translation (0 = CTranslate2's default; when timing against
             Transformers, use the same number of threads as ``torch.get_num_threads()``).

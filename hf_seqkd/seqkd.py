@@ -37,6 +37,7 @@ from datasets.table import InMemoryTable
 from sacrebleu.metrics import BLEU, CHRF
 from tqdm.auto import tqdm
 
+from .distributed import is_dispatched
 from .export import CTranslate2Translator
 from .generation import SEQKD_LENGTH_PENALTY, GenerationSettings, generate_kbest, max_source_positions
 from .languages import check_single_direction, target_token_id
@@ -142,7 +143,13 @@ def model_fingerprint(model) -> str:
             ``_name_or_path`` and ``transformers_version``, so a saved and reloaded model keeps its fingerprint.
     """
     h = hashlib.sha256()
-    for name, tensor in sorted(model.state_dict().items()):
+    state = model.state_dict()
+    if is_dispatched(model) and any(t.device.type == "meta" for t in state.values()):
+        from accelerate.utils.modeling import get_state_dict_offloaded_model  # layers offloaded to CPU or disk
+
+        onloaded = get_state_dict_offloaded_model(model)  # (it leaves out the model's own buffers: kept from state)
+        state = {name: onloaded[name] if tensor.device.type == "meta" else tensor for name, tensor in state.items()}
+    for name, tensor in sorted(state.items()):
         flat = tensor.detach().to("cpu").contiguous().reshape(-1)
         _update_text(h, f"{name}|{flat.dtype}|{tuple(tensor.shape)}")
         h.update(flat.view(torch.uint8).numpy())
@@ -382,6 +389,14 @@ def _teacher_for_generation(teacher, device: torch.device, dtype: torch.dtype):
     if _is_ctranslate2(teacher):  # a converted model: device and compute type were fixed when it was loaded
         yield teacher
         return
+    if is_dispatched(teacher):  # placed by accelerate's big-model inference: its hooks move each layer's inputs
+        was_training = teacher.training
+        teacher.eval()
+        try:
+            yield teacher
+        finally:
+            teacher.train(was_training)
+        return
     first = next(teacher.parameters())
     was_training, old_device = teacher.training, first.device
     model = teacher if first.dtype == dtype else copy.deepcopy(teacher)
@@ -461,7 +476,15 @@ def _resolve_dtype(dtype, device: torch.device, teacher) -> torch.dtype | str:
         resolved = getattr(torch, dtype, None)
         if not isinstance(resolved, torch.dtype):
             raise ValueError(f"build_seqkd_dataset: unknown dtype {dtype!r} (e.g. 'float32', 'bfloat16')")
-        return resolved
+        dtype = resolved
+    if is_dispatched(teacher):  # loaded with a device_map: in the dtype it was loaded in (cast while loading)
+        own = next(teacher.parameters()).dtype
+        if dtype is not None and dtype != own:
+            raise ValueError(f"build_seqkd_dataset: the teacher was loaded with a device_map (big-model inference) "
+                             f"in {own}; it cannot be cast to {dtype} in place. Load it in that dtype "
+                             f"(from_pretrained(..., dtype={str(dtype).replace('torch.', '')!r}, device_map=...)) "
+                             "and leave dtype unset")
+        return own
     if dtype is not None:
         return dtype
     if device.type == "cuda":  # half precision on GPUs: bf16 where the card has it, else fp16

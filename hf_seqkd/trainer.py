@@ -21,6 +21,7 @@ from transformers.utils import logging
 from .auxiliary import AuxiliaryModules
 from .config import DistillationTrainingArguments
 from .data import DataError, DistillationDataCollator, decoder_inputs_from_labels, prepare_distillation_dataset
+from .distributed import prepare_teacher, resolve_teacher_sharding
 from .evaluation import make_compute_metrics
 from .export import CTranslate2Translator
 from .generation import cap_max_new_tokens, max_target_positions
@@ -214,7 +215,7 @@ class DistillationTrainer(Seq2SeqTrainer):
                          compute_metrics=compute_metrics, **kwargs)
         self.teacher_model = self._prepare_teacher(teacher_model) if self.uses_teacher else None
         # built after Trainer.__init__ has seeded the RNGs (args.seed): the projections' initialisation is reproducible
-        self.distillation_modules = self._build_distillation_modules(args, model, self.teacher_model)
+        self.distillation_modules = self._build_distillation_modules(args, model, teacher_model)
 
     # ----------------------------------------------------------------------------------------------- set-up
     @staticmethod
@@ -255,7 +256,7 @@ class DistillationTrainer(Seq2SeqTrainer):
             raise ValueError(f"method {args.method.name!r} needs a teacher (word-level, intermediate and hybrid "
                              "distillation run it; a Seq-KD corpus is built with it): pass teacher_model= or set "
                              "teacher_model_name_or_path (or use alpha=0 and kd_target='target' for plain training)")
-        return AutoModelForSeq2SeqLM.from_pretrained(args.teacher_model_name_or_path)
+        return AutoModelForSeq2SeqLM.from_pretrained(args.teacher_model_name_or_path, **args.teacher_loading_kwargs())
 
     def _prepare_dataset(self, dataset, args, tokenizer, teacher, training: bool):
         """Tokenized data as it is; raw data completed with the Seq-KD corpus when needed, then tokenized; training
@@ -320,8 +321,9 @@ class DistillationTrainer(Seq2SeqTrainer):
         cache_dir = _cache_dir(args)
         if args.teacher_ctranslate2_dir:
 
-            device = "cuda" if str(args.device).startswith("cuda") else "cpu"
-            teacher = CTranslate2Translator(args.teacher_ctranslate2_dir, tokenizer, device=device)
+            device = torch.device(args.device)  # each process its own GPU (cuda:<local rank>)
+            teacher = CTranslate2Translator(args.teacher_ctranslate2_dir, tokenizer, device=device.type
+                                            if device.type == "cuda" else "cpu", device_index=device.index or 0)
         if languages is None:
             languages = resolve_languages(tokenizer, teacher, src_lang=args.src_lang, tgt_lang=args.tgt_lang,
                                           source_prefix=args.source_prefix)
@@ -331,20 +333,33 @@ class DistillationTrainer(Seq2SeqTrainer):
             seq_inter_metric=args.seq_inter_metric, source_prefix=languages.source_prefix, cache_dir=cache_dir,
             bleu_tokenize=args.resolved_bleu_tokenize(languages.target_language), corpus_part=args.seqkd_corpus_part)
 
-    def _prepare_teacher(self, teacher: PreTrainedModel) -> PreTrainedModel:
-        teacher.eval()
-        teacher.requires_grad_(False)
-        if self.args.teacher_dtype is not None:
-            teacher.to(_DTYPES[self.args.teacher_dtype])
-        return teacher.to(self.accelerator.device)
+    def _prepare_teacher(self, teacher: PreTrainedModel) -> torch.nn.Module:
+        """Frozen, in eval mode, replicated or sharded over the processes (``args.teacher_sharding``,
+        :mod:`hf_seqkd.distributed`)."""
+        self.teacher_sharding = resolve_teacher_sharding(self.args.teacher_sharding, self.accelerator)
+        if self.teacher_sharding != "replicate" and self.args.uses_hybrid and (
+                self.train_dataset is None or "teacher_labels" not in self.train_dataset.column_names):
+            raise ValueError(
+                "the hybrid's teacher labels cannot be decoded during training by a sharded teacher "
+                f"(teacher_sharding={self.teacher_sharding!r}): each process would decode a different number of "
+                "new sources while the shards must run every forward together. Decode them into the dataset first "
+                "(a 'teacher_labels' column, e.g. prepare_distillation_dataset(teacher_labels_column="
+                "'teacher_target')), or use teacher_sharding='replicate'")
+        dtype = None if self.args.teacher_dtype is None else _DTYPES[self.args.teacher_dtype]
+        return prepare_teacher(teacher, self.accelerator, self.teacher_sharding, dtype,
+                               micro_batch_size=self.args.per_device_train_batch_size)
 
     def _check_auxiliary_settings(self, args: DistillationTrainingArguments) -> None:
         """Settings the auxiliary modules need, fixed before ``Trainer.__init__`` builds the accelerator."""
         if not (self.uses_teacher and args.has_auxiliary_parameters):
             return
-        if args.deepspeed:
-            raise ValueError("CKD projections / a learned hybrid gate are not supported with DeepSpeed yet; use DDP "
-                             "or FSDP")
+        if args.deepspeed or getattr(args, "deepspeed_plugin", None) is not None:  # --deepspeed, or accelerate's
+            raise ValueError("CKD projections / a learned hybrid gate with the student under DeepSpeed are not "
+                             "supported: they train as a submodule of the student with their own learning rate, and "
+                             "that has never run under DeepSpeed (it needs a GPU), so it is refused rather than "
+                             "trusted. Train the student with DDP or FSDP (recipes/accelerate_configs/ddp.yaml, "
+                             "fsdp.yaml); a large teacher can still be sharded (teacher_sharding='fsdp' or "
+                             "'deepspeed')")
         if args.ddp_find_unused_parameters:
             raise ValueError("ddp_find_unused_parameters=True cannot be used with CKD projections or a learned hybrid "
                              "gate: they are used after the student's forward pass, which DDP's unused-parameter "

@@ -23,6 +23,7 @@ from transformers import AutoModelForSeq2SeqLM, AutoTokenizer, set_seed
 
 from hf_seqkd import DistillationTrainer, DistillationTrainingArguments, load_parallel_data
 from hf_seqkd.cli import DataArguments, EvalArguments, ModelArguments, load_or_make_student, parse_args, select_splits
+from hf_seqkd.distributed import is_dispatched
 from hf_seqkd.evaluation import evaluate_models
 from hf_seqkd.hub import card_usage, make_model_card, push_student, save_student
 from hf_seqkd.languages import resolve_languages
@@ -47,7 +48,8 @@ def main(argv=None):
     set_seed(training_args.seed)
 
     # 1. Teacher, tokenizer, splits, student: everything a user names is loaded or checked before the long steps
-    teacher = AutoModelForSeq2SeqLM.from_pretrained(training_args.teacher_model_name_or_path)
+    teacher = AutoModelForSeq2SeqLM.from_pretrained(training_args.teacher_model_name_or_path,
+                                                    **training_args.teacher_loading_kwargs())
     tokenizer = AutoTokenizer.from_pretrained(model_args.tokenizer_name_or_path
                                               or training_args.teacher_model_name_or_path)
     raw = load_parallel_data(data_args.dataset, source_lang=data_args.source_lang, target_lang=data_args.target_lang,
@@ -77,8 +79,11 @@ def main(argv=None):
     # 3. Teacher and student on the test split: BLEU, chrF (greedy and beam) with 95% confidence intervals and the
     #    student's paired test against the teacher (sacrebleu), sentences/s, parameters
     if eval_args.evaluate_teacher and teacher is None:
-        teacher = AutoModelForSeq2SeqLM.from_pretrained(training_args.teacher_model_name_or_path)
-    models = ([("teacher", "teacher", teacher.to(trainer.args.device))] if eval_args.evaluate_teacher else [])
+        teacher = AutoModelForSeq2SeqLM.from_pretrained(training_args.teacher_model_name_or_path,
+                                                    **training_args.teacher_loading_kwargs())
+    if eval_args.evaluate_teacher and not is_dispatched(teacher):  # (placed by big-model inference: used there)
+        teacher.to(trainer.args.device)
+    models = [("teacher", "teacher", teacher)] if eval_args.evaluate_teacher else []
     bleu_tokenize = training_args.resolved_bleu_tokenize(languages.target_language or data_args.target_lang)
     results = [] if test is None else evaluate_models(
         models + [("student", "student", trainer.model)], tokenizer, test["source"], test["target"],
