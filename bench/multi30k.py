@@ -84,10 +84,10 @@ PRESETS = {
         teacher_dtype="bfloat16", corpus_backend="ctranslate2", batch1_beam="first",
         split_punctuation=True, student_jobs=2,
         # the stages the claims compare, trained with every seed (the teacher and its corpus are fixed: see the
-        # docstring); the first seed's stage keeps the plain name, the others are `<stage>_seed<seed>`. Of the CKD
-        # maps, the skip map (the claim's baseline) and the best combination of the single-seed run (regular_comb)
-        # are seeded; overlap_comb runs once (three more 30-minute stages did not fit the 2-core machine's budget)
-        seeds=(0, 1, 2), seeded_stages=("baseline", "word_kd", "seq_kd", "ckd_skip", "ckd_regular_comb", "hybrid"),
+        # docstring); the first seed's stage keeps the plain name, the others are `<stage>_seed<seed>`. The CKD maps
+        # run once: six more 30-minute stages did not fit the 2-core machine's budget, so the CKD claim stays "not
+        # resolved" here (the gpu preset seeds them)
+        seeds=(0, 1, 2), seeded_stages=("baseline", "word_kd", "seq_kd", "hybrid"),
     ),
     # Transformer-base teacher (6+6 x 512) and 2+2 x 256 students, trained to convergence on one GPU in bf16.
     "gpu": dict(

@@ -295,6 +295,39 @@ def test_word_kd_ckd_and_hybrid_train_on_m2m100_models(family_snapshots, tmp_pat
     assert torch.isfinite(torch.tensor(result.training_loss))
 
 
+@pytest.mark.parametrize("name,src,tgt", [("nllb", "de", "en"), ("mbart50", "en", "de"), ("t5", "en", "de")],
+                         ids=["nllb-de-en", "mbart50-en-de", "t5-en-de"])
+def test_stored_distributions_train_as_the_online_teacher_does(family_snapshots, tmp_path, name, src, tgt):
+    """Word-KD from the teacher's stored distributions (k = the whole vocabulary) trains the student exactly as
+    the teacher running online: the stored pass sees the same labels (language codes, T5's prefix on the sources)
+    and the same decoder inputs (M2M100's class has no prepare_decoder_input_ids_from_labels)."""
+    import copy
+
+    from _helpers import SequentialTrainer
+    from _helpers import training_args as deterministic_args
+
+    folder = family_snapshots(name)
+    tokenizer = AutoTokenizer.from_pretrained(folder)
+    teacher = AutoModelForSeq2SeqLM.from_pretrained(folder)
+    vocab = teacher.get_output_embeddings().weight.shape[0]
+    student = make_student(teacher, encoder_layers=1, decoder_layers=1)
+    runs = {}
+    for way in ("online", "stored"):
+        stored = {"teacher_distributions": "stored", "teacher_top_k": vocab} if way == "stored" else {}
+        trainer = SequentialTrainer(
+            model=copy.deepcopy(student), teacher_model=teacher, processing_class=tokenizer,
+            train_dataset=_raw(src, tgt),
+            args=deterministic_args(tmp_path / way, DistillationTrainingArguments, alpha=0.5, temperature=2.0,
+                                    max_steps=2, **codes(name, src, tgt), **stored))
+        assert (trainer.teacher_model is None) == (way == "stored")
+        trainer.train()
+        runs[way] = trainer
+    online, stored = (runs[w].model for w in ("online", "stored"))
+    for (parameter, p), q in zip(online.named_parameters(), stored.parameters()):
+        torch.testing.assert_close(q, p, rtol=1e-3, atol=1e-4, msg=parameter)
+    assert any(not torch.equal(p, q) for p, q in zip(online.parameters(), student.parameters()))  # it trained
+
+
 # ---------------------------------------------------------------------------------------------- the languages
 def test_t5_prefix_comes_from_the_config_and_a_missing_one_warns(family_snapshots):
     folder = family_snapshots("t5")
