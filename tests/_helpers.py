@@ -47,7 +47,7 @@ def load_recipe(name: str, module_name: str | None = None):
     from pathlib import Path
 
     path = Path(__file__).resolve().parent.parent / "recipes" / f"{name}.py"
-    spec = importlib.util.spec_from_file_location(module_name or f"recipe_{name}_helpers", path)
+    spec = importlib.util.spec_from_file_location(module_name or f"recipe_{name}", path)
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     return module

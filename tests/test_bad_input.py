@@ -1,7 +1,6 @@
 """Bad input to the recipes is refused before the first long step (the teacher's beam search, training), with an
 error that names what was asked for and what exists."""
 
-import importlib.util
 import os
 
 import pytest
@@ -9,18 +8,11 @@ from transformers import GenerationMixin
 
 from hf_seqkd import DataError, DistillationTrainer, tiny_seq2seq_model
 
-from _helpers import write_split_files
+from _helpers import load_recipe, write_split_files
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 pytestmark = pytest.mark.usefixtures("torch_one_thread")
-
-
-def load_recipe(name):
-    spec = importlib.util.spec_from_file_location(f"recipe_{name}", os.path.join(ROOT, "recipes", f"{name}.py"))
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
 
 
 @pytest.fixture(scope="module")

@@ -1,6 +1,5 @@
 """End to end: a tiny teacher learns the toy task, then recipes/seq_kd.py distils a student from it."""
 
-import importlib.util
 import json
 import os
 
@@ -18,14 +17,9 @@ from hf_seqkd import (
     train_tokenizer,
 )
 
+from _helpers import load_recipe
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-
-
-def load_recipe(name):
-    spec = importlib.util.spec_from_file_location(name, os.path.join(ROOT, "recipes", f"{name}.py"))
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
 
 
 @pytest.fixture(scope="module")

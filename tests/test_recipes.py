@@ -3,7 +3,6 @@ Seq-KD cache reuse, the staged Seq-KD -> Seq-Inter + Word-KD student)."""
 
 import enum
 import glob
-import importlib.util
 import json
 import os
 import re
@@ -16,6 +15,8 @@ import torch
 import yaml
 from transformers import AutoModelForSeq2SeqLM, GenerationMixin
 
+from _helpers import load_recipe
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CONFIG_DIR = os.path.join(ROOT, "recipes", "configs")
 # configs of other recipes (recipes/prune.py, recipes/evaluate.py) are tested with them
@@ -24,14 +25,6 @@ CONFIGS = sorted(p for p in glob.glob(os.path.join(CONFIG_DIR, "*.yaml"))
 EXPECTED_CONFIGS = {"opus_mt_de_en.yaml", "opus_mt_de_en_stage2_seq_inter.yaml", "t5_small_from_base.yaml",
                     "nllb_600m_de_en.yaml", "m2m100_418m_en_de.yaml",
                     "word_kd_opus_mt_de_en.yaml"}
-
-
-def load_recipe(name):
-    """A recipe script as a module (they are scripts, not a package)."""
-    spec = importlib.util.spec_from_file_location(f"recipe_{name}", os.path.join(ROOT, "recipes", f"{name}.py"))
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
 
 
 def recipe_of(config_path):

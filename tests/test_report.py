@@ -33,17 +33,10 @@ from hf_seqkd.report import (
     write_report,
 )
 
-from _helpers import write_split_files
+from _helpers import load_recipe, write_split_files
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 MAX_NEW = 24
-
-
-def load_recipe(name):
-    spec = importlib.util.spec_from_file_location(f"recipe_{name}", os.path.join(ROOT, "recipes", f"{name}.py"))
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
 
 
 # one torch thread for the whole module (module fixtures included): see tests/conftest.py
