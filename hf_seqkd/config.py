@@ -162,6 +162,13 @@ class DistillationTrainingArguments(Seq2SeqTrainingArguments):
         generation_num_beams (`int` or `None`, *optional*, defaults to `None`):
             Beam size of validation with `predict_with_generate`; `None` decodes greedily, as the greedy column of
             the final evaluation does (Transformers' own default would be the model's generation config).
+        early_stopping_patience (`int` or `None`, *optional*, defaults to `None`):
+            Stop training once `metric_for_best_model` (e.g. `"bleu"`: validation BLEU) has not improved by more than
+            `early_stopping_threshold` for this many evaluations in a row (Transformers' `EarlyStoppingCallback`);
+            with `load_best_model_at_end=True` the best checkpoint is the one kept. Needs `eval_strategy` and
+            `metric_for_best_model`. `None`: train for the whole `num_train_epochs` / `max_steps`.
+        early_stopping_threshold (`float`, *optional*, defaults to `0.0`):
+            The smallest change of `metric_for_best_model` that counts as an improvement.
 
         > Sequence-level distillation (Kim & Rush 2016, Sec. 3.2-3.3)
 
@@ -254,6 +261,9 @@ class DistillationTrainingArguments(Seq2SeqTrainingArguments):
                                                                     "as the first generated token."})
     bleu_tokenize: Optional[str] = field(default=None, metadata={"help": "sacrebleu tokenizer of BLEU (None: from "
                                                                           "the target language)."})
+    early_stopping_patience: Optional[int] = field(default=None, metadata={"help": "Stop after this many "
+                                                                                   "evaluations without improvement."})
+    early_stopping_threshold: float = field(default=0.0, metadata={"help": "Least improvement that counts."})
     # sequence level
     kd_target: str = field(default="target", metadata={"help": f"Training target column, one of {KD_TARGETS}."})
     gold_mix_ratio: float = field(default=0.0, metadata={"help": "Fraction of pairs kept with the gold target."})
@@ -286,10 +296,26 @@ class DistillationTrainingArguments(Seq2SeqTrainingArguments):
             self.use_cpu = True
             logger.info("WORLD_SIZE > 1 and no accelerator: use_cpu=True (distributed training on CPUs, gloo)")
         super().__post_init__()
+        self._check_early_stopping()
         self._check_teacher()
         self._check_word_level()
         self._check_sequence_level()
         self._check_ckd_and_hybrid()
+
+    def _check_early_stopping(self):
+        if self.early_stopping_patience is None:
+            return
+        if self.early_stopping_patience < 1:
+            raise ValueError(f"early_stopping_patience={self.early_stopping_patience}: give a number of evaluations "
+                             ">= 1 (or None to train to the end)")
+        if str(self.eval_strategy) in ("no", "IntervalStrategy.NO"):
+            raise ValueError("early_stopping_patience needs evaluation during training: set eval_strategy (steps or "
+                             "epoch) and a validation split")
+        if self.metric_for_best_model is None or not self.load_best_model_at_end:
+            raise ValueError("early_stopping_patience needs metric_for_best_model (e.g. bleu, with "
+                             "predict_with_generate) and load_best_model_at_end=True, so that the best checkpoint is "
+                             f"the one kept (got metric_for_best_model={self.metric_for_best_model!r}, "
+                             f"load_best_model_at_end={self.load_best_model_at_end})")
 
     def _check_teacher(self):
         if self.teacher_dtype not in (None, "bfloat16", "float16", "float32"):

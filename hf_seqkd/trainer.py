@@ -14,7 +14,7 @@ from collections import defaultdict
 from dataclasses import dataclass
 
 import torch
-from transformers import AutoModelForSeq2SeqLM, PreTrainedModel, Seq2SeqTrainer
+from transformers import AutoModelForSeq2SeqLM, EarlyStoppingCallback, PreTrainedModel, Seq2SeqTrainer
 from transformers.modeling_outputs import Seq2SeqLMOutput
 from transformers.utils import logging
 
@@ -210,6 +210,10 @@ class DistillationTrainer(Seq2SeqTrainer):
         self.teacher_sequences = TeacherSequenceCache(  # generation_max_length counts the decoder start token
             max_new_tokens=None if args.generation_max_length is None else max(1, args.generation_max_length - 1))
         self._check_auxiliary_settings(args)
+        if args.early_stopping_patience is not None:
+            kwargs["callbacks"] = list(kwargs.get("callbacks") or []) + [EarlyStoppingCallback(
+                early_stopping_patience=args.early_stopping_patience,
+                early_stopping_threshold=args.early_stopping_threshold)]
         super().__init__(model=model, args=args, train_dataset=train_dataset, eval_dataset=eval_dataset,
                          processing_class=processing_class, data_collator=data_collator,
                          compute_metrics=compute_metrics, **kwargs)

@@ -231,3 +231,37 @@ def test_a_banned_token_keeps_training_finite(tmp_path, tokenizer, train_set, ti
         losses = [h[k] for h in trainer.state.log_history for k in ("loss", "loss_kd", "loss_ce") if k in h]
         assert losses and all(torch.isfinite(torch.tensor(v)) for v in losses), (divergence, losses)
         assert all(torch.isfinite(p).all() for p in student.parameters()), divergence
+
+
+def test_early_stopping_stops_when_validation_stops_improving(tmp_path, train_set, tiny_marian, tokenizer):
+    """With learning rate 0 the validation loss never improves: patience 2 stops the run after its third
+    evaluation (the first sets the best) instead of the 40 steps it was given; the best checkpoint is kept."""
+    from hf_seqkd import DistillationDataCollator
+
+    settings = dict(alpha=0.0, learning_rate=0.0, num_train_epochs=10, max_steps=-1, eval_strategy="steps",
+                    eval_steps=1, save_strategy="steps", save_steps=1, save_total_limit=1,
+                    load_best_model_at_end=True, metric_for_best_model="loss")
+    steps = {}
+    for patience in (None, 2):
+        trainer = DistillationTrainer(model=copy.deepcopy(tiny_marian), train_dataset=train_set,
+                                      eval_dataset=train_set.select(range(4)),
+                                      data_collator=DistillationDataCollator(tokenizer, tiny_marian),
+                                      args=_args(tmp_path / str(patience), early_stopping_patience=patience,
+                                                 **settings))
+        trainer.train()
+        steps[patience] = trainer.state.global_step
+    assert steps == {None: 40, 2: 3}
+
+
+def test_early_stopping_settings_are_checked(tmp_path):
+    def make(**kw):
+        return DistillationTrainingArguments(output_dir=str(tmp_path), report_to=[], **kw)
+
+    with pytest.raises(ValueError, match="needs evaluation during training"):
+        make(early_stopping_patience=2)
+    with pytest.raises(ValueError, match="metric_for_best_model"):
+        make(early_stopping_patience=2, eval_strategy="epoch", save_strategy="epoch")
+    with pytest.raises(ValueError, match=">= 1"):
+        make(early_stopping_patience=0, eval_strategy="epoch")
+    make(early_stopping_patience=2, eval_strategy="epoch", save_strategy="epoch", load_best_model_at_end=True,
+         metric_for_best_model="bleu")
