@@ -56,6 +56,8 @@ __all__ = [
     "sparsity_report",
     "weight_class",
     "PruningCallback",
+    "GradualPruningCallback",
+    "gradual_sparsity",
     "WEIGHT_CLASSES",
     "DEFAULT_PRUNED_CLASSES",
     "sparsity_name",
@@ -391,6 +393,58 @@ class PruningCallback(_TrainerCallback):
             apply_pruning_masks(model, self._masks_for(model))
 
     on_train_end = on_step_end
+
+
+def gradual_sparsity(final_sparsity: float, event: int, num_events: int, initial_sparsity: float = 0.0) -> float:
+    """The sparsity after pruning event ``event`` of ``num_events`` (1-based) of gradual pruning, Zhu & Gupta (2017,
+    "To prune, or not to prune", eq. 1): ``s_f + (s_i - s_f) * (1 - event / num_events) ** 3``, fast at first and
+    slowing down as fewer weights are left; the last event reaches ``s_f``."""
+    if not 1 <= event <= num_events:
+        raise ValueError(f"gradual_sparsity: event {event} is not in 1..{num_events}")
+    return final_sparsity + (initial_sparsity - final_sparsity) * (1.0 - event / num_events) ** 3
+
+
+class GradualPruningCallback(PruningCallback):
+    """Gradual magnitude pruning during (re)training (Zhu & Gupta 2017): ``num_events`` pruning steps spaced evenly
+    over the first ``ramp`` fraction of the training steps, the sparsity after each given by
+    :func:`gradual_sparsity`, the masks held in between as :class:`PruningCallback` holds them (each event prunes
+    the current weights further, keeping earlier zeros pruned: :func:`prune_model`). The alternative to pruning once
+    and retraining (Kim & Rush 2016, Sec. 5.3; See et al. 2016) when one-shot pruning to a high sparsity does not
+    recover.
+
+    Args:
+        sparsity: the final sparsity, in [0, 1].
+        num_events: pruning steps (>= 1; 1 = one-shot pruning at the first step).
+        ramp: the fraction of training over which the events are spread (the rest retrains at the final sparsity).
+        scope, include: as for :func:`prune_model`.
+
+    Raises:
+        ValueError: ``num_events < 1`` or ``ramp`` outside (0, 1].
+    """
+
+    def __init__(self, sparsity: float, num_events: int, ramp: float = 0.5, scope: str = "class_blind",
+                 include=None):
+        super().__init__()
+        if num_events < 1:
+            raise ValueError(f"GradualPruningCallback: num_events must be >= 1, got {num_events}")
+        if not 0.0 < ramp <= 1.0:
+            raise ValueError(f"GradualPruningCallback: ramp must be in (0, 1], got {ramp}")
+        self.sparsity, self.num_events, self.ramp = float(sparsity), int(num_events), float(ramp)
+        self.scope, self.include = scope, include
+        self.event_steps: dict[int, int] = {}  # optimizer step -> event number
+
+    def on_train_begin(self, args, state, control, model=None, **kwargs):
+        span = max(1, int(self.ramp * state.max_steps))
+        # event k after optimizer step ceil(k * span / n): the first early, the last at the end of the ramp
+        self.event_steps = {max(1, -(-k * span // self.num_events)): k for k in range(1, self.num_events + 1)}
+        super().on_train_begin(args, state, control, model=model, **kwargs)
+
+    def on_step_end(self, args, state, control, model=None, **kwargs):
+        event = self.event_steps.get(state.global_step)
+        if model is not None and event is not None:
+            prune_model(model, gradual_sparsity(self.sparsity, event, self.num_events), scope=self.scope,
+                        include=self.include)
+        super().on_step_end(args, state, control, model=model, **kwargs)
 
 
 def sparsity_name(sparsity: float) -> str:

@@ -32,6 +32,7 @@ from hf_seqkd.hub import card_usage, make_model_card, push_student, save_student
 from hf_seqkd.languages import resolve_languages
 from hf_seqkd.pruning import (
     SCOPES,
+    GradualPruningCallback,
     PruningCallback,
     fold_pruning,
     prune_model,
@@ -54,6 +55,10 @@ class PruneArguments:
         pruning_scope (`str`): `class_blind` (one global threshold, See et al.'s best), `class_uniform` or
             `class_distribution`.
         pruning_include (`list[str]` or `None`): weight classes to prune (default: all but position embeddings).
+        pruning_events (`int`): `1` (default) prunes once, then retrains with the masks held (Kim & Rush 2016,
+            Sec. 5.3); `N > 1` prunes gradually during retraining, in N steps over the first `pruning_ramp` of it
+            (Zhu & Gupta 2017, eq. 1; `hf_seqkd.pruning.GradualPruningCallback`).
+        pruning_ramp (`float`): the fraction of the retraining steps over which gradual pruning's events are spread.
         model_card_license (`str` or `None`): licence id written into the model cards.
     """
 
@@ -64,11 +69,19 @@ class PruneArguments:
                                     metadata={"help": "Target sparsities in [0, 1)."})
     pruning_scope: str = field(default="class_blind", metadata={"help": f"One of {SCOPES}."})
     pruning_include: Optional[list[str]] = field(default=None, metadata={"help": "Weight classes to prune."})
+    pruning_events: int = field(default=1, metadata={"help": "1: prune once, then retrain; N > 1: gradual pruning "
+                                                             "in N steps during retraining (Zhu & Gupta 2017)."})
+    pruning_ramp: float = field(default=0.5, metadata={"help": "Fraction of retraining over which gradual pruning "
+                                                               "reaches the target."})
     model_card_license: Optional[str] = field(default=None, metadata={"help": "Licence for the model cards."})
 
     def __post_init__(self):
         if self.pruning_scope not in SCOPES:
             raise ValueError(f"--pruning_scope {self.pruning_scope!r}: use one of {', '.join(SCOPES)}")
+        if self.pruning_events < 1:
+            raise ValueError(f"--pruning_events {self.pruning_events}: give 1 (prune once) or more (gradual)")
+        if not 0.0 < self.pruning_ramp <= 1.0:
+            raise ValueError(f"--pruning_ramp {self.pruning_ramp}: give a fraction of the retraining in (0, 1]")
         if not self.sparsities:
             raise ValueError("--sparsities needs at least one value")
         for s in self.sparsities:
@@ -142,11 +155,15 @@ def main(argv=None):
         out_dir = training_args.output_dir = os.path.join(output_dir, name)
         set_seed(training_args.seed)
         model = AutoModelForSeq2SeqLM.from_pretrained(prune_args.model_name_or_path)
-        prune_model(model, sparsity=sparsity, scope=prune_args.pruning_scope, include=prune_args.pruning_include)
-        before = evaluate(model, f"{name} (pruned)")
+        if prune_args.pruning_events == 1:  # prune once, then retrain with the masks held
+            prune_model(model, sparsity=sparsity, scope=prune_args.pruning_scope, include=prune_args.pruning_include)
+            before, callback = evaluate(model, f"{name} (pruned)"), PruningCallback()
+        else:  # gradually, during retraining
+            before, callback = None, GradualPruningCallback(
+                sparsity, prune_args.pruning_events, prune_args.pruning_ramp, scope=prune_args.pruning_scope,
+                include=prune_args.pruning_include)
         trainer = DistillationTrainer(model=model, teacher_model=teacher, args=training_args, train_dataset=prepared,
-                                      eval_dataset=validation, processing_class=tokenizer,
-                                      callbacks=[PruningCallback()])
+                                      eval_dataset=validation, processing_class=tokenizer, callbacks=[callback])
         prepared, teacher = trainer.train_dataset, trainer.teacher_model
         trainer.train(resume_from_checkpoint=training_args.resume_from_checkpoint)
         if not trainer.is_world_process_zero():
@@ -192,7 +209,9 @@ def write_card(out_dir, prune_args, data_args, training_args, sparsity, report, 
                                         extra={"BLEU before retraining": result.extra.get("bleu_pruned")})
                     for result, role in zip(results, ("unpruned", "student"))]
     hyper = {"sparsity": sparsity, "pruning_scope": prune_args.pruning_scope,
-             "pruning_include": prune_args.pruning_include, "nonzero_parameters": report["nonzero"],
+             "pruning_include": prune_args.pruning_include, "pruning_events": prune_args.pruning_events,
+             **({"pruning_ramp": prune_args.pruning_ramp} if prune_args.pruning_events > 1 else {}),
+             "nonzero_parameters": report["nonzero"],
              "total_parameters": report["total"], "pruned_from": prune_args.model_name_or_path,
              **training_args.card_hyperparameters()}
     card = make_model_card(

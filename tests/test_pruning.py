@@ -8,6 +8,7 @@ import torch
 
 from hf_seqkd import count_parameters, tiny_seq2seq_model
 from hf_seqkd.pruning import (
+    GradualPruningCallback,
     PruningCallback,
     apply_pruning_masks,
     fold_pruning,
@@ -302,3 +303,66 @@ def test_masks_survive_distillation_trainer(tokenizer, toy_corpus, tmp_path):
         p = student.get_parameter(name).detach()
         assert (p[~mask] == 0).all(), name
         assert not torch.equal(p[mask], before[name][mask]), name
+
+
+def test_gradual_pruning_follows_zhu_and_gupta_schedule_and_holds_the_masks(tiny_marian, tokenizer, toy_corpus,
+                                                                          tmp_path):
+    """4 pruning events over the first half of 8 steps to 80%: after steps 1-4 the sparsity is Zhu & Gupta's
+    s_k = 0.8 * (1 - (1 - k/4)^3) (0.4625, 0.7, 0.7875, 0.8, worked out by hand), then 0.8 while retraining; the
+    weights pruned at an event stay zero afterwards."""
+    from transformers import DataCollatorForSeq2Seq, Seq2SeqTrainer, Seq2SeqTrainingArguments, TrainerCallback
+
+    weights = _weights(tiny_marian)
+    total = sum(p.numel() for p in weights.values())
+    seen, zero_at = [], {}
+
+    class Probe(TrainerCallback):
+        def on_step_end(self, args, state, control, model=None, **kwargs):
+            current = _weights(model)
+            seen.append(sum(int((p == 0).sum()) for p in current.values()) / total)
+            for name, p in current.items():
+                if name in zero_at:  # zeros of the previous steps are still zero
+                    assert (p.detach()[zero_at[name]] == 0).all(), (state.global_step, name)
+                zero_at[name] = p.detach() == 0
+
+    train = toy_corpus["train"].select(range(64)).map(
+        lambda b: tokenizer(b["source"], text_target=b["target"]), batched=True, remove_columns=["source", "target"])
+    args = Seq2SeqTrainingArguments(output_dir=str(tmp_path), max_steps=8, per_device_train_batch_size=8,
+                                    learning_rate=1e-2, save_strategy="no", logging_strategy="no", report_to="none",
+                                    use_cpu=True, dataloader_num_workers=0, disable_tqdm=True, seed=0)
+    trainer = Seq2SeqTrainer(model=tiny_marian, args=args, train_dataset=train,
+                             data_collator=DataCollatorForSeq2Seq(tokenizer, model=tiny_marian),
+                             callbacks=[GradualPruningCallback(0.8, num_events=4, ramp=0.5), Probe()])
+    trainer.train()
+    expected = [0.4625, 0.7, 0.7875, 0.8, 0.8, 0.8, 0.8, 0.8]
+    assert seen == pytest.approx(expected, abs=1.5 / total)  # round(s * total) weights, one tie at most
+
+
+def test_gradual_pruning_settings_are_checked():
+    with pytest.raises(ValueError, match="num_events must be >= 1"):
+        GradualPruningCallback(0.8, num_events=0)
+    with pytest.raises(ValueError, match="ramp must be in"):
+        GradualPruningCallback(0.8, num_events=2, ramp=0.0)
+
+
+def test_prune_recipe_prunes_gradually_and_says_so(tiny_marian, tokenizer, toy_corpus, tmp_path):
+    """recipes/prune.py --pruning_events 3: the student is pruned during retraining (nothing before it: no
+    "pruned, not retrained" row), ends at the target sparsity, and its card records the schedule."""
+    from _helpers import load_recipe, write_split_files
+
+    tiny_marian.save_pretrained(tmp_path / "student")
+    tokenizer.save_pretrained(tmp_path / "student")
+    (tmp_path / "data").mkdir()
+    write_split_files(tmp_path / "data", toy_corpus, {"train": 32, "test": 4})
+    argv = ["--model_name_or_path", str(tmp_path / "student"), "--dataset", str(tmp_path / "data"),
+            "--source_lang", "src", "--target_lang", "tgt", "--output_dir", str(tmp_path / "pruned"),
+            "--sparsities", "0.6", "--alpha", "0", "--max_steps", "6", "--per_device_train_batch_size", "8",
+            "--report_to", "none", "--save_strategy", "no", "--use_cpu", "--disable_tqdm", "True",
+            "--eval_num_beams", "1", "--max_new_tokens", "8", "--pruning_events", "3", "--pruning_ramp", "0.5"]
+    rows = load_recipe("prune").main(argv)
+    assert rows[-1]["measured_sparsity"] == pytest.approx(0.6, abs=1e-3)
+    assert rows[-1].get("bleu_pruned") is None  # no one-shot pruned model was evaluated before retraining
+    card = (tmp_path / "pruned" / "sparsity-60" / "README.md").read_text()
+    assert "pruning_events" in card and "pruning_ramp" in card
+    with pytest.raises(ValueError, match="--pruning_events 0"):
+        load_recipe("prune").main(argv[:-4] + ["--pruning_events", "0"])
