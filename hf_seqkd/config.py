@@ -102,7 +102,9 @@ class DistillationTrainingArguments(Seq2SeqTrainingArguments):
             Load the teacher with accelerate's big-model inference, for a teacher larger than one device: `"auto"`,
             `"balanced"`, `"sequential"` or a JSON object `{"module": device}` (`from_pretrained(device_map=...)`;
             layers on several GPUs, the CPU or disk, moved by hooks, never by hf_seqkd). Loaded in
-            `teacher_dtype`. Not with a sharded teacher.
+            `teacher_dtype`. Not with a sharded teacher, nor with several processes (each would load its own copy).
+            Keep the embeddings and position tables off disk: accelerate reloads offloaded weights from the
+            checkpoint, which has no copy of tied embeddings or of Marian's sinusoidal positions.
         teacher_offload_folder (`str` or `None`, *optional*, defaults to `None`):
             Where `teacher_device_map` may put the layers that fit on no device (`offload_folder`).
         teacher_ctranslate2_dir (`str` or `None`, *optional*, defaults to `None`):
@@ -303,12 +305,18 @@ class DistillationTrainingArguments(Seq2SeqTrainingArguments):
         self._check_ckd_and_hybrid()
 
     def _check_early_stopping(self):
+        metric = (self.metric_for_best_model or "").removeprefix("eval_")
+        evaluates = str(self.eval_strategy) not in ("no", "IntervalStrategy.NO")
+        if metric in ("bleu", "chrf") and evaluates and not self.predict_with_generate:
+            raise ValueError(f"metric_for_best_model={self.metric_for_best_model!r} is computed from the student's "
+                             "translations of the validation split: set predict_with_generate=True (or choose "
+                             "metric_for_best_model='loss')")
         if self.early_stopping_patience is None:
             return
         if self.early_stopping_patience < 1:
             raise ValueError(f"early_stopping_patience={self.early_stopping_patience}: give a number of evaluations "
                              ">= 1 (or None to train to the end)")
-        if str(self.eval_strategy) in ("no", "IntervalStrategy.NO"):
+        if not evaluates:
             raise ValueError("early_stopping_patience needs evaluation during training: set eval_strategy (steps or "
                              "epoch) and a validation split")
         if self.metric_for_best_model is None or not self.load_best_model_at_end:
@@ -320,8 +328,17 @@ class DistillationTrainingArguments(Seq2SeqTrainingArguments):
     def _check_teacher(self):
         if self.teacher_dtype not in (None, "bfloat16", "float16", "float32"):
             raise ValueError(f"teacher_dtype={self.teacher_dtype!r}: use bfloat16, float16, float32 or None")
+        if self.teacher_offload_folder and self.teacher_device_map is None:
+            raise ValueError(f"teacher_offload_folder={self.teacher_offload_folder!r} is used only with "
+                             "teacher_device_map (big-model inference); set both, or neither")
         if self.teacher_device_map is not None:
             self.teacher_loading_kwargs()  # a malformed device map is an error now, not after the data is loaded
+            if self.world_size > 1:
+                raise ValueError(f"teacher_device_map={self.teacher_device_map!r} spreads one teacher over this "
+                                 f"machine's devices, but this run has {self.world_size} processes, each of which "
+                                 "would load its own copy over the same devices. Build the corpus in one process "
+                                 "(python recipes/seq_kd.py, not torchrun / accelerate launch), or shard the teacher "
+                                 "over the processes with teacher_sharding='fsdp' or 'deepspeed'")
             if self.teacher_sharding not in (None, "replicate"):
                 raise ValueError(f"teacher_device_map={self.teacher_device_map!r} with teacher_sharding="
                                  f"{self.teacher_sharding!r}: a teacher placed by big-model inference is not sharded "

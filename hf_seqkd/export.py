@@ -418,6 +418,7 @@ def translate_ctranslate2(
     compute_type: str = "default",
     intra_threads: int = 0,
     target_token: str | None = None,
+    device_index: int | list[int] = 0,
 ) -> TimedTranslations:
     """Translate ``sources`` with a CTranslate2 model folder and the model's Hugging Face tokenizer.
 
@@ -433,18 +434,18 @@ def translate_ctranslate2(
         batch_size: sentences per batch.
         max_new_tokens: the most target tokens generated.
         device: ``"cpu"``, ``"cuda"`` or ``"auto"``.
-        device_index: the GPU (or GPUs: one replica on each, batches spread over them) to run on; default 0. Under
-            ``torchrun`` / ``accelerate launch`` each process passes its own (the trainer does).
         compute_type: CTranslate2 compute type (``"default"``, ``"int8"``, ``"float32"``, ...).
         intra_threads: CPU threads per translation (0 = CTranslate2's default; when timing against
             Transformers, use the same number of threads as ``torch.get_num_threads()``).
         target_token: the token forced first (a multilingual model's target language).
+        device_index: the GPU(s) to run on (:class:`CTranslate2Translator`).
 
     Returns:
         :class:`TimedTranslations`: a list of hypotheses with ``seconds`` and ``sentences_per_second``
         (the timing covers tokenization, translation and detokenization, not loading the model).
     """
     translator = ct2_dir if isinstance(ct2_dir, CTranslate2Translator) else CTranslate2Translator(
-        ct2_dir, tokenizer, device=device, compute_type=compute_type, intra_threads=intra_threads)
+        ct2_dir, tokenizer, device=device, compute_type=compute_type, intra_threads=intra_threads,
+        device_index=device_index)
     return translator.translate(sources, num_beams=num_beams, batch_size=batch_size, max_new_tokens=max_new_tokens,
                                 target_token=target_token)

@@ -44,8 +44,11 @@ from typing import Callable, Iterable, Mapping
 
 import torch
 from torch import nn
+from transformers.utils import logging
 
 from .students import count_parameters
+
+logger = logging.get_logger(__name__)
 
 __all__ = [
     "prune_model",
@@ -434,9 +437,21 @@ class GradualPruningCallback(PruningCallback):
         self.event_steps: dict[int, int] = {}  # optimizer step -> event number
 
     def on_train_begin(self, args, state, control, model=None, **kwargs):
+        if getattr(args, "load_best_model_at_end", False):
+            raise ValueError("gradual pruning with load_best_model_at_end (or early stopping) would keep a checkpoint "
+                             "from before the last pruning step, below the target sparsity or never retrained at it; "
+                             "train to the end (load_best_model_at_end=False, no early_stopping_patience)")
         span = max(1, int(self.ramp * state.max_steps))
+        if self.num_events > span:
+            logger.warning(f"gradual pruning: {self.num_events} pruning events over {span} optimizer steps; only one "
+                           "event per step can happen, so the schedule is coarser than asked (use fewer events or a "
+                           "longer ramp)")
         # event k after optimizer step ceil(k * span / n): the first early, the last at the end of the ramp
         self.event_steps = {max(1, -(-k * span // self.num_events)): k for k in range(1, self.num_events + 1)}
+        passed = [k for step, k in self.event_steps.items() if step <= state.global_step]
+        if passed and model is not None:  # resumed from a checkpoint: its zeros are the masks of the last event
+            prune_model(model, gradual_sparsity(self.sparsity, max(passed), self.num_events), scope=self.scope,
+                        include=self.include)
         super().on_train_begin(args, state, control, model=model, **kwargs)
 
     def on_step_end(self, args, state, control, model=None, **kwargs):

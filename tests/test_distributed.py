@@ -133,6 +133,8 @@ def test_teacher_device_map_settings_are_checked(tmp_path):
         make(teacher_device_map="gpu")
     with pytest.raises(ValueError, match="not sharded again"):
         make(teacher_device_map="auto", teacher_sharding="fsdp")
+    with pytest.raises(ValueError, match="used only with teacher_device_map"):
+        make(teacher_offload_folder=str(tmp_path / "offload"))
 
 
 # ------------------------------------------------------------------------------- CTranslate2 on several GPUs

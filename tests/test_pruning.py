@@ -366,3 +366,39 @@ def test_prune_recipe_prunes_gradually_and_says_so(tiny_marian, tokenizer, toy_c
     assert "pruning_events" in card and "pruning_ramp" in card
     with pytest.raises(ValueError, match="--pruning_events 0"):
         load_recipe("prune").main(argv[:-4] + ["--pruning_events", "0"])
+
+
+def test_gradual_pruning_resumed_from_a_checkpoint_keeps_its_masks(tiny_marian, tokenizer, toy_corpus, tmp_path):
+    """Resumed after the ramp (checkpoint at step 4 of 8), the model is pruned to the last event's sparsity again,
+    so the retraining steps 5-8 keep 80% of the weights at zero instead of letting them grow back; a run that
+    would keep a best checkpoint from before the last event is refused."""
+    from transformers import DataCollatorForSeq2Seq, Seq2SeqTrainer, Seq2SeqTrainingArguments, TrainerCallback
+
+    initial = copy.deepcopy(tiny_marian)
+    total = sum(p.numel() for p in _weights(tiny_marian).values())
+    seen = []
+
+    class Probe(TrainerCallback):
+        def on_step_end(self, args, state, control, model=None, **kwargs):
+            seen.append(sum(int((p == 0).sum()) for p in _weights(model).values()) / total)
+
+    train = toy_corpus["train"].select(range(64)).map(
+        lambda b: tokenizer(b["source"], text_target=b["target"]), batched=True, remove_columns=["source", "target"])
+
+    def run(model, resume=None, **extra):
+        args = Seq2SeqTrainingArguments(
+            output_dir=str(tmp_path), max_steps=8, per_device_train_batch_size=8, learning_rate=1e-2,
+            save_strategy="steps", save_steps=4, logging_strategy="no", report_to="none", use_cpu=True,
+            dataloader_num_workers=0, disable_tqdm=True, seed=0, **extra)
+        trainer = Seq2SeqTrainer(model=model, args=args, train_dataset=train,
+                                 eval_dataset=train.select(range(8)) if extra else None,
+                                 data_collator=DataCollatorForSeq2Seq(tokenizer, model=model),
+                                 callbacks=[GradualPruningCallback(0.8, num_events=4, ramp=0.5), Probe()])
+        trainer.train(resume_from_checkpoint=resume)
+
+    run(tiny_marian)
+    seen.clear()
+    run(initial, resume=str(tmp_path / "checkpoint-4"))
+    assert seen == pytest.approx([0.8] * 4, abs=1.5 / total)
+    with pytest.raises(ValueError, match="load_best_model_at_end"):
+        run(copy.deepcopy(initial), eval_strategy="steps", eval_steps=4, load_best_model_at_end=True)

@@ -263,5 +263,8 @@ def test_early_stopping_settings_are_checked(tmp_path):
         make(early_stopping_patience=2, eval_strategy="epoch", save_strategy="epoch")
     with pytest.raises(ValueError, match=">= 1"):
         make(early_stopping_patience=0, eval_strategy="epoch")
+    with pytest.raises(ValueError, match="set predict_with_generate=True"):  # else it fails at the first evaluation
+        make(early_stopping_patience=2, eval_strategy="epoch", save_strategy="epoch", load_best_model_at_end=True,
+             metric_for_best_model="bleu")
     make(early_stopping_patience=2, eval_strategy="epoch", save_strategy="epoch", load_best_model_at_end=True,
-         metric_for_best_model="bleu")
+         metric_for_best_model="bleu", predict_with_generate=True)
