@@ -217,6 +217,7 @@ class DistillationTrainer(Seq2SeqTrainer):
         super().__init__(model=model, args=args, train_dataset=train_dataset, eval_dataset=eval_dataset,
                          processing_class=processing_class, data_collator=data_collator,
                          compute_metrics=compute_metrics, **kwargs)
+        self.teacher_sharding = None  # where the teacher lives, when training runs it (_prepare_teacher)
         self.teacher_model = self._prepare_teacher(teacher_model) if self.uses_teacher else None
         # built after Trainer.__init__ has seeded the RNGs (args.seed): the projections' initialisation is reproducible
         self.distillation_modules = self._build_distillation_modules(args, model, teacher_model)
@@ -324,7 +325,6 @@ class DistillationTrainer(Seq2SeqTrainer):
 
         cache_dir = _cache_dir(args)
         if args.teacher_ctranslate2_dir:
-
             device = torch.device(args.device)  # each process its own GPU (cuda:<local rank>)
             teacher = CTranslate2Translator(args.teacher_ctranslate2_dir, tokenizer, device=device.type
                                             if device.type == "cuda" else "cpu", device_index=device.index or 0)
