@@ -12,6 +12,7 @@ from typing import Optional
 import yaml
 from transformers import AutoModelForSeq2SeqLM, HfArgumentParser
 
+from .config import DistillationTrainingArguments
 from .data import select_split
 from .students import make_student, make_student_from_config
 
@@ -173,14 +174,14 @@ def load_or_make_student(model_args: ModelArguments, teacher):
                         decoder_layers=model_args.student_decoder_layer_ids or model_args.student_decoder_layers)
 
 
-def select_splits(raw, data_args: DataArguments, training_args) -> tuple:
+def select_splits(raw, data_args: DataArguments, training_args: DistillationTrainingArguments) -> tuple:
     """``(train, validation, test)`` of a recipe run, checked up front: validation only when ``eval_strategy``
     evaluates (then it is required), test unless ``--test_split none``; ``--max_*_samples`` keep the first rows."""
     train = select_split(raw, "--train_split", data_args.train_split, data_args.dataset)
     if train is None:
         raise ValueError("--train_split is required: the split to train on")
     evaluation = None
-    if str(getattr(training_args, "eval_strategy", "no")) not in ("no", "IntervalStrategy.NO"):
+    if training_args.evaluates_during_training:
         evaluation = select_split(raw, "--eval_split", data_args.eval_split, data_args.dataset)
         if evaluation is None:
             raise ValueError(f"--eval_strategy {training_args.eval_strategy} evaluates during training: name the "

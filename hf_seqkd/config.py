@@ -13,7 +13,7 @@ import torch
 from transformers import Seq2SeqTrainingArguments
 from transformers.utils import logging
 
-from .distributed import TEACHER_SHARDING
+from .distributed import check_teacher_sharding
 from .evaluation import resolve_bleu_tokenize
 from .generation import GenerationSettings
 from .hybrid import parse_hybrid_gate
@@ -306,7 +306,7 @@ class DistillationTrainingArguments(Seq2SeqTrainingArguments):
 
     def _check_early_stopping(self):
         metric = (self.metric_for_best_model or "").removeprefix("eval_")
-        evaluates = str(self.eval_strategy) not in ("no", "IntervalStrategy.NO")
+        evaluates = self.evaluates_during_training
         if metric in ("bleu", "chrf") and evaluates and not self.predict_with_generate:
             raise ValueError(f"metric_for_best_model={self.metric_for_best_model!r} is computed from the student's "
                              "translations of the validation split: set predict_with_generate=True (or choose "
@@ -343,9 +343,7 @@ class DistillationTrainingArguments(Seq2SeqTrainingArguments):
                 raise ValueError(f"teacher_device_map={self.teacher_device_map!r} with teacher_sharding="
                                  f"{self.teacher_sharding!r}: a teacher placed by big-model inference is not sharded "
                                  "again; use one or the other")
-        if self.teacher_sharding not in (None, *TEACHER_SHARDING):
-            raise ValueError(f"teacher_sharding={self.teacher_sharding!r} is not one of {TEACHER_SHARDING} (or None: "
-                             "follow the student's FSDP / DeepSpeed ZeRO-3 setting)")
+        check_teacher_sharding(self.teacher_sharding)
         if self.teacher_ctranslate2_dir and not os.path.isfile(os.path.join(self.teacher_ctranslate2_dir,
                                                                              "model.bin")):
             raise ValueError(f"teacher_ctranslate2_dir={self.teacher_ctranslate2_dir}: no CTranslate2 model there "
@@ -445,6 +443,11 @@ class DistillationTrainingArguments(Seq2SeqTrainingArguments):
                                  f"({', '.join(LAYER_MAPPING_STRATEGIES)}) nor valid JSON ({e.msg})") from None
 
     # ------------------------------------------------------------------------ what the run needs (one owner)
+    @property
+    def evaluates_during_training(self) -> bool:
+        """Validation runs during training (``eval_strategy`` is not ``"no"``): a validation split is needed."""
+        return str(self.eval_strategy) not in ("no", "IntervalStrategy.NO")
+
     @property
     def uses_hybrid(self) -> bool:
         """The hybrid token/sentence objective replaces the word-level term (``hybrid_gate`` is set)."""

@@ -21,8 +21,8 @@ import torch
 from accelerate import Accelerator
 from accelerate.utils import DistributedType
 
-__all__ = ["TEACHER_SHARDING", "resolve_teacher_sharding", "prepare_teacher", "local_parameter_count",
-           "is_dispatched"]
+__all__ = ["TEACHER_SHARDING", "check_teacher_sharding", "resolve_teacher_sharding", "prepare_teacher",
+           "local_parameter_count", "is_dispatched", "dispatched_dtype"]
 
 TEACHER_SHARDING = ("replicate", "fsdp", "deepspeed")
 
@@ -31,6 +31,29 @@ def is_dispatched(model) -> bool:
     """Whether ``model`` was placed by accelerate's big-model inference (``from_pretrained(device_map=...)``: its
     layers on several devices, the CPU or disk, moved by hooks): such a model is used where it is, never moved."""
     return bool(getattr(model, "hf_device_map", None))
+
+
+def dispatched_dtype(teacher, dtype: torch.dtype | None) -> torch.dtype:
+    """The dtype a teacher placed by big-model inference runs in: the one it was loaded in (it cannot be cast in
+    place).
+
+    Raises:
+        ValueError: ``dtype`` is given and is not the teacher's.
+    """
+    own = next(teacher.parameters()).dtype
+    if dtype is not None and dtype != own:
+        raise ValueError(f"the teacher was loaded with a device_map (big-model inference) in {own} and cannot be cast "
+                         f"to {dtype} in place: load it in that dtype (from_pretrained(..., "
+                         f"dtype={str(dtype).replace('torch.', '')!r}, device_map=...); the recipes do so with "
+                         "teacher_dtype) and leave the dtype of the call unset")
+    return own
+
+
+def check_teacher_sharding(value: str | None) -> None:
+    """Raises ValueError unless ``value`` is one of :data:`TEACHER_SHARDING` or ``None``."""
+    if value is not None and value not in TEACHER_SHARDING:
+        raise ValueError(f"teacher_sharding={value!r} is not one of {TEACHER_SHARDING} (or None: follow the "
+                         "student's FSDP / DeepSpeed ZeRO-3 setting)")
 
 
 def _zero_stage(accelerator: Accelerator) -> int | None:
@@ -45,9 +68,7 @@ def resolve_teacher_sharding(requested: str | None, accelerator: Accelerator) ->
     Raises:
         ValueError: ``requested`` is not one of :data:`TEACHER_SHARDING`.
     """
-    if requested is not None and requested not in TEACHER_SHARDING:
-        raise ValueError(f"teacher_sharding={requested!r} is not one of {TEACHER_SHARDING} (or None: follow the "
-                         "student's FSDP / DeepSpeed ZeRO-3 setting)")
+    check_teacher_sharding(requested)
     if accelerator.num_processes == 1:
         return "replicate"
     if requested is not None:
@@ -81,11 +102,7 @@ def prepare_teacher(teacher: torch.nn.Module, accelerator: Accelerator, sharding
             raise ValueError(f"teacher_sharding={sharding!r} cannot shard a teacher loaded with a device_map "
                              "(big-model inference places it across devices itself); load it without "
                              "teacher_device_map, or use teacher_sharding='replicate'")
-        own = next(teacher.parameters()).dtype
-        if dtype is not None and dtype != own:
-            raise ValueError(f"teacher_dtype: the teacher was loaded with a device_map in {own} and cannot be cast "
-                             f"to {dtype} in place; the recipes load it in teacher_dtype when teacher_device_map is "
-                             "set")
+        dispatched_dtype(teacher, dtype)
         return teacher  # used where it was placed
     if dtype is not None:
         teacher.to(dtype)

@@ -450,16 +450,18 @@ class GradualPruningCallback(PruningCallback):
         self.event_steps = {max(1, -(-k * span // self.num_events)): k for k in range(1, self.num_events + 1)}
         passed = [k for step, k in self.event_steps.items() if step <= state.global_step]
         if passed and model is not None:  # resumed from a checkpoint: its zeros are the masks of the last event
-            prune_model(model, gradual_sparsity(self.sparsity, max(passed), self.num_events), scope=self.scope,
-                        include=self.include)
+            self._prune(model, max(passed))
         super().on_train_begin(args, state, control, model=model, **kwargs)
 
     def on_step_end(self, args, state, control, model=None, **kwargs):
         event = self.event_steps.get(state.global_step)
         if model is not None and event is not None:
-            prune_model(model, gradual_sparsity(self.sparsity, event, self.num_events), scope=self.scope,
-                        include=self.include)
+            self._prune(model, event)
         super().on_step_end(args, state, control, model=model, **kwargs)
+
+    def _prune(self, model, event: int) -> None:
+        prune_model(model, gradual_sparsity(self.sparsity, event, self.num_events), scope=self.scope,
+                    include=self.include)
 
 
 def sparsity_name(sparsity: float) -> str:

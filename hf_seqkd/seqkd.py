@@ -37,7 +37,7 @@ from datasets.table import InMemoryTable
 from sacrebleu.metrics import BLEU, CHRF
 from tqdm.auto import tqdm
 
-from .distributed import is_dispatched
+from .distributed import dispatched_dtype, is_dispatched
 from .export import CTranslate2Translator
 from .generation import SEQKD_LENGTH_PENALTY, GenerationSettings, generate_kbest, max_source_positions
 from .languages import check_single_direction, target_token_id
@@ -478,13 +478,7 @@ def _resolve_dtype(dtype, device: torch.device, teacher) -> torch.dtype | str:
             raise ValueError(f"build_seqkd_dataset: unknown dtype {dtype!r} (e.g. 'float32', 'bfloat16')")
         dtype = resolved
     if is_dispatched(teacher):  # loaded with a device_map: in the dtype it was loaded in (cast while loading)
-        own = next(teacher.parameters()).dtype
-        if dtype is not None and dtype != own:
-            raise ValueError(f"build_seqkd_dataset: the teacher was loaded with a device_map (big-model inference) "
-                             f"in {own}; it cannot be cast to {dtype} in place. Load it in that dtype "
-                             f"(from_pretrained(..., dtype={str(dtype).replace('torch.', '')!r}, device_map=...)) "
-                             "and leave dtype unset")
-        return own
+        return dispatched_dtype(teacher, dtype)
     if dtype is not None:
         return dtype
     if device.type == "cuda":  # half precision on GPUs: bf16 where the card has it, else fp16
