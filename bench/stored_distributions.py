@@ -17,6 +17,11 @@ stored distributions on disk, validation and test BLEU (greedy; test also beam 5
     python bench/stored_distributions.py --study_dir runs/multi30k_cpu --top_k 8 32 128 --threads 1
     python bench/stored_distributions.py --study_dir runs/multi30k_cpu --epochs 1   # shorter runs
     python bench/stored_distributions.py ... --variants stored-k32 --reuse_log LOG...   # add to earlier runs
+    python bench/stored_distributions.py ... --variants online stored-k32 --seeds 1 2   # the same with other seeds
+
+A seed changes the student's initialisation, dropout and data order (the teacher, its corpus and the stored
+distributions stay the same); with several seeds the table's second part gives each variant's mean, the seed spread
+(max - min) and the mean difference from online.
 """
 
 from __future__ import annotations
@@ -25,6 +30,7 @@ import argparse
 import json
 import os
 import platform
+import statistics
 import subprocess
 import sys
 import time
@@ -66,7 +72,7 @@ def worker(args) -> dict:
     multi30k = _load(os.path.join(REPO, "bench", "multi30k.py"), "bench_multi30k")
     study = multi30k.Study("cpu", args.study_dir, args.data_dir)
     p = study.p
-    out_dir = os.path.join(args.out_dir, args.variant)
+    out_dir = os.path.join(args.out_dir, run_name(args.variant, args.seed))
     d_model, layers, ffn, heads = p["student"]
     argv = ["--teacher_model_name_or_path", study.teacher_dir, "--kd_target", "teacher_target", "--alpha", "0.5",
             "--teacher_dtype", p["teacher_dtype"], "--student_init", "config", "--student_d_model", str(d_model),
@@ -74,22 +80,23 @@ def worker(args) -> dict:
             "--student_ffn_dim", str(ffn), "--student_attention_heads", str(heads),
             "--test_split", multi30k.TEST_SPLIT, "--evaluate_teacher", "false"]
     argv += study.common_data_args() + study.seqkd_args()
-    argv += study.training_args(out_dir, args.epochs, p["student_lr"])
+    argv += study.training_args(out_dir, args.epochs, p["student_lr"], args.seed)
     argv += ["--save_strategy", "no"]
     if args.train_samples:  # a quick check of the script (the Seq-KD corpus of those rows is built again)
         argv += ["--max_train_samples", str(args.train_samples), "--max_test_samples", "50"]
     if args.variant != "online":  # stored-k<K>, or stored-k<K>-uniform (teacher_tail uniform)
         k, _, tail = args.variant.split("-k")[1].partition("-")
         argv += ["--teacher_distributions", "stored", "--teacher_top_k", k, "--teacher_tail", tail or "bucket"]
-    record: dict = {"variant": args.variant, "epochs": args.epochs}
+    record: dict = {"variant": args.variant, "epochs": args.epochs, "seed": args.seed}
 
     build = trainer_module.build_teacher_distributions
 
     def timed_build(*a, **kw):
         kw["cache_dir"] = os.path.join(args.out_dir, f"distributions-{args.variant}")
+        cached = os.path.isdir(kw["cache_dir"]) and bool(os.listdir(kw["cache_dir"]))  # built by an earlier seed
         start = time.perf_counter()
         out = build(*a, **kw)
-        record["build_seconds"] = time.perf_counter() - start
+        record["build_seconds" if not cached else "cache_load_seconds"] = time.perf_counter() - start
         folder = next(os.scandir(kw["cache_dir"])).path
         tokens = sum(len(x) for x in out["labels"])
         record["stored_bytes_per_token"] = os.path.getsize(os.path.join(folder, "result.parquet")) / tokens
@@ -124,6 +131,33 @@ def worker(args) -> dict:
     record["validation_bleu_greedy"] = scores["bleu"]
     record["peak_rss_process_gib"] = _vm("VmHWM") / 2**30  # after the final evaluation (reset at training)
     return record
+
+
+def run_name(variant: str, seed: int) -> str:
+    """The folder and log name of a variant's run: ``online`` (seed 0, the first runs' names), ``online_seed1``."""
+    return variant if seed == 0 else f"{variant}_seed{seed}"
+
+
+def seed_summary(records: list[dict]) -> list[str]:
+    """Markdown rows: per variant, the seeds run, mean validation / test greedy BLEU, the seed spread (max - min of
+    test BLEU) and each mean's difference from online's mean."""
+    groups: dict[str, list[dict]] = {}
+    for r in records:
+        groups.setdefault(r["variant"], []).append(r)
+    online = groups.get("online")
+    lines = ["| variant | seeds | validation BLEU: mean | vs online | test BLEU greedy: mean | spread | vs online |",
+             "| --- | --- | ---: | ---: | ---: | ---: | ---: |"]
+    for variant, rs in groups.items():
+        val = statistics.fmean(r["validation_bleu_greedy"] for r in rs)
+        test = statistics.fmean(r["test_bleu_greedy"] for r in rs)
+        spread = max(r["test_bleu_greedy"] for r in rs) - min(r["test_bleu_greedy"] for r in rs)
+        diff_val = diff_test = ""
+        if online and variant != "online":
+            diff_val = f"{val - statistics.fmean(r['validation_bleu_greedy'] for r in online):+.2f}"
+            diff_test = f"{test - statistics.fmean(r['test_bleu_greedy'] for r in online):+.2f}"
+        seeds = ", ".join(str(r.get("seed", 0)) for r in rs)
+        lines.append(f"| {variant} | {seeds} | {val:.2f} | {diff_val} | {test:.2f} | {spread:.2f} | {diff_test} |")
+    return lines
 
 
 def tail_stats(out_dir: str) -> None:
@@ -166,7 +200,10 @@ def main():
     parser.add_argument("--tail_stats", action="store_true",
                         help="print how much probability the teacher leaves outside its stored top-k (from the cached "
                              "distributions in --out_dir), then stop")
+    parser.add_argument("--seeds", type=int, nargs="+", default=[0],
+                        help="train each variant once per seed (the student's initialisation, dropout, data order)")
     parser.add_argument("--variant", default=None, help=argparse.SUPPRESS)
+    parser.add_argument("--seed", type=int, default=0, help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.tail_stats:
         tail_stats(args.out_dir)
@@ -176,21 +213,27 @@ def main():
         return
     os.makedirs(args.out_dir, exist_ok=True)
     records = []
+
+    def key(record):  # the first runs' records have no seed: seed 0
+        return record["variant"], record.get("seed", 0)
+
     for log in args.reuse_log:
         with open(log) as f:
             found = [json.loads(line) for line in f if line.startswith('{"variant"')]
-        records += [r for r in found if r["variant"] not in {x["variant"] for x in records}]
+        records += [r for r in found if key(r) not in {key(x) for x in records}]
         print(f"reused from {log}: {[r['variant'] for r in found]}")
     if args.reuse_log:
         if any(r["epochs"] != args.epochs for r in records):
             raise SystemExit(f"--reuse_log {args.reuse_log} hold runs of other lengths than --epochs {args.epochs}")
     variants = args.variants or ["online"] + [f"stored-k{k}" for k in args.top_k]
-    for variant in [v for v in variants if v not in {r["variant"] for r in records}]:
-        command = [sys.executable, os.path.abspath(__file__), "--variant", variant, "--study_dir", args.study_dir,
+    runs = [(v, seed) for seed in args.seeds for v in variants if (v, seed) not in {key(r) for r in records}]
+    for variant, seed in runs:
+        command = [sys.executable, os.path.abspath(__file__), "--variant", variant, "--seed", str(seed),
+                   "--study_dir", args.study_dir,
                    "--data_dir", args.data_dir, "--out_dir", args.out_dir, "--epochs", str(args.epochs),
                    "--threads", str(args.threads), "--train_samples", str(args.train_samples)]
         env = dict(os.environ, OMP_NUM_THREADS=str(args.threads))
-        with open(os.path.join(args.out_dir, f"{variant}.log"), "w") as log:
+        with open(os.path.join(args.out_dir, f"{run_name(variant, seed)}.log"), "w") as log:
             proc = subprocess.run(command, stdout=subprocess.PIPE, stderr=log, text=True, env=env, check=True)
         records.append(json.loads(next(line for line in proc.stdout.splitlines() if line.startswith("RESULT "))[7:]))
         print(json.dumps(records[-1]), flush=True)
@@ -200,23 +243,28 @@ def main():
     import transformers
 
     records.sort(key=lambda r: (r["variant"] != "online", r["variant"].endswith("-uniform"),
-                                int(r["variant"].split("-k")[-1].split("-")[0]) if "-k" in r["variant"] else 0))
+                                int(r["variant"].split("-k")[-1].split("-")[0]) if "-k" in r["variant"] else 0,
+                                r.get("seed", 0)))
     online = records[0]
     print(f"\ncommand: python {' '.join(sys.argv)}")
     print(f"machine: {platform.platform()}, {os.cpu_count()} CPUs, torch {torch.__version__} ({args.threads} "
           f"thread(s)), transformers {transformers.__version__}; {args.epochs} epoch(s) each, variants one after "
           "the other in their own processes")
     print()
-    print("| variant | build (s, once) | bytes / target token | training s / epoch | vs online | peak RSS training "
-          "(GiB) | validation BLEU | test BLEU greedy | test BLEU beam 5 |")
-    print("| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |")
+    print("| variant | seed | build (s, once) | bytes / target token | training s / epoch | vs online | "
+          "peak RSS training (GiB) | validation BLEU | test BLEU greedy | test BLEU beam 5 |")
+    print("| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |")
     for r in records:
         build = f"{r['build_seconds']:.0f}" if "build_seconds" in r else ""
         size = f"{r['stored_bytes_per_token']:.0f}" if "stored_bytes_per_token" in r else ""
-        print(f"| {r['variant']} | {build} | {size} | {r['train_seconds_per_epoch']:.0f} | "
+        print(f"| {r['variant']} | {r.get('seed', 0)} | {build} | {size} | {r['train_seconds_per_epoch']:.0f} | "
               f"{r['train_seconds_per_epoch'] / online['train_seconds_per_epoch']:.2f}x | "
               f"{r['peak_rss_training_gib']:.2f} | {r['validation_bleu_greedy']:.2f} | {r['test_bleu_greedy']:.2f} | "
               f"{r['test_bleu_beam']:.2f} |")
+
+    if len({r.get("seed", 0) for r in records}) > 1:
+        print()
+        print("\n".join(seed_summary(records)))
 
 
 if __name__ == "__main__":
