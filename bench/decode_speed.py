@@ -52,7 +52,9 @@ def summary(values: list[float]) -> str:
     return f"{statistics.median(values):.2f} ({min(values):.2f}-{max(values):.2f})"
 
 
-def main(argv=None):
+def main(argv=None) -> dict:
+    """Time the models, print the table; returns its medians (``rows``: per row label, sentences/s and the paired
+    speed-ups at batch 1 and batched) for programs."""
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--models", nargs="+", required=True, help="NAME=PATH ...; the first is the reference")
     parser.add_argument("--beam_models", nargs="*", default=[],
@@ -130,16 +132,25 @@ def main(argv=None):
     print("|" + " --- |" * len(header))
     speedups = {run: paired_speedups(seconds[run], reference) for run in runs}
     over_beam = {run: paired_speedups(seconds[run], reference_beam) for run in runs} if reference_beam else None
+    results = {}
     for label, _, _ in rows:
-        cells = []
+        cells, result = [], {"at_limit": at_limit[label]}
         for run, (_, count) in runs.items():
             cells += [summary([count / s for s in seconds[run][label]]),
                       f"{tokens[run][label] / statistics.median(seconds[run][label]):.0f}",
                       summary(speedups[run][label])]
+            result[f"sent_per_s_{run}"] = statistics.median(count / s for s in seconds[run][label])
+            result[f"speedup_{run}"] = statistics.median(speedups[run][label])
+            if over_beam:
+                result[f"speedup_over_reference_beam_{run}"] = statistics.median(over_beam[run][label])
         cells.append(str(at_limit[label]))
         if over_beam:
             cells += [summary(over_beam[run][label]) for run in runs]
         print(f"| {label} | " + " | ".join(cells) + " |")
+        results[label] = result
+    return {"reference": reference, "reference_beam": reference_beam, "rounds": args.rounds,
+            "batch1_sentences": args.batch1_sentences, "batched_sentences": args.batched_sentences,
+            "batch_size": args.batch_size, "threads": torch.get_num_threads(), "rows": results}
 
 
 if __name__ == "__main__":

@@ -199,14 +199,25 @@ def _running_elsewhere(heartbeat: dict) -> bool:
     return True
 
 
+def student_shape_args(d_model: int, encoder_layers: int, decoder_layers: int, ffn_dim: int,
+                       attention_heads: int) -> list[str]:
+    """``recipes/seq_kd.py``'s arguments for a student built from a config of this shape."""
+    return ["--student_init", "config", "--student_d_model", str(d_model), "--student_encoder_layers",
+            str(encoder_layers), "--student_decoder_layers", str(decoder_layers), "--student_ffn_dim", str(ffn_dim),
+            "--student_attention_heads", str(attention_heads)]
+
+
 class Study:
+    presets = PRESETS  # the presets this study runs (a subclass's study has its own)
+    script = os.path.abspath(__file__)  # the script that runs it (side-by-side stages start it again)
+
     def __init__(self, preset: str, work_dir: str, data_dir: str, overrides: dict | None = None):
         overrides = dict(overrides or {})
-        unknown = sorted(set(overrides) - set(PRESETS[preset]))
+        unknown = sorted(set(overrides) - set(self.presets[preset]))
         if unknown:
             raise ValueError(f"--set: unknown preset setting(s) {unknown}; the {preset} preset has "
-                             f"{', '.join(sorted(PRESETS[preset]))}")
-        self.preset_name, self.p = preset, {**PRESETS[preset], **overrides}
+                             f"{', '.join(sorted(self.presets[preset]))}")
+        self.preset_name, self.p = preset, {**self.presets[preset], **overrides}
         self.work_dir, self.data_dir = os.path.abspath(work_dir), data_dir
         self.stage_dir = os.path.join(self.work_dir, "stages")
         os.makedirs(self.stage_dir, exist_ok=True)
@@ -461,16 +472,14 @@ class Study:
     def train_student(self, name: str, *, kd_target: str, alpha: float, init: str | None = None,
                       seed: int | None = None, **extra):
         p = self.p
-        d_model, layers, ffn, heads = p["student"]
         argv = ["--teacher_model_name_or_path", self.teacher_dir, "--kd_target", kd_target, "--alpha", str(alpha),
                 "--teacher_dtype", p["teacher_dtype"]]
         if init:  # a fine-tuning stage: continue from an earlier student at a lower learning rate
             argv += ["--init_student_from", self.student_dir(init)]
             epochs, lr = p["finetune_epochs"], p["finetune_lr"]
         else:
-            argv += ["--student_init", "config", "--student_d_model", str(d_model), "--student_encoder_layers",
-                     str(layers), "--student_decoder_layers", str(layers), "--student_ffn_dim", str(ffn),
-                     "--student_attention_heads", str(heads)]
+            d_model, layers, ffn, heads = p["student"]
+            argv += student_shape_args(d_model, layers, layers, ffn, heads)
             epochs, lr = p["student_epochs"], p["student_lr"]
         for key, value in extra.items():
             argv += [f"--{key}", str(value)]
@@ -498,6 +507,14 @@ class Study:
         if spec is not None:
             settings["seed"] = spec.get("seed", self.p["seeds"][0])
         return settings
+
+    def findings(self, rows: dict, tokenize: str = "13a") -> list[str]:
+        """The papers' claims checked on the evaluation's rows (by model name): :func:`_findings`."""
+        return _findings(rows, self.test_references(), tokenize)
+
+    def extra_results(self) -> dict:
+        """More of the study's results for its JSON file (none here; the deploy study adds its measurements)."""
+        return {}
 
     BEST = "seq_kd_seq_inter_word_kd"  # chosen in advance: the paper's best (and pruned) student
 
@@ -787,8 +804,8 @@ def write_study_report(study: "Study", path: str, results_dir: str | None = None
         seeds = seed_table(by_name)
         if seeds:
             lines += ["Students trained with several seeds (the teacher and its corpus fixed):", "", seeds, ""]
-        findings = _findings(by_name, study.test_references(), first.get("bleu_signature", "").partition("tok:")[2]
-                             .split("|")[0] or "13a")
+        findings = study.findings(by_name, first.get("bleu_signature", "").partition("tok:")[2].split("|")[0]
+                                  or "13a")
         if findings:
             lines += ["What the papers found, checked on these numbers:", ""] + [f"* {x}" for x in findings] + [""]
         plot = os.path.join(study.work_dir, "report", "bleu_vs_speed.png")
@@ -819,7 +836,7 @@ def write_results_json(study: "Study", records: list[dict], claims: list[str], d
            "models": [{k: r.get(k) for k in RESULT_FIELDS} for r in rows],
            "stages": [{k: r.get(k) for k in ("stage", "seconds", "attempts", "started", "finished", "machine",
                                               "settings")} for r in records],
-           "claims": claims}
+           "claims": claims, **study.extra_results()}
     path = os.path.join(directory or os.path.join(REPO, "bench", "results"), f"multi30k_{study.preset_name}.json")
     os.makedirs(os.path.dirname(path), exist_ok=True)
     _write_json(path, out)
@@ -893,10 +910,11 @@ def machine() -> str:
             f"({torch.get_num_threads()} threads)")
 
 
-def main(argv=None):
+def main(argv=None, study_class=Study):
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--preset", choices=sorted(PRESETS), default="cpu")
+    presets = study_class.presets
+    parser.add_argument("--preset", choices=sorted(presets), default=next(iter(presets)))
     parser.add_argument("--work_dir", default=None, help="default: runs/multi30k_<preset>")
     parser.add_argument("--data_dir", default=DEFAULT_DATA,
                         help="folder with train/val/test_2016_flickr .de.gz/.en.gz")
@@ -920,8 +938,8 @@ def main(argv=None):
         raise SystemExit(f"no Multi30k corpus in {args.data_dir} (expected train.de.gz, train.en.gz, ...); "
                          "pass --data_dir")
     try:
-        study = Study(args.preset, args.work_dir or os.path.join(REPO, "runs", f"multi30k_{args.preset}"),
-                      args.data_dir, parse_overrides(args.overrides))
+        study = study_class(args.preset, args.work_dir or os.path.join(REPO, "runs", f"multi30k_{args.preset}"),
+                            args.data_dir, parse_overrides(args.overrides))
     except ValueError as e:
         raise SystemExit(str(e)) from None
     stages = study.stages()
@@ -953,7 +971,7 @@ def main(argv=None):
     if side_by_side:
         # the students (and prune) run as subprocesses, `jobs` at a time, splitting the threads between them
         threads = max(1, (args.threads or __import__("torch").get_num_threads()) // jobs)
-        base = [sys.executable, os.path.abspath(__file__), "--preset", args.preset, "--work_dir", study.work_dir,
+        base = [sys.executable, study.script, "--preset", args.preset, "--work_dir", study.work_dir,
                 "--data_dir", args.data_dir, "--threads", str(threads)]
         base += ["--set", *args.overrides] if args.overrides else []
         env = dict(os.environ, OMP_NUM_THREADS=str(threads), MKL_NUM_THREADS=str(threads))

@@ -1,0 +1,478 @@
+"""The deployable student on Multi30k (issue 17): Kim & Rush's headline, a student that decodes greedily about as
+well as its teacher's beam search, many times faster, and keeps that quality with 80% of its weights pruned.
+
+    python bench/multi30k.py --preset cpu --stages tokenizer teacher teacher_ctranslate2 seqkd_corpus  # the teacher
+    python bench/multi30k_deploy.py --preset deploy --threads 1          # then this (hours on the 2-core CPU)
+    python bench/multi30k_deploy.py --preset deploy --report FILE.md     # the table, the targets checked, the JSON
+
+It reuses a finished Multi30k study's tokenizer, teacher and Seq-KD corpus (``teacher_study``: the cpu preset's, or
+the gpu preset's for ``deploy_gpu``), and runs its own stages, each resumable like the study's
+(``bench/multi30k.py``'s bookkeeping: stage records, heartbeats, checkpoints):
+
+ 1. ``shapes``      candidate student shapes with at most half the teacher's parameters, each built at random and
+                    timed against the teacher's beam search at batch 1, in Transformers and in CTranslate2 int8, in
+                    interleaved rounds, every model decoding the same fixed number of tokens (``shape_tokens``: the
+                    cost of a shape, not of what a random model happens to output);
+ 2. ``shape_trials`` the ``shape_trials`` largest shapes that meet both speed targets (the fastest ones when none
+                    does) trained ``trial_epochs`` of Seq-KD each; the best validation BLEU is the student's shape.
+                    Speed first, then quality, as the issue asks; the stage record says why the shape won;
+ 3. ``seq_kd``      that shape trained on the teacher's beam output (Seq-KD) until validation BLEU stops improving
+                    (``patience`` evaluations, one per epoch; the best checkpoint kept);
+ 4. ``seq_inter_word_kd``  fine-tuned on the Seq-Inter targets with Word-KD (Kim & Rush's best), until it stops
+                    improving the same way;
+ 5. ``prune_oneshot`` class-blind magnitude pruning to ``sparsity`` at once, then retraining with the masks held until
+                    validation BLEU stops improving (Kim & Rush Sec. 5.3; See et al. 2016);
+    ``prune_gradual`` the same target reached in ``gradual_events`` steps over ``gradual_epochs`` of retraining (Zhu &
+                    Gupta 2017, eq. 1), then ``prune_gradual_retrain`` retrains it with the masks held until
+                    validation BLEU stops improving;
+ 6. ``ctranslate2`` the teacher and the students exported to CTranslate2 int8;
+ 7. ``decode_speed`` ``bench/decode_speed.py``'s interleaved rounds on the trained models: the student's greedy
+                    decoding against the teacher's beam search, in Transformers and in CTranslate2 int8;
+ 8. ``evaluate``    every model on test_2016_flickr (``recipes/evaluate.py``), the issue's targets checked in the
+                    report and written with every measurement to ``bench/results/multi30k_<preset>.json``.
+
+Choices are made on the validation split (``val``); the test split is only reported.
+"""
+
+from __future__ import annotations
+
+import glob
+import importlib.util
+import os
+import statistics
+import sys
+import time
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def load_bench(script: str):
+    """``bench/<script>.py`` as a module (loaded once)."""
+    name = f"bench_{script}"
+    if name not in sys.modules:
+        spec = importlib.util.spec_from_file_location(name, os.path.join(REPO, "bench", f"{script}.py"))
+        module = importlib.util.module_from_spec(spec)
+        sys.modules[name] = module
+        spec.loader.exec_module(module)
+    return sys.modules[name]
+
+
+multi30k = load_bench("multi30k")  # the study whose bookkeeping and stages this one extends
+
+# Candidate shapes: (d_model, encoder layers, decoder layers, ffn_dim, attention heads). The decoder runs once per
+# output token and the encoder once per sentence, so depth goes to the encoder (Kasai et al. 2021, "Deep encoder,
+# shallow decoder"; Bergamot's students; opus-mt's 6 + 1 student config); the symmetric 2 x 128 student of the cpu
+# study is the reference point.
+CPU_SHAPES = ((128, 2, 2, 512, 4), (128, 6, 1, 512, 4), (128, 8, 1, 512, 4), (160, 6, 1, 640, 4),
+              (192, 3, 1, 768, 4), (192, 4, 1, 768, 4), (128, 6, 2, 512, 4))
+GPU_SHAPES = ((256, 2, 2, 1024, 4), (256, 6, 1, 1024, 4), (256, 8, 1, 1024, 4), (384, 6, 1, 1536, 6),
+              (320, 6, 1, 1280, 4), (256, 6, 2, 1024, 4))
+
+DEPLOY = dict(
+    teacher_study="runs/multi30k_cpu",  # the study whose tokenizer, teacher and corpus are used (relative: to REPO)
+    shapes=CPU_SHAPES, max_params_ratio=0.5,  # at most half the teacher's parameters
+    shape_tokens=16, shape_sentences=40, shape_rounds=5,  # the shape timing: tokens per sentence, batch 1
+    speed_target_ctranslate2=5.0, speed_target_transformers=3.0,  # greedy student / beam-5 teacher, batch 1
+    shape_trials=2, trial_epochs=1,
+    max_epochs=30, patience=3, finetune_max_epochs=10, prune_max_epochs=10,
+    sparsity=0.8, gradual_events=8, gradual_epochs=2, gradual_ramp=0.75,
+    speed_rounds=5, speed_batch1_sentences=100, speed_batched_sentences=320, eval_batch_size=64,
+)
+PRESETS = {
+    # the cpu study's teacher (3 x 256) and training settings; one thread per job
+    "deploy": dict(multi30k.PRESETS["cpu"], **DEPLOY),
+    # the gpu study's teacher (6 x 512), in bf16 (not run yet)
+    "deploy_gpu": dict(multi30k.PRESETS["gpu"], **dict(DEPLOY, teacher_study="runs/multi30k_gpu", shapes=GPU_SHAPES,
+                                                       shape_sentences=100, speed_batch1_sentences=500)),
+    # every stage end to end on the smoke study's tiny models (minutes; numbers mean nothing)
+    "deploy_smoke": dict(multi30k.PRESETS["smoke"], **dict(
+        DEPLOY, teacher_study="runs/multi30k_smoke", shapes=((32, 1, 1, 64, 4), (32, 2, 1, 64, 4)),
+        max_params_ratio=1.0, shape_tokens=4, shape_sentences=3, shape_rounds=2, shape_trials=2, max_epochs=2,
+        patience=1, finetune_max_epochs=1, prune_max_epochs=1, gradual_events=2, gradual_epochs=1,
+        speed_rounds=1, speed_batch1_sentences=3, speed_batched_sentences=6, eval_batch_size=16)),
+}
+
+VALIDATION_SPLIT = "val"
+TEACHER_STAGES = ("tokenizer", "teacher", "seqkd_corpus")
+
+
+def shape_name(shape) -> str:
+    d_model, encoder, decoder, ffn, heads = shape
+    return f"d{d_model}_e{encoder}_d{decoder}_f{ffn}_h{heads}"
+
+
+def choose_shapes(rows: list[dict], targets: dict[str, float], trials: int) -> tuple[list[dict], str]:
+    """The shapes to train (largest first) and why: those within the parameter budget that meet every speed target
+    (``row["speedup"][engine] >= targets[engine]``), the ``trials`` largest; when none meets them, the ``trials``
+    closest to meeting them (largest worst ratio of speed-up to target)."""
+    eligible = [r for r in rows if r["within_budget"]]
+    if not eligible:
+        raise ValueError("no candidate shape is within the parameter budget: add smaller shapes to the preset")
+
+    def worst(r):
+        return min(r["speedup"][engine] / target for engine, target in targets.items())
+
+    fast = [r for r in eligible if worst(r) >= 1.0]
+    if fast:
+        chosen = sorted(fast, key=lambda r: -r["params"])[:trials]
+        why = (f"{len(fast)} shape(s) within the budget meet every speed target; the {len(chosen)} largest "
+               "(more parameters, more capacity) go to the quality trial")
+    else:
+        chosen = sorted(eligible, key=worst, reverse=True)[:trials]
+        why = (f"no shape within the budget meets every speed target; the {len(chosen)} closest to them go to the "
+               "quality trial")
+    return chosen, why
+
+
+class DeployStudy(multi30k.Study):
+    presets = PRESETS
+    script = os.path.abspath(__file__)
+
+    def __init__(self, preset: str, work_dir: str, data_dir: str, overrides: dict | None = None):
+        super().__init__(preset, work_dir, data_dir, overrides)
+        teacher_study = self.p["teacher_study"]
+        self.teacher_study_dir = teacher_study if os.path.isabs(teacher_study) else os.path.join(REPO, teacher_study)
+        # the teacher study's tokenizer, teacher and Seq-KD corpus (the same corpus settings: the cache finds it)
+        self.tokenizer_dir = os.path.join(self.teacher_study_dir, "tokenizer")
+        self.teacher_dir = os.path.join(self.teacher_study_dir, "teacher")
+        self.cache_dir = os.path.join(self.teacher_study_dir, "seqkd_cache")
+
+    @property
+    def teacher_ct2_dir(self) -> str:
+        return os.path.join(self.teacher_study_dir, "ctranslate2", "teacher_float32")
+
+    def check_teacher_study(self) -> None:
+        missing = [s for s in TEACHER_STAGES if not os.path.exists(os.path.join(self.teacher_study_dir, "stages",
+                                                                                f"{s}.json"))]
+        if missing:
+            raise SystemExit(f"the deploy study needs the stages {', '.join(missing)} of the study in "
+                             f"{self.teacher_study_dir} (teacher_study): run bench/multi30k.py --preset "
+                             f"{self.preset_name.replace('deploy', '').strip('_') or 'cpu'} --work_dir "
+                             f"{self.teacher_study_dir} --stages tokenizer teacher teacher_ctranslate2 seqkd_corpus, "
+                             "or point --set teacher_study=DIR at a study that has them")
+
+    # --------------------------------------------------------------------------------------------- stages
+    STUDENT = "seq_inter_word_kd"  # the deployable student: Seq-KD, then the Seq-Inter fine-tune with Word-KD
+
+    def stages(self):
+        return [("shapes", self.measure_shapes), ("shape_trials", self.shape_trials),
+                ("seq_kd", lambda: self.train_converged("seq_kd", kd_target="teacher_target", alpha=0.0)),
+                (self.STUDENT, lambda: self.train_converged(self.STUDENT, kd_target="seq_inter_target", alpha=0.5,
+                                                            init="seq_kd")),
+                ("prune_oneshot", self.prune_oneshot), ("prune_gradual", self.prune_gradual),
+                ("prune_gradual_retrain", self.prune_gradual_retrain), ("ctranslate2", self.export_ctranslate2),
+                ("decode_speed", self.decode_speed), ("evaluate", self.evaluate)]
+
+    def student_specs(self):
+        return []
+
+    def side_by_side_needs(self):
+        """The two pruning branches may run side by side (``student_jobs``)."""
+        return {"prune_oneshot": [self.STUDENT], "prune_gradual": [self.STUDENT],
+                "prune_gradual_retrain": ["prune_gradual"]}
+
+    def stage_result(self, stage: str) -> dict:
+        import json
+
+        with open(self.marker(stage)) as f:
+            return json.load(f)["result"]
+
+    # 1. speed per shape -------------------------------------------------------------------------------------
+    def measure_shapes(self):
+        """Each candidate shape, random, against the teacher's beam search: sentences/s at batch 1 decoding
+        ``shape_tokens`` tokens per sentence, in Transformers and CTranslate2 int8, paired per round (median)."""
+        from transformers import AutoModelForSeq2SeqLM, AutoTokenizer
+
+        from hf_seqkd import load_parallel_data, make_student_from_config
+        from hf_seqkd.export import to_ctranslate2
+        from hf_seqkd.students import count_parameters
+
+        self.check_teacher_study()
+        p = self.p
+        tokenizer = AutoTokenizer.from_pretrained(self.tokenizer_dir)
+        teacher = AutoModelForSeq2SeqLM.from_pretrained(self.teacher_dir).eval()
+        teacher_params = count_parameters(teacher)
+        budget = int(teacher_params * p["max_params_ratio"])
+        shape_dir = os.path.join(self.work_dir, "shapes")
+        ct2 = {"teacher": os.path.join(shape_dir, "teacher_ct2_int8")}
+        to_ctranslate2(self.teacher_dir, ct2["teacher"], quantization="int8", force=True)
+        models, rows = {"teacher": teacher}, []
+        for shape in p["shapes"]:
+            d_model, encoder, decoder, ffn, heads = shape
+            name = shape_name(shape)
+            # built as the recipe builds the student (--student_init config): the teacher's family and vocabulary
+            model = make_student_from_config(teacher, d_model=d_model, encoder_layers=encoder, decoder_layers=decoder,
+                                             ffn_dim=ffn, attention_heads=heads, seed=0).eval()
+            params = count_parameters(model)
+            rows.append({"shape": list(shape), "name": name, "params": params, "within_budget": params <= budget})
+            if params > budget:
+                continue
+            folder = os.path.join(shape_dir, name)
+            model.save_pretrained(folder)
+            tokenizer.save_pretrained(folder)
+            ct2[name] = os.path.join(shape_dir, f"{name}_ct2_int8")
+            to_ctranslate2(folder, ct2[name], quantization="int8", force=True)
+            models[name] = model
+        sources = load_parallel_data(self.data_dir, source_lang=multi30k.SOURCE_LANG,
+                                     target_lang=multi30k.TARGET_LANG,
+                                     splits=[VALIDATION_SPLIT])[VALIDATION_SPLIT]["source"][:p["shape_sentences"]]
+        seconds = time_fixed_length(models, ct2, tokenizer, sources, tokens=p["shape_tokens"],
+                                    rounds=p["shape_rounds"], teacher_beams=p["num_beams"])
+        targets = {"ctranslate2": p["speed_target_ctranslate2"], "transformers": p["speed_target_transformers"]}
+        for row in rows:
+            if row["within_budget"]:
+                row["sent_per_s_batch1"] = {e: len(sources) / statistics.median(seconds[e][row["name"]])
+                                            for e in targets}
+                row["speedup"] = {e: statistics.median(t / s for t, s in zip(seconds[e]["teacher"],
+                                                                              seconds[e][row["name"]]))
+                                  for e in targets}
+        chosen, why = choose_shapes(rows, targets, p["shape_trials"])
+        teacher_speed = {e: len(sources) / statistics.median(seconds[e]["teacher"]) for e in targets}
+        return {"teacher_params": teacher_params, "budget": budget, "teacher_sent_per_s_beam_batch1": teacher_speed,
+                "targets": targets, "rows": rows, "trial_shapes": [r["shape"] for r in chosen], "why": why,
+                "tokens_per_sentence": p["shape_tokens"], "sentences": len(sources), "rounds": p["shape_rounds"]}
+
+    # 2. quality of the fast shapes --------------------------------------------------------------------------------
+    def shape_trials(self):
+        """The fast shapes trained ``trial_epochs`` of Seq-KD each; the best validation BLEU wins."""
+        shapes = [tuple(s) for s in self.stage_result("shapes")["trial_shapes"]]
+        trials = []
+        for shape in shapes:
+            output = os.path.join(self.work_dir, "trials", shape_name(shape))
+            self.run_recipe("seq_kd", self.distillation_args("teacher_target", 0.0, shape=shape)
+                            + self.training_args(output, self.p["trial_epochs"], self.p["student_lr"])
+                            + self.validation_args(), output)
+            trials.append({"shape": list(shape), "validation_bleu": best_validation_bleu(output)})
+        best = max(trials, key=lambda t: t["validation_bleu"])
+        why = (f"of the shapes that passed the speed measurement, {shape_name(best['shape'])} scored the best "
+               f"validation BLEU after {self.p['trial_epochs']} epoch(s) of Seq-KD ({best['validation_bleu']:.2f}; "
+               + ", ".join(f"{shape_name(t['shape'])}: {t['validation_bleu']:.2f}" for t in trials) + ")")
+        return {"trials": trials, "shape": best["shape"], "why": why}
+
+    # 3-4. staged training to convergence ----------------------------------------------------------------------------
+    def distillation_args(self, kd_target: str, alpha: float, shape=None, init: str | None = None) -> list[str]:
+        argv = ["--teacher_model_name_or_path", self.teacher_dir, "--kd_target", kd_target, "--alpha", str(alpha),
+                "--teacher_dtype", self.p["teacher_dtype"]]
+        if init:
+            argv += ["--init_student_from", self.student_dir(init)]
+        else:
+            argv += multi30k.student_shape_args(*(shape or self.stage_result("shape_trials")["shape"]))
+        return argv + self.common_data_args() + self.no_final_evaluation() + self.seqkd_args()
+
+    def validation_args(self, patience: int | None = None) -> list[str]:
+        """Greedy validation BLEU every epoch, the best checkpoint kept; with ``patience``, early stopping."""
+        argv = ["--eval_split", VALIDATION_SPLIT, "--eval_strategy", "epoch", "--save_strategy", "epoch",
+                "--save_total_limit", "2", "--predict_with_generate", "true", "--generation_num_beams", "1",
+                "--per_device_eval_batch_size", str(self.p["eval_batch_size"])]
+        if patience is not None:
+            argv += ["--load_best_model_at_end", "true", "--metric_for_best_model", "bleu", "--greater_is_better",
+                     "true", "--early_stopping_patience", str(patience)]
+        return argv
+
+    def run_recipe(self, recipe: str, argv: list[str], checkpoints_in: str):
+        """Run ``recipes/<recipe>.py``, resuming from the latest checkpoint in ``checkpoints_in`` (``training_args``
+        looks in the output folder; the prune recipe writes its checkpoints one folder down)."""
+        found = sorted(glob.glob(os.path.join(checkpoints_in, "checkpoint-*")),
+                       key=lambda d: int(d.rsplit("-", 1)[-1]))
+        if found and "--resume_from_checkpoint" not in argv:
+            print(f"[deploy] resuming from {found[-1]}", flush=True)
+            argv = argv + ["--resume_from_checkpoint", found[-1]]
+        return multi30k.load_recipe(recipe).main(argv)
+
+    def train_converged(self, name: str, *, kd_target: str, alpha: float, init: str | None = None):
+        p = self.p
+        epochs, lr = (p["finetune_max_epochs"], p["finetune_lr"]) if init else (p["max_epochs"], p["student_lr"])
+        output = self.student_dir(name)
+        start = time.perf_counter()
+        self.run_recipe("seq_kd", self.distillation_args(kd_target, alpha, init=init)
+                        + self.training_args(output, epochs, lr) + self.validation_args(p["patience"]), output)
+        return {"kd_target": kd_target, "alpha": alpha, "init": init, "max_epochs": epochs, "learning_rate": lr,
+                "seconds_this_attempt": time.perf_counter() - start, **training_history(output)}
+
+    # 5. pruning with retraining until recovery -------------------------------------------------------------------
+    def prune_args(self, model_dir: str, output: str, epochs: int, patience: int | None, events: int = 1) -> list:
+        p = self.p
+        argv = ["--model_name_or_path", model_dir, "--teacher_model_name_or_path", self.teacher_dir,
+                "--sparsities", str(p["sparsity"]), "--pruning_scope", "class_blind", "--kd_target", "teacher_target",
+                "--alpha", "0", "--test_split", "none", "--eval_num_beams", "1"]
+        if events > 1:
+            argv += ["--pruning_events", str(events), "--pruning_ramp", str(p["gradual_ramp"])]
+        argv += self.common_data_args() + self.seqkd_args()
+        argv += self.training_args(output, epochs, p["finetune_lr"]) + self.validation_args(patience)
+        return argv
+
+    def pruned_dir(self, stage: str) -> str:
+        from hf_seqkd.pruning import sparsity_name
+
+        return os.path.join(self.work_dir, stage, sparsity_name(self.p["sparsity"]))
+
+    def prune_oneshot(self):
+        p = self.p
+        output = os.path.join(self.work_dir, "prune_oneshot")
+        self.run_recipe("prune", self.prune_args(self.student_dir(self.STUDENT), output, p["prune_max_epochs"],
+                                                 p["patience"]), self.pruned_dir("prune_oneshot"))
+        return training_history(self.pruned_dir("prune_oneshot"))
+
+    def prune_gradual(self):
+        p = self.p
+        output = os.path.join(self.work_dir, "prune_gradual")
+        self.run_recipe("prune", self.prune_args(self.student_dir(self.STUDENT), output, p["gradual_epochs"], None,
+                                                 events=p["gradual_events"]), self.pruned_dir("prune_gradual"))
+        return training_history(self.pruned_dir("prune_gradual"))
+
+    def prune_gradual_retrain(self):
+        """The gradually pruned model retrained with its masks held until validation BLEU stops improving (pruning
+        it again at the same sparsity keeps exactly its zeros: they are the smallest weights)."""
+        p = self.p
+        output = os.path.join(self.work_dir, "prune_gradual_retrain")
+        self.run_recipe("prune", self.prune_args(self.pruned_dir("prune_gradual"), output, p["prune_max_epochs"],
+                                                 p["patience"]), self.pruned_dir("prune_gradual_retrain"))
+        return training_history(self.pruned_dir("prune_gradual_retrain"))
+
+    # 6-8. export, speed, evaluation ------------------------------------------------------------------------------
+    def deployed_models(self) -> list[tuple[str, str]]:
+        """(name, Transformers folder) of the teacher and every trained student that exists so far."""
+        models = [("teacher", self.teacher_dir)]
+        for name in ("seq_kd", self.STUDENT):
+            if self.done(name):
+                models.append((name, self.student_dir(name)))
+        pruned = f"{int(round(self.p['sparsity'] * 100))}"
+        for stage in ("prune_oneshot", "prune_gradual_retrain"):
+            if self.done(stage):
+                models.append((f"{self.STUDENT}_{stage}_{pruned}", self.pruned_dir(stage)))
+        return models
+
+    def ct2_dir(self, name: str) -> str:
+        return os.path.join(self.work_dir, "ctranslate2", name)
+
+    def export_ctranslate2(self):
+        from hf_seqkd.export import to_ctranslate2
+
+        return {name: to_ctranslate2(folder, self.ct2_dir(name), quantization="int8", force=True)
+                for name, folder in self.deployed_models()}
+
+    def model_list(self):
+        models = self.deployed_models()
+        models += [(f"{name}_ct2_int8", self.ct2_dir(name)) for name, _ in self.deployed_models()
+                   if os.path.isdir(self.ct2_dir(name))]
+        return models
+
+    def decode_speed(self):
+        """``bench/decode_speed.py`` in each engine: the teacher first (the reference, also with beam search)."""
+        module, p, out = load_bench("decode_speed"), self.p, {}
+        import torch
+
+        for engine, suffix in (("transformers", ""), ("ctranslate2_int8", "_ct2_int8")):
+            models = [(name + suffix, self.ct2_dir(name) if suffix else folder)
+                      for name, folder in self.deployed_models()]
+            argv = ["--models", *[f"{n}={f}" for n, f in models], "--beam_models", models[0][0],
+                    "--num_beams", str(p["num_beams"]), "--data_dir", self.data_dir,
+                    "--rounds", str(p["speed_rounds"]), "--batch1_sentences", str(p["speed_batch1_sentences"]),
+                    "--batched_sentences", str(p["speed_batched_sentences"]), "--threads",
+                    str(torch.get_num_threads()), "--ct2_tokenizer", self.tokenizer_dir]
+            out[engine] = module.main(argv)
+        return out
+
+    def findings(self, rows: dict, tokenize: str = "13a") -> list[str]:
+        """The issue's targets, each with its measured value."""
+        return deploy_findings(rows, self.stage_result("decode_speed") if self.done("decode_speed") else None,
+                               self.p, self.STUDENT)
+
+    def extra_results(self) -> dict:
+        extra = {}
+        for stage in ("shapes", "shape_trials", "decode_speed", "seq_kd", self.STUDENT, "prune_oneshot",
+                      "prune_gradual", "prune_gradual_retrain"):
+            if self.done(stage):
+                extra[stage] = self.stage_result(stage)
+        return {"deploy": extra}
+
+
+def time_fixed_length(models: dict, ct2_dirs: dict, tokenizer, sources: list[str], *, tokens: int, rounds: int,
+                      teacher_beams: int) -> dict[str, dict[str, list[float]]]:
+    """Seconds per round to decode ``sources`` one sentence at a time, exactly ``tokens`` tokens each, per engine
+    (``transformers``, ``ctranslate2``) and model; ``teacher`` with beam search (``teacher_beams``), the others
+    greedy. The order of the models rotates from round to round."""
+    import ctranslate2
+    import torch
+
+    rotate = load_bench("decode_speed").rotate
+
+    encoded = [tokenizer(s, return_tensors="pt") for s in sources]
+    pieces = [tokenizer.convert_ids_to_tokens(e["input_ids"][0]) for e in encoded]
+    threads = torch.get_num_threads()
+    translators = {n: ctranslate2.Translator(d, device="cpu", intra_threads=threads) for n, d in ct2_dirs.items()}
+    seconds = {"transformers": {n: [] for n in models}, "ctranslate2": {n: [] for n in models}}
+    names = list(models)
+    for r in range(rounds):
+        for name in rotate(names, r):
+            beams = teacher_beams if name == "teacher" else 1
+            start = time.perf_counter()
+            with torch.inference_mode():
+                for e in encoded:
+                    models[name].generate(**e, num_beams=beams, do_sample=False, min_new_tokens=tokens,
+                                          max_new_tokens=tokens)
+            seconds["transformers"][name].append(time.perf_counter() - start)
+            start = time.perf_counter()
+            for piece in pieces:
+                translators[name].translate_batch([piece], beam_size=beams, min_decoding_length=tokens,
+                                                  max_decoding_length=tokens)
+            seconds["ctranslate2"][name].append(time.perf_counter() - start)
+        print(f"[deploy] shape timing: round {r + 1}/{rounds}", flush=True)
+    return seconds
+
+
+def training_history(output_dir: str) -> dict:
+    """What a finished training run did: its epochs, the validation BLEU of each evaluation and the best one
+    (from ``trainer_state.json`` of its last checkpoint)."""
+    import json
+
+    states = sorted(glob.glob(os.path.join(output_dir, "checkpoint-*", "trainer_state.json")),
+                    key=lambda p: int(os.path.basename(os.path.dirname(p)).rsplit("-", 1)[-1]))
+    if not states:
+        return {}
+    with open(states[-1]) as f:
+        state = json.load(f)
+    bleu = [(e.get("epoch"), e["eval_bleu"]) for e in state.get("log_history", []) if "eval_bleu" in e]
+    return {"epochs_trained": state.get("epoch"), "validation_bleu_per_epoch": bleu,
+            "best_validation_bleu": state.get("best_metric"), "best_checkpoint": state.get("best_model_checkpoint")}
+
+
+def best_validation_bleu(output_dir: str) -> float:
+    history = training_history(output_dir)
+    scores = [b for _, b in history.get("validation_bleu_per_epoch", [])]
+    if not scores:
+        raise RuntimeError(f"{output_dir}: no validation BLEU was logged (no checkpoint with trainer_state.json)")
+    return max(scores)
+
+
+def deploy_findings(rows: dict, speed: dict | None, p: dict, student: str) -> list[str]:
+    """The issue's targets on the evaluation's rows (by model name) and ``decode_speed``'s medians."""
+    out = []
+    teacher, best = rows.get("teacher"), rows.get(student)
+    if teacher and best and teacher.get("bleu_beam") is not None:
+        gap = best["bleu_greedy"] - teacher["bleu_beam"]
+        out.append(f"Greedy student vs the teacher's beam {p['num_beams']}: {best['bleu_greedy']:.2f} vs "
+                   f"{teacher['bleu_beam']:.2f} ({gap:+.2f}; target: within 1.0): "
+                   f"{'met' if gap >= -1.0 else f'not met, by {-1.0 - gap:.2f}'}.")
+    for engine, target, suffix in (("ctranslate2_int8", p["speed_target_ctranslate2"], "_ct2_int8"),
+                                   ("transformers", p["speed_target_transformers"], "")):
+        table = (speed or {}).get(engine, {}).get("rows", {})
+        row = table.get(student + suffix)
+        if row and row.get("speedup_over_reference_beam_batch1") is not None:
+            value = row["speedup_over_reference_beam_batch1"]
+            out.append(f"Speed, {engine}, batch 1: the student's greedy decoding at {value:.2f}x the teacher's beam "
+                       f"search (median of paired rounds; target: at least {target:g}x): "
+                       f"{'met' if value >= target else 'not met'}.")
+    pruned = int(round(p["sparsity"] * 100))
+    for stage in ("prune_oneshot", "prune_gradual_retrain"):
+        row = rows.get(f"{student}_{stage}_{pruned}")
+        if row and best:
+            drop = row["bleu_greedy"] - best["bleu_greedy"]
+            out.append(f"Pruned to {pruned}% ({stage.replace('_', ' ')}): greedy BLEU {row['bleu_greedy']:.2f} vs "
+                       f"{best['bleu_greedy']:.2f} unpruned ({drop:+.2f}; target: within 0.5): "
+                       f"{'met' if drop >= -0.5 else 'not met'}.")
+    return out
+
+
+if __name__ == "__main__":
+    multi30k.main(study_class=DeployStudy)
