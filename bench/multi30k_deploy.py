@@ -31,7 +31,7 @@ the gpu preset's for ``deploy_gpu``), and runs its own stages, each resumable li
  8. ``evaluate``    every model on test_2016_flickr (``recipes/evaluate.py``), the issue's targets checked in the
                     report and written with every measurement to ``bench/results/multi30k_<preset>.json``.
 
-Choices are made on the validation split (``val``); the test split is only reported.
+Choices are made on the validation split; the test split is only reported.
 """
 
 from __future__ import annotations
@@ -92,7 +92,7 @@ PRESETS = {
         speed_rounds=1, speed_batch1_sentences=3, speed_batched_sentences=6, eval_batch_size=16)),
 }
 
-VALIDATION_SPLIT = "val"
+VALIDATION_SPLIT = "validation"
 TEACHER_STAGES = ("tokenizer", "teacher", "seqkd_corpus")
 
 
