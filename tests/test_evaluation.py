@@ -174,3 +174,38 @@ def test_validation_lets_translations_run_as_long_as_the_targets(tmp_path, token
     metrics = trainer.evaluate()
     assert metrics["eval_bleu"] == pytest.approx(100.0)
     assert metrics["eval_gen_len"] == pytest.approx(sum(lengths) / len(lengths))
+
+
+@pytest.mark.parametrize("num_beams", [1, 3])
+def test_beam_output_probability_is_the_product_of_the_models_token_probabilities(tiny_marian, tokenizer,
+                                                                                   toy_corpus, num_beams):
+    """Kim & Rush's p(t = y_hat): checked against scoring each sentence's own output one prefix at a time (the slow,
+    obvious way), on a batch whose outputs end at different lengths (some at the limit)."""
+    from hf_seqkd.evaluation import beam_output_probability
+
+    model = tiny_marian.eval()
+    eos = tokenizer.eos_token_id
+    with torch.no_grad():  # a random model that listens to its source, nudged to end at different steps
+        for name, param in model.named_parameters():
+            if "encoder_attn." in name and "layer_norm" not in name:
+                param.mul_(5)
+        model.final_logits_bias[0, eos] = 0.4
+    sources = list(toy_corpus["test"]["source"][:6])
+    got = beam_output_probability(model, tokenizer, sources, num_beams=num_beams, batch_size=6, max_new_tokens=8)
+    expected, lengths = [], []
+    with torch.no_grad():
+        for source in sources:
+            encoded = tokenizer(source, return_tensors="pt")
+            output = model.generate(**encoded, num_beams=num_beams, do_sample=False, max_new_tokens=8)[0].tolist()
+            tokens = output[1:]
+            if eos in tokens:
+                tokens = tokens[:tokens.index(eos) + 1]
+            lengths.append(len(tokens))
+            probability = 1.0
+            for i, token in enumerate(tokens):
+                logits = model(**encoded, decoder_input_ids=torch.tensor([output[:i + 1]])).logits[0, -1]
+                probability *= torch.softmax(logits.double(), -1)[token].item()
+            expected.append(probability)
+    assert len(set(lengths)) > 1, lengths
+    np.testing.assert_allclose(got, expected, rtol=1e-4)
+    assert model.training is False
