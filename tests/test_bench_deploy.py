@@ -1,0 +1,124 @@
+"""bench/multi30k_deploy.py: the shape rule, the targets' verdicts, and every stage end to end on tiny models."""
+
+import gzip
+import importlib.util
+import json
+import os
+import sys
+
+import pytest
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+@pytest.fixture(scope="module")
+def deploy():
+    name = "bench_multi30k_deploy"
+    if name not in sys.modules:
+        spec = importlib.util.spec_from_file_location(name, os.path.join(ROOT, "bench", "multi30k_deploy.py"))
+        module = importlib.util.module_from_spec(spec)
+        sys.modules[name] = module
+        spec.loader.exec_module(module)
+    return sys.modules[name]
+
+
+def _row(name, params, transformers, ctranslate2, within_budget=True):
+    return {"name": name, "params": params, "within_budget": within_budget,
+            "speedup": {"transformers": transformers, "ctranslate2": ctranslate2}}
+
+
+TARGETS = {"transformers": 3.0, "ctranslate2": 5.0}
+
+
+def test_the_largest_shapes_that_meet_every_speed_target_go_to_the_quality_trial(deploy):
+    rows = [_row("small_fast", 1, 4.0, 9.0), _row("big_fast", 3, 3.1, 5.2), _row("mid_fast", 2, 3.5, 6.0),
+            _row("fast_in_one_engine", 4, 5.0, 4.9), _row("too_big", 9, 9.0, 9.0, within_budget=False)]
+    chosen, why = deploy.choose_shapes(rows, TARGETS, trials=2)
+    assert [r["name"] for r in chosen] == ["big_fast", "mid_fast"]
+    assert "meet every speed target" in why
+
+
+def test_without_a_fast_enough_shape_the_closest_ones_are_tried_and_the_record_says_so(deploy):
+    rows = [_row("a", 1, 2.0, 4.5), _row("b", 2, 2.9, 3.0), _row("c", 3, 2.7, 4.4),
+            _row("over_budget", 1, 9.0, 9.0, within_budget=False)]
+    chosen, why = deploy.choose_shapes(rows, TARGETS, trials=2)
+    # worst ratio to target: a min(0.67, 0.9) = 0.67, b min(0.97, 0.6) = 0.6, c min(0.9, 0.88) = 0.88
+    assert [r["name"] for r in chosen] == ["c", "a"]
+    assert "no shape within the budget meets every speed target" in why
+    with pytest.raises(ValueError, match="parameter budget"):
+        deploy.choose_shapes([rows[-1]], TARGETS, trials=2)
+
+
+def test_targets_are_judged_with_their_thresholds(deploy):
+    p = {"num_beams": 5, "speed_target_ctranslate2": 5.0, "speed_target_transformers": 3.0, "sparsity": 0.8}
+    rows = {"teacher": {"bleu_beam": 38.7}, "s": {"bleu_greedy": 37.8},
+            "s_prune_oneshot_80": {"bleu_greedy": 37.2}, "s_prune_gradual_retrain_80": {"bleu_greedy": 37.4}}
+    speed = {"transformers": {"rows": {"s": {"speedup_over_reference_beam_batch1": 3.2}}},
+             "ctranslate2_int8": {"rows": {"s_ct2_int8": {"speedup_over_reference_beam_batch1": 4.1}}}}
+    lines = deploy.deploy_findings(rows, speed, p, "s")
+    text = "\n".join(lines)
+    assert "37.80 vs 38.70 (-0.90; target: within 1.0): met" in text
+    assert "ctranslate2_int8, batch 1: the student's greedy decoding at 4.10x" in text and "not met" in lines[1]
+    assert "transformers, batch 1" in lines[2] and lines[2].endswith(": met.")
+    assert "(-0.60; target: within 0.5): not met" in lines[3] and "(-0.40; target: within 0.5): met" in lines[4]
+    rows["s"]["bleu_greedy"] = 37.6
+    assert "not met, by 0.10" in deploy.deploy_findings(rows, None, p, "s")[0]
+
+
+def _toy_multi30k(folder):
+    from hf_seqkd import make_toy_corpus
+
+    os.makedirs(folder, exist_ok=True)
+    corpus = make_toy_corpus(num_train=300, num_test=30, seed=0)
+    for split, name in (("train", "train"), ("validation", "val"), ("test", "test_2016_flickr")):
+        for column, lang in (("source", "de"), ("target", "en")):
+            with gzip.open(os.path.join(folder, f"{name}.{lang}.gz"), "wt", encoding="utf-8") as f:
+                f.write("\n".join(corpus[split][column]) + "\n")
+
+
+def test_every_stage_runs_end_to_end_on_tiny_models(deploy, tmp_path, monkeypatch):
+    from transformers import AutoModelForSeq2SeqLM
+
+    from hf_seqkd.pruning import pruned_sparsity, sparsity_report
+
+    monkeypatch.setenv("OMP_NUM_THREADS", "1")
+    data, teacher_study, work = tmp_path / "data", tmp_path / "teacher_study", tmp_path / "deploy"
+    _toy_multi30k(data)
+    common = ["--data_dir", str(data), "--threads", "1", "--set", "train_samples=None"]
+    deploy.multi30k.main(["--preset", "smoke", "--work_dir", str(teacher_study), "--stages", "tokenizer", "teacher",
+                          "teacher_ctranslate2", "seqkd_corpus", *common])
+    argv = ["--preset", "deploy_smoke", "--work_dir", str(work), *common, f"teacher_study={teacher_study}"]
+    deploy.multi30k.main(argv, study_class=deploy.DeployStudy)
+    study = deploy.DeployStudy("deploy_smoke", str(work), str(data),
+                               {"train_samples": None, "teacher_study": str(teacher_study)})
+    assert all(study.done(name) for name, _ in study.stages())
+
+    shapes = study.stage_result("shapes")
+    assert [r["name"] for r in shapes["rows"]] == ["d32_e1_d1_f64_h4", "d32_e2_d1_f64_h4"]
+    assert all(r["speedup"]["transformers"] > 0 and r["speedup"]["ctranslate2"] > 0 for r in shapes["rows"])
+    trials = study.stage_result("shape_trials")
+    assert trials["shape"] in [t["shape"] for t in trials["trials"]] and len(trials["trials"]) == 2
+    best = max(trials["trials"], key=lambda t: t["validation_bleu"])
+    assert trials["shape"] == best["shape"]
+    student = AutoModelForSeq2SeqLM.from_pretrained(study.student_dir("seq_kd"))
+    d_model, encoder, decoder, _, _ = trials["shape"]
+    assert (student.config.d_model, student.config.encoder_layers, student.config.decoder_layers) == \
+        (d_model, encoder, decoder)
+    history = study.stage_result("seq_kd")
+    assert len(history["validation_bleu_per_epoch"]) >= 1 and history["best_validation_bleu"] is not None
+
+    for stage in ("prune_oneshot", "prune_gradual", "prune_gradual_retrain"):
+        report = sparsity_report(AutoModelForSeq2SeqLM.from_pretrained(study.pruned_dir(stage)))
+        assert pruned_sparsity(report) == pytest.approx(0.8, abs=0.01), stage
+
+    speed = study.stage_result("decode_speed")
+    assert speed["transformers"]["reference_beam"] == "teacher, beam 3"
+    assert speed["transformers"]["rows"][study.STUDENT]["speedup_over_reference_beam_batch1"] > 0
+    assert speed["ctranslate2_int8"]["rows"][f"{study.STUDENT}_ct2_int8"]["speedup_over_reference_beam_batch1"] > 0
+
+    text = deploy.multi30k.write_study_report(study, str(tmp_path / "report.md"), results_dir=str(tmp_path))
+    assert "target: within 1.0" in text and "target: within 0.5" in text
+    results = json.loads((tmp_path / "multi30k_deploy_smoke.json").read_text())
+    models = {m["model"] for m in results["models"]}
+    assert {"teacher", study.STUDENT, f"{study.STUDENT}_ct2_int8", "teacher_ct2_int8"} <= models
+    assert {"shapes", "shape_trials", "decode_speed"} <= set(results["deploy"])
