@@ -104,8 +104,10 @@ def test_every_stage_runs_end_to_end_on_tiny_models(deploy, tmp_path, monkeypatc
     d_model, encoder, decoder, _, _ = trials["shape"]
     assert (student.config.d_model, student.config.encoder_layers, student.config.decoder_layers) == \
         (d_model, encoder, decoder)
-    history = study.stage_result("seq_kd")
-    assert len(history["validation_bleu_per_epoch"]) >= 1 and history["best_validation_bleu"] is not None
+    history = study.stage_result("seq_kd")  # the winning trial's epoch, then more: it continued the trial
+    assert history["continued_from"] == study.trial_dir(trials["shape"])
+    assert [epoch for epoch, _ in history["validation_bleu_per_epoch"]][:2] == [1.0, 2.0]
+    assert history["best_validation_bleu"] is not None
 
     for stage in ("prune_oneshot", "prune_gradual", "prune_gradual_retrain"):
         report = sparsity_report(AutoModelForSeq2SeqLM.from_pretrained(study.pruned_dir(stage)))
