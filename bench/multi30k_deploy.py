@@ -88,8 +88,8 @@ PRESETS = {
     # every stage end to end on the smoke study's tiny models (minutes; numbers mean nothing)
     "deploy_smoke": dict(multi30k.PRESETS["smoke"], **dict(
         DEPLOY, teacher_study="runs/multi30k_smoke", shapes=((32, 1, 1, 64, 4), (32, 2, 1, 64, 4)),
-        max_params_ratio=1.0, shape_tokens=4, shape_sentences=3, shape_rounds=2, shape_trials=2, trial_epochs=1, max_epochs=2,
-        patience=1, finetune_max_epochs=1, prune_max_epochs=1, gradual_events=2, gradual_epochs=1,
+        max_params_ratio=1.0, shape_tokens=4, shape_sentences=3, shape_rounds=2, shape_trials=2, trial_epochs=1,
+        max_epochs=2, patience=1, finetune_max_epochs=1, prune_max_epochs=1, gradual_events=2, gradual_epochs=1,
         speed_rounds=1, speed_batch1_sentences=3, speed_batched_sentences=6, eval_batch_size=16)),
 }
 
