@@ -409,7 +409,7 @@ def test_decode_speed_bench_pairs_rounds_and_counts_outputs_at_the_limit(trained
         random_dir)
     tokenizer.save_pretrained(random_dir)
     limit, batch = 8, 8
-    bench.main(["--models", f"trained={trained_dir}", f"random={random_dir}", "--data_dir", str(data_dir),
+    result = bench.main(["--models", f"trained={trained_dir}", f"random={random_dir}", "--data_dir", str(data_dir),
                 "--split", "test", "--source_lang", "src", "--target_lang", "tgt", "--rounds", "2",
                 "--batch1_sentences", "3", "--batched_sentences", "16", "--batch_size", str(batch),
                 "--max_new_tokens", str(limit), "--threads", "1", "--beam_models", "trained", "--num_beams", "2"])
@@ -418,6 +418,14 @@ def test_decode_speed_bench_pairs_rounds_and_counts_outputs_at_the_limit(trained
     assert list(rows) == ["trained", "random", "trained, beam 2"]
     assert rows["trained"][2] == rows["trained"][5] == "1.00 (1.00-1.00)"  # the reference against itself
     assert rows["trained, beam 2"][7] == rows["trained, beam 2"][8] == "1.00 (1.00-1.00)"  # ... and its beam search
+    # the returned medians are the table's (for programs: the deploy study's JSON)
+    assert result["reference"] == "trained" and result["reference_beam"] == "trained, beam 2"
+    for label, cells in rows.items():
+        got = result["rows"][label]
+        assert f"{got['sent_per_s_batch1']:.2f}" == cells[0].split()[0]
+        assert f"{got['speedup_batched']:.2f}" == cells[5].split()[0]
+        assert f"{got['speedup_over_reference_beam_batch1']:.2f}" == cells[7].split()[0]
+        assert got["at_limit"] == int(cells[6])
     with pytest.raises(SystemExit):  # a --beam_models name that is not among the models
         bench.main(["--models", f"trained={trained_dir}", "--beam_models", "teacher"])
     assert "--beam_models: teacher not among the --models names" in capsys.readouterr().err
