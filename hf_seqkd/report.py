@@ -403,8 +403,12 @@ def _place_labels(fig, ax, annotations) -> None:
 
 
 def plot_bleu_vs_speed(rows: Sequence[Mapping], path: str | os.PathLike | None = None, *,
-                       x: str = "sent_per_s_greedy_batched", y: str = "bleu_greedy", log_x: bool = True):
-    """BLEU against decoding speed, one labelled point per model (rows without both values are skipped).
+                       x: str = "sent_per_s_greedy_batched", y: str = "bleu_greedy", log_x: bool = True,
+                       beam_models: Sequence[str] | None = None):
+    """BLEU against decoding speed, one labelled point per model (rows without both values are skipped), and a
+    second point ``"<model>, beam N"`` (its beam-search BLEU and speed: ``x`` and ``y`` with ``greedy`` read as
+    ``beam``) for the ``beam_models`` (default: the teachers, by ``role`` or a name starting with ``teacher``:
+    Kim & Rush compare the student's greedy decoding with the teacher's beam search).
 
     Drawn on a ``matplotlib.figure.Figure`` with the Agg canvas (no pyplot, no global backend change).
 
@@ -416,6 +420,13 @@ def plot_bleu_vs_speed(rows: Sequence[Mapping], path: str | os.PathLike | None =
     from matplotlib.figure import Figure
 
     values = [(str(_value(r, "model")), _value(r, x), _value(r, y)) for r in rows]
+    for r in rows:
+        name = str(_value(r, "model"))
+        wanted = (name in beam_models if beam_models is not None
+                  else _value(r, "role") == "teacher" or name.startswith("teacher"))
+        if wanted and "greedy" in x and "greedy" in y:
+            values.append((f"{name}, beam {_value(r, 'num_beams') or ''}".rstrip(), _value(r, x.replace("greedy",
+                           "beam")), _value(r, y.replace("greedy", "beam"))))
     points = [(name, float(vx), float(vy)) for name, vx, vy in values
               if isinstance(vx, (int, float)) and isinstance(vy, (int, float))
               and math.isfinite(vx) and math.isfinite(vy) and vx > 0]

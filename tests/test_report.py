@@ -164,6 +164,7 @@ def test_speedup_is_relative_to_the_first_model():
 def test_write_report_files_and_plot(tmp_path):
     rows = [{"model": "teacher", "kind": "transformers", "params": 74_000_000, "nonzero_params": 74_000_000,
              "bleu_greedy": 30.5, "bleu_beam": 31.0, "sent_per_s_greedy_batched": 12.0, "test_sentences": 100,
+             "sent_per_s_beam_batched": 4.0,
              "batch_size": 32, "batch1_sentences": 20, "num_beams": 5, "threads": 2, "device": "cpu"},
             {"model": "student", "kind": "transformers", "params": 20_000_000, "nonzero_params": 4_000_000,
              "bleu_greedy": 28.25, "sent_per_s_greedy_batched": 60.0},
@@ -184,10 +185,13 @@ def test_write_report_files_and_plot(tmp_path):
 
     assert paths["plot"].read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     fig, annotations = plot_bleu_vs_speed(rows)
-    assert [a.get_text() for a in annotations] == ["teacher", "student", "student-ct2"]  # one per model with values
-    assert [tuple(a.xy) for a in annotations] == [(12.0, 30.5), (60.0, 28.25), (300.0, 28.0)]
+    # one per model with values, and the teacher's beam search
+    assert [a.get_text() for a in annotations] == ["teacher", "student", "student-ct2", "teacher, beam 5"]
+    assert [tuple(a.xy) for a in annotations] == [(12.0, 30.5), (60.0, 28.25), (300.0, 28.0), (4.0, 31.0)]
     (scatter,) = fig.axes[0].collections
-    np.testing.assert_allclose(scatter.get_offsets(), [[12.0, 30.5], [60.0, 28.25], [300.0, 28.0]])
+    np.testing.assert_allclose(scatter.get_offsets(), [[12.0, 30.5], [60.0, 28.25], [300.0, 28.0], [4.0, 31.0]])
+    _, annotations = plot_bleu_vs_speed(rows, beam_models=[])
+    assert [a.get_text() for a in annotations] == ["teacher", "student", "student-ct2"]
     assert fig.axes[0].get_xscale() == "log"
 
 
