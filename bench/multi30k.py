@@ -82,7 +82,7 @@ PRESETS = {
         max_tokens_per_batch=6000, ckd_mappings=("skip", "regular_comb", "overlap_comb"),
         sparsities=(0.5, 0.8, 0.9), prune_epochs=1, batch1_samples=200, bf16=False, test_samples=None,
         teacher_dtype="bfloat16", corpus_backend="ctranslate2", batch1_beam="first",
-        split_punctuation=True, student_jobs=2,
+        split_punctuation=True, student_jobs=2, teacher_study=None, students=None,
         # the stages the claims compare, trained with every seed (the teacher and its corpus are fixed: see the
         # docstring); the first seed's stage keeps the plain name, the others are `<stage>_seed<seed>`. The CKD maps
         # run once: six more 30-minute stages did not fit the 2-core machine's budget, so the CKD claim stays "not
@@ -99,7 +99,7 @@ PRESETS = {
         max_tokens_per_batch=None, ckd_mappings=("skip", "regular_comb", "overlap_comb", "cross_comb"),
         sparsities=(0.5, 0.8, 0.9), prune_epochs=3, batch1_samples=500, bf16=True, test_samples=None,
         teacher_dtype="bfloat16", corpus_backend="transformers", batch1_beam="all", split_punctuation=True,
-        student_jobs=1, seeds=(0, 1, 2),
+        student_jobs=1, teacher_study=None, students=None, seeds=(0, 1, 2),
         seeded_stages=("baseline", "word_kd", "seq_kd", "seq_kd_word_kd", "baseline_seq_inter",
                        "seq_kd_seq_inter_word_kd", "ckd_skip", "ckd_regular_comb", "ckd_overlap_comb",
                        "ckd_cross_comb", "hybrid"),
@@ -114,7 +114,7 @@ PRESETS = {
         max_tokens_per_batch=None, ckd_mappings=("skip", "regular_comb"),
         sparsities=(0.5, 0.8), prune_epochs=1, batch1_samples=20, bf16=False, test_samples=100,
         teacher_dtype="bfloat16", corpus_backend="ctranslate2", batch1_beam="first", split_punctuation=True,
-        student_jobs=2, seeds=(0, 1), seeded_stages=("baseline", "seq_kd"),
+        student_jobs=2, teacher_study=None, students=None, seeds=(0, 1), seeded_stages=("baseline", "seq_kd"),
     ),
 }
 
@@ -126,6 +126,19 @@ PRESETS["gpu_check"] = dict(
     PRESETS["gpu"], train_samples=8000, teacher_epochs=4, student_epochs=1, finetune_epochs=1, warmup_steps=100,
     nbest_size=5, ckd_mappings=("skip",), sparsities=(0.5,), prune_epochs=1, batch1_samples=10, test_samples=200,
     batch1_beam="first", seeds=(0,), seeded_stages=("baseline", "word_kd", "seq_kd"))
+
+# The cpu preset's methods trained 5 epochs, as long as the plain-Transformers reference of shared/PAPERS.md (students
+# 2 x 128, 29.6 / 33.2 greedy BLEU without KD / with Seq-KD), one seed, split over two presets that reuse the cpu
+# study's teacher and Seq-KD corpus (`teacher_study`) so that each fits in about two hours on the 2-core CPU, two
+# students side by side (an estimate from the cpu preset's 3-epoch stage times; not run yet): the sequence-level
+# methods with the staged student's pruning and CTranslate2 export, and the word-level ones (CKD's skip map against
+# one combination, the hybrid).
+PRESETS["cpu5_sequence"] = dict(
+    PRESETS["cpu"], teacher_study="runs/multi30k_cpu", student_epochs=5, seeds=(0,), seeded_stages=(),
+    students=("baseline", "seq_kd", "seq_kd_word_kd", "baseline_seq_inter", "seq_kd_seq_inter_word_kd"))
+PRESETS["cpu5_word"] = dict(
+    PRESETS["cpu"], teacher_study="runs/multi30k_cpu", student_epochs=5, seeds=(0,), seeded_stages=(),
+    students=("word_kd", "ckd_skip", "ckd_regular_comb", "hybrid"))
 
 SOURCE_LANG, TARGET_LANG, TEST_SPLIT = "de", "en", "test_2016_flickr"
 
@@ -220,6 +233,11 @@ class Study:
         self.preset_name, self.p = preset, {**self.presets[preset], **overrides}
         self.work_dir, self.data_dir = os.path.abspath(work_dir), data_dir
         self.stage_dir = os.path.join(self.work_dir, "stages")
+        # a study may reuse another's tokenizer, teacher and Seq-KD corpus (``teacher_study``), running its own
+        # students only: the same teacher (trained once) for the study's presets that compare students
+        teacher_study = self.p.get("teacher_study")
+        self.teacher_study_dir = self.work_dir if not teacher_study else (
+            teacher_study if os.path.isabs(teacher_study) else os.path.join(REPO, teacher_study))
         os.makedirs(self.stage_dir, exist_ok=True)
         # a work folder holds one study: resuming it with other settings would mix two studies' stages
         settings = os.path.join(self.work_dir, "settings.json")
@@ -231,9 +249,23 @@ class Study:
                 raise ValueError(f"{self.work_dir} holds a study with {earlier}, not {mine}: use another --work_dir")
         elif os.listdir(self.stage_dir) == []:
             _write_json(settings, mine)
-        self.tokenizer_dir = os.path.join(self.work_dir, "tokenizer")
-        self.teacher_dir = os.path.join(self.work_dir, "teacher")
-        self.cache_dir = os.path.join(self.work_dir, "seqkd_cache")
+        self.tokenizer_dir = os.path.join(self.teacher_study_dir, "tokenizer")
+        self.teacher_dir = os.path.join(self.teacher_study_dir, "teacher")
+        self.cache_dir = os.path.join(self.teacher_study_dir, "seqkd_cache")
+
+    TEACHER_STAGES = ("tokenizer", "teacher", "seqkd_corpus")
+
+    def check_teacher_study(self) -> None:
+        """With ``teacher_study``: that study has finished its teacher stages, else ``SystemExit`` saying how."""
+        if self.teacher_study_dir == self.work_dir:
+            return
+        missing = [s for s in self.TEACHER_STAGES
+                   if not os.path.exists(os.path.join(self.teacher_study_dir, "stages", f"{s}.json"))]
+        if missing:
+            raise SystemExit(f"preset {self.preset_name} needs the stages {', '.join(missing)} of the study in "
+                             f"{self.teacher_study_dir} (teacher_study): run bench/multi30k.py --work_dir "
+                             f"{self.teacher_study_dir} --stages tokenizer teacher teacher_ctranslate2 seqkd_corpus "
+                             "with its preset, or point --set teacher_study=DIR at a study that has them")
 
     # ------------------------------------------------------------------------------------------ bookkeeping
     def marker(self, stage: str) -> str:
@@ -295,14 +327,17 @@ class Study:
 
     # --------------------------------------------------------------------------------------------- stages
     def stages(self) -> list[tuple[str, callable]]:
-        stages = [("tokenizer", self.train_tokenizer), ("teacher", self.train_teacher)]
-        if self.p["corpus_backend"] == "ctranslate2":
-            stages += [("teacher_ctranslate2", self.convert_teacher)]
-        stages += [("seqkd_corpus", self.build_corpus)]
+        stages = []
+        if self.teacher_study_dir == self.work_dir:  # this study trains its own teacher
+            stages += [("tokenizer", self.train_tokenizer), ("teacher", self.train_teacher)]
+            if self.p["corpus_backend"] == "ctranslate2":
+                stages += [("teacher_ctranslate2", self.convert_teacher)]
+            stages += [("seqkd_corpus", self.build_corpus)]
         stages += [(name, lambda name=name, spec=spec: self.train_student(name, **spec))
                    for name, spec in self.student_specs()]
-        stages += [("prune", self.prune), ("ctranslate2", self.export_ctranslate2), ("evaluate", self.evaluate)]
-        return stages
+        if self.BEST in dict(self.student_specs()):
+            stages += [("prune", self.prune), ("ctranslate2", self.export_ctranslate2)]
+        return stages + [("evaluate", self.evaluate)]
 
     def student_specs(self) -> list[tuple[str, dict]]:
         """Each student stage's name and its ``train_student`` options, in study order."""
@@ -319,6 +354,8 @@ class Study:
                      for m in self.p["ckd_mappings"]]
         # Hybrid (Wei et al. 2024): alpha = 1 is the paper's objective, g * L_token + (1 - g) * L_sentence
         students += [("hybrid", dict(kd_target="target", alpha=1.0, hybrid_gate="scalar"))]
+        if self.p.get("students") is not None:  # a preset that runs some of the methods
+            students = [(name, spec) for name, spec in students if name in self.p["students"]]
         seeded, first_seed = self.p["seeded_stages"], list(students)
         for seed in self.p["seeds"][1:]:
             for name, spec in first_seed:
@@ -333,7 +370,8 @@ class Study:
         in, each with the stages it needs finished first: the chain seq_kd -> the staged student -> prune goes first
         (it is the longest), then hybrid (the longest single stage), then the others in study order."""
         needs = {name: [spec["init"]] if spec.get("init") else [] for name, spec in self.student_specs()}
-        needs["prune"] = [self.BEST]
+        if self.BEST in needs:
+            needs["prune"] = [self.BEST]
         first = [n for n in ("seq_kd", "hybrid", self.BEST, "prune") if n in needs]
         return {n: needs[n] for n in first + [n for n in needs if n not in first]}
 
@@ -417,7 +455,7 @@ class Study:
 
     @property
     def teacher_ct2_dir(self) -> str:
-        return os.path.join(self.work_dir, "ctranslate2", "teacher_float32")
+        return os.path.join(self.teacher_study_dir, "ctranslate2", "teacher_float32")
 
     def convert_teacher(self):
         """The teacher in CTranslate2, float32 (the same model), for the Seq-KD corpus's beam search."""
@@ -960,6 +998,7 @@ def main(argv=None, study_class=Study):
     for name in args.redo:
         if study.done(name):
             os.remove(study.marker(name))
+    study.check_teacher_study()
     print(f"[multi30k] preset {args.preset}, work dir {study.work_dir}, {machine()}")
     print(f"[multi30k] command: {' '.join([os.path.basename(sys.executable)] + sys.argv)}", flush=True)
     start = time.perf_counter()

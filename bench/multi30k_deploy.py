@@ -94,7 +94,6 @@ PRESETS = {
 }
 
 VALIDATION_SPLIT = "validation"
-TEACHER_STAGES = ("tokenizer", "teacher", "seqkd_corpus")
 
 
 def shape_name(shape) -> str:
@@ -128,29 +127,6 @@ def choose_shapes(rows: list[dict], targets: dict[str, float], trials: int) -> t
 class DeployStudy(multi30k.Study):
     presets = PRESETS
     script = os.path.abspath(__file__)
-
-    def __init__(self, preset: str, work_dir: str, data_dir: str, overrides: dict | None = None):
-        super().__init__(preset, work_dir, data_dir, overrides)
-        teacher_study = self.p["teacher_study"]
-        self.teacher_study_dir = teacher_study if os.path.isabs(teacher_study) else os.path.join(REPO, teacher_study)
-        # the teacher study's tokenizer, teacher and Seq-KD corpus (the same corpus settings: the cache finds it)
-        self.tokenizer_dir = os.path.join(self.teacher_study_dir, "tokenizer")
-        self.teacher_dir = os.path.join(self.teacher_study_dir, "teacher")
-        self.cache_dir = os.path.join(self.teacher_study_dir, "seqkd_cache")
-
-    @property
-    def teacher_ct2_dir(self) -> str:
-        return os.path.join(self.teacher_study_dir, "ctranslate2", "teacher_float32")
-
-    def check_teacher_study(self) -> None:
-        missing = [s for s in TEACHER_STAGES if not os.path.exists(os.path.join(self.teacher_study_dir, "stages",
-                                                                                f"{s}.json"))]
-        if missing:
-            raise SystemExit(f"the deploy study needs the stages {', '.join(missing)} of the study in "
-                             f"{self.teacher_study_dir} (teacher_study): run bench/multi30k.py --preset "
-                             f"{self.preset_name.replace('deploy', '').strip('_') or 'cpu'} --work_dir "
-                             f"{self.teacher_study_dir} --stages tokenizer teacher teacher_ctranslate2 seqkd_corpus, "
-                             "or point --set teacher_study=DIR at a study that has them")
 
     # --------------------------------------------------------------------------------------------- stages
     STUDENT = "seq_inter_word_kd"  # the deployable student: Seq-KD, then the Seq-Inter fine-tune with Word-KD

@@ -155,3 +155,29 @@ def test_gpu_preset_on_a_machine_without_gpu_stops_with_a_clear_error(multi30k, 
     with pytest.raises(SystemExit, match="trains in bfloat16 on a GPU, and this machine has none"):
         multi30k.main(["--preset", "gpu", "--work_dir", str(tmp_path / "study"), "--data_dir", str(tmp_path / "data")])
     assert not os.path.exists(tmp_path / "study" / "tokenizer")  # no stage started
+
+
+def test_a_preset_can_reuse_another_studys_teacher_and_run_some_methods(multi30k, tmp_path):
+    """cpu5_* presets: the cpu study's tokenizer, teacher and corpus, their own students (5 epochs), checked first."""
+    teacher_study = tmp_path / "cpu_study"
+    study = multi30k.Study("cpu5_word", str(tmp_path / "word"), "data", {"teacher_study": str(teacher_study)})
+    assert [n for n, _ in study.stages()] == ["word_kd", "ckd_skip", "ckd_regular_comb", "hybrid", "evaluate"]
+    assert study.teacher_dir == str(teacher_study / "teacher") and study.cache_dir == str(teacher_study /
+                                                                                         "seqkd_cache")
+    assert study.teacher_ct2_dir.startswith(str(teacher_study))
+    assert "--num_train_epochs" in (args := study.training_args("out", study.p["student_epochs"], 1e-3))
+    assert args[args.index("--num_train_epochs") + 1] == "5"
+    with pytest.raises(SystemExit, match="tokenizer, teacher, seqkd_corpus of the study in"):
+        study.check_teacher_study()
+    (teacher_study / "stages").mkdir(parents=True)
+    for stage in ("tokenizer", "teacher", "seqkd_corpus"):
+        (teacher_study / "stages" / f"{stage}.json").write_text("{}")
+    study.check_teacher_study()  # now there
+
+    sequence = multi30k.Study("cpu5_sequence", str(tmp_path / "sequence"), "data")
+    assert [n for n, _ in sequence.stages()] == ["baseline", "seq_kd", "seq_kd_word_kd", "baseline_seq_inter",
+                                                 "seq_kd_seq_inter_word_kd", "prune", "ctranslate2", "evaluate"]
+    assert sequence.side_by_side_needs()["prune"] == ["seq_kd_seq_inter_word_kd"]
+    own = multi30k.Study("cpu", str(tmp_path / "own"), "data")  # the cpu study trains its own teacher
+    assert [n for n, _ in own.stages()][:4] == ["tokenizer", "teacher", "teacher_ctranslate2", "seqkd_corpus"]
+    own.check_teacher_study()
