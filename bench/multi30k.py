@@ -550,6 +550,10 @@ class Study:
         """The papers' claims checked on the evaluation's rows (by model name): :func:`_findings`."""
         return _findings(rows, self.test_references(), tokenize)
 
+    def report_lines(self) -> list[str]:
+        """More Markdown for the report, after the stage times (none here; the deploy study adds its measurements)."""
+        return []
+
     def extra_results(self) -> dict:
         """More of the study's results for its JSON file (none here; the deploy study adds its measurements)."""
         return {}
@@ -794,7 +798,7 @@ def write_study_report(study: "Study", path: str, results_dir: str | None = None
 
     from hf_seqkd.report import report_table, signature_line
 
-    lines = [f"## Multi30k study, preset `{study.preset_name}` (`bench/multi30k.py`)", ""]
+    lines = [f"## Multi30k study, preset `{study.preset_name}` (`bench/{os.path.basename(study.script)}`)", ""]
     records = []
     for name, _ in study.stages():
         if study.done(name):
@@ -827,6 +831,7 @@ def write_study_report(study: "Study", path: str, results_dir: str | None = None
     pending = [n for n, _ in study.stages() if not study.done(n)]
     if pending:
         lines += ["", f"Not run yet: {', '.join(pending)}."]
+    lines += study.report_lines()
     results = os.path.join(study.work_dir, "report", "results.json")
     if os.path.exists(results):
         with open(results) as f:

@@ -377,6 +377,39 @@ class DeployStudy(multi30k.Study):
         return deploy_findings(rows, self.stage_result("decode_speed") if self.done("decode_speed") else None,
                                self.p, self.STUDENT)
 
+    def report_lines(self) -> list[str]:
+        """The shapes' speeds, the quality trials, each training stage's validation BLEU per epoch, the decoding
+        speed-ups over the teacher's beam search."""
+        lines = []
+        if self.done("shapes"):
+            r = self.stage_result("shapes")
+            teacher = r["teacher_sent_per_s_beam_batch1"]
+            lines += ["", f"Shapes (random weights, {r['sentences']} validation sentences one at a time, "
+                          f"{r['tokens_per_sentence']} tokens each, {r['rounds']} interleaved rounds; the teacher "
+                          f"({r['teacher_params']:,} parameters) with beam {self.p['num_beams']}: "
+                          f"{teacher['transformers']:.1f} sentences/s in Transformers, {teacher['ctranslate2']:.1f} "
+                          f"in CTranslate2 int8; budget {r['budget']:,} parameters; targets: "
+                          f"{r['targets']['transformers']:g}x and {r['targets']['ctranslate2']:g}x):", "",
+                      "| shape (d, encoder, decoder, ffn, heads) | parameters | within budget | sent/s Transformers "
+                      "| speed-up | sent/s CTranslate2 int8 | speed-up |",
+                      "| --- | ---: | --- | ---: | ---: | ---: | ---: |"]
+            for row in r["rows"]:
+                speed, up = row.get("sent_per_s_batch1"), row.get("speedup")
+                cells = ([f"{speed['transformers']:.1f}", f"{up['transformers']:.2f}x", f"{speed['ctranslate2']:.1f}",
+                          f"{up['ctranslate2']:.2f}x"] if speed else ["", "", "", ""])
+                lines.append(f"| {tuple(row['shape'])} | {row['params']:,} | {'yes' if row['within_budget'] else 'no'}"
+                             f" | " + " | ".join(cells) + " |")
+            lines += ["", f"Chosen for the quality trial: {r['why']}."]
+        if self.done("shape_trials"):
+            lines += ["", f"Quality trial: {self.stage_result('shape_trials')['why']}."]
+        for stage in ("seq_kd", self.STUDENT, "prune_oneshot", "prune_gradual", "prune_gradual_retrain"):
+            if self.done(stage):
+                history = self.stage_result(stage)
+                scores = ", ".join(f"{b:.2f}" for _, b in history.get("validation_bleu_per_epoch", []))
+                lines += ["", f"`{stage}`: validation BLEU (greedy) per epoch {scores}; best "
+                              f"{history.get('best_validation_bleu')}, {history.get('epochs_trained')} epochs."]
+        return lines
+
     def extra_results(self) -> dict:
         extra = {}
         for stage in ("shapes", "shape_trials", "decode_speed", "seq_kd", self.STUDENT, "prune_oneshot",
