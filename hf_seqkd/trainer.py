@@ -394,6 +394,18 @@ class DistillationTrainer(Seq2SeqTrainer):
         with self.distillation_modules.attached_to(self.accelerator.unwrap_model(self.model)):
             return super().train(*args, **kwargs)
 
+    def _save_checkpoint(self, model, trial):
+        """``Seq2SeqTrainer._save_checkpoint``, also when training resumed from a checkpoint of a run that had fewer
+        stateful callbacks (e.g. early stopping added on resuming): Transformers replaces its state with the
+        checkpoint's and then fails on the first save, looking up the new callback's entry (``KeyError:
+        'EarlyStoppingCallback'``), so the entries are added first."""
+        from transformers.trainer_callback import ExportableState
+
+        for callback in self.callback_handler.callbacks:
+            if isinstance(callback, ExportableState):
+                self.state.stateful_callbacks.setdefault(type(callback).__name__, callback.state())
+        return super()._save_checkpoint(model, trial)
+
     def create_optimizer(self, model=None):
         """``Seq2SeqTrainer.create_optimizer`` (which sees the auxiliary modules as part of the model); a learned
         gate gets a group of its own with ``hybrid_gate_learning_rate`` (default a tenth of ``learning_rate``) and no

@@ -253,6 +253,26 @@ def test_early_stopping_stops_when_validation_stops_improving(tmp_path, train_se
     assert steps == {None: 40, 2: 3}
 
 
+def test_early_stopping_can_be_added_when_resuming(tmp_path, train_set, tiny_marian, tokenizer):
+    """A run saved without early stopping, resumed with it: Transformers alone fails at the first save
+    (``KeyError: 'EarlyStoppingCallback'``, the checkpoint's state has no entry for it); here it goes on and saves."""
+    from hf_seqkd import DistillationDataCollator
+
+    settings = dict(alpha=0.0, eval_strategy="steps", eval_steps=2, save_strategy="steps", save_steps=2,
+                    metric_for_best_model="loss", load_best_model_at_end=True)
+
+    def trainer(**kw):
+        return DistillationTrainer(model=copy.deepcopy(tiny_marian), train_dataset=train_set,
+                                   eval_dataset=train_set.select(range(4)),
+                                   data_collator=DistillationDataCollator(tokenizer, tiny_marian),
+                                   args=_args(tmp_path, **settings, **kw))
+
+    trainer(max_steps=2).train()
+    resumed = trainer(max_steps=4, early_stopping_patience=3)
+    resumed.train(resume_from_checkpoint=str(tmp_path / "checkpoint-2"))
+    assert resumed.state.global_step == 4 and (tmp_path / "checkpoint-4" / "trainer_state.json").exists()
+
+
 def test_early_stopping_settings_are_checked(tmp_path):
     def make(**kw):
         return DistillationTrainingArguments(output_dir=str(tmp_path), report_to=[], **kw)
