@@ -14,7 +14,8 @@ the gpu preset's for ``deploy_gpu``), and runs its own stages, each resumable li
                     interleaved rounds, every model decoding the same fixed number of tokens (``shape_tokens``: the
                     cost of a shape, not of what a random model happens to output);
  2. ``shape_trials`` the ``shape_trials`` largest shapes that meet both speed targets (the closest ones when none
-                    does) trained ``trial_epochs`` of Seq-KD each; the best validation BLEU is the student's shape.
+                    does) and the ``reference_shape`` (the cpu study's symmetric student) trained ``trial_epochs``
+                    of Seq-KD each; the best validation BLEU is the student's shape.
                     Speed first, then quality, as the issue asks; the stage record says why the shape won;
  3. ``seq_kd``      the winning trial continued on the teacher's beam output (Seq-KD) until validation BLEU stops
                     improving (``patience`` evaluations, one per epoch; the best checkpoint kept): a trial is the
@@ -75,6 +76,7 @@ DEPLOY = dict(
     shape_tokens=16, shape_sentences=40, shape_rounds=5,  # the shape timing: tokens per sentence, batch 1
     speed_target_ctranslate2=5.0, speed_target_transformers=3.0,  # greedy student / beam-5 teacher, batch 1
     shape_trials=2, trial_epochs=3,  # one epoch did not tell the shapes apart (both 1.38 validation BLEU)
+    reference_shape=CPU_SHAPES[0],  # always in the quality trial: the cpu study's symmetric student
     max_epochs=30, patience=3, finetune_max_epochs=10, prune_max_epochs=10,
     sparsity=0.8, gradual_events=8, gradual_epochs=2, gradual_ramp=0.75,
     speed_rounds=5, speed_batch1_sentences=100, speed_batched_sentences=320, eval_batch_size=64,
@@ -84,10 +86,12 @@ PRESETS = {
     "deploy": dict(multi30k.PRESETS["cpu"], **DEPLOY),
     # the gpu study's teacher (6 x 512), in bf16 (not run yet)
     "deploy_gpu": dict(multi30k.PRESETS["gpu"], **dict(DEPLOY, teacher_study="runs/multi30k_gpu", shapes=GPU_SHAPES,
+                                                       reference_shape=GPU_SHAPES[0],
                                                        shape_sentences=100, speed_batch1_sentences=500)),
     # every stage end to end on the smoke study's tiny models (minutes; numbers mean nothing)
     "deploy_smoke": dict(multi30k.PRESETS["smoke"], **dict(
         DEPLOY, teacher_study="runs/multi30k_smoke", shapes=((32, 1, 1, 64, 4), (32, 2, 1, 64, 4)),
+        reference_shape=(32, 1, 1, 64, 4),
         max_params_ratio=1.0, shape_tokens=4, shape_sentences=3, shape_rounds=2, shape_trials=2, trial_epochs=1,
         max_epochs=2, patience=1, finetune_max_epochs=1, prune_max_epochs=1, gradual_events=2, gradual_epochs=1,
         speed_rounds=1, speed_batch1_sentences=3, speed_batched_sentences=6, eval_batch_size=16)),
@@ -211,8 +215,10 @@ class DeployStudy(multi30k.Study):
 
     # 2. quality of the fast shapes --------------------------------------------------------------------------------
     def shape_trials(self):
-        """The fast shapes trained ``trial_epochs`` of Seq-KD each; the best validation BLEU wins."""
+        """The fast shapes trained ``trial_epochs`` of Seq-KD each, beside the reference shape (the symmetric student
+        of the cpu study: whether the fast shapes learn as well); the best validation BLEU wins."""
         shapes = [tuple(s) for s in self.stage_result("shapes")["trial_shapes"]]
+        shapes += [tuple(self.p["reference_shape"])] if tuple(self.p["reference_shape"]) not in shapes else []
         trials = []
         for shape in shapes:
             output = self.trial_dir(shape)
