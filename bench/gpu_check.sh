@@ -102,16 +102,12 @@ if [[ -z ${DATA_DIR:-} || ! -f $DATA_DIR/train.de.gz ]]; then
     if [[ $DRY == 1 ]]; then
         DATA_DIR=$RUN/toy_multi30k
         DATA_NOTE="no Multi30k found: a synthetic stand-in (hf_seqkd.make_toy_corpus) in $DATA_DIR"
-        "$PYTHON" - "$DATA_DIR" <<'EOF' || { echo "gpu_check.sh: could not write the stand-in corpus" >&2; exit 2; }
-import gzip, os, sys
-from hf_seqkd import make_toy_corpus
-folder = sys.argv[1]
-os.makedirs(folder, exist_ok=True)
-corpus = make_toy_corpus(num_train=400, num_test=40, seed=0)
-for split, name in (("train", "train"), ("validation", "val"), ("test", "test_2016_flickr")):
-    for column, lang in (("source", "de"), ("target", "en")):
-        with gzip.open(os.path.join(folder, f"{name}.{lang}.gz"), "wt", encoding="utf-8") as f:
-            f.write("\n".join(corpus[split][column]) + "\n")
+        "$PYTHON" - "$REPO" "$DATA_DIR" <<'EOF' || { echo "gpu_check.sh: could not write the stand-in corpus" >&2; exit 2; }
+import importlib.util, os, sys
+spec = importlib.util.spec_from_file_location("bench_multi30k", os.path.join(sys.argv[1], "bench", "multi30k.py"))
+multi30k = importlib.util.module_from_spec(spec)
+spec.loader.exec_module(multi30k)
+multi30k.write_stand_in_corpus(sys.argv[2], num_train=400, num_test=40)
 EOF
     else
         echo "gpu_check.sh: no Multi30k corpus found (set DATA_DIR to a folder with train.de.gz ...)" >&2

@@ -143,6 +143,23 @@ PRESETS["cpu5_word"] = dict(
 SOURCE_LANG, TARGET_LANG, TEST_SPLIT = "de", "en", "test_2016_flickr"
 
 
+def write_stand_in_corpus(folder: str, num_train: int = 400, num_test: int = 40, seed: int = 0) -> str:
+    """A synthetic corpus in Multi30k's layout (``train``, ``val``, ``test_2016_flickr`` .de.gz / .en.gz, one
+    sentence per line; ``hf_seqkd.make_toy_corpus``) for checks that must run without the real one; returns
+    ``folder``."""
+    import gzip
+
+    from hf_seqkd import make_toy_corpus
+
+    os.makedirs(folder, exist_ok=True)
+    corpus = make_toy_corpus(num_train=num_train, num_test=num_test, seed=seed)
+    for split, name in (("train", "train"), ("validation", "val"), ("test", TEST_SPLIT)):
+        for column, lang in (("source", SOURCE_LANG), ("target", TARGET_LANG)):
+            with gzip.open(os.path.join(folder, f"{name}.{lang}.gz"), "wt", encoding="utf-8") as f:
+                f.write("\n".join(corpus[split][column]) + "\n")
+    return folder
+
+
 def seeded_name(stage: str, seed: int) -> str:
     """The stage of ``stage`` trained with another seed: ``baseline`` -> ``baseline_seed1``."""
     return f"{stage}_seed{seed}"

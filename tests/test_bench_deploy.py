@@ -1,6 +1,5 @@
 """bench/multi30k_deploy.py: the shape rule, the targets' verdicts, and every stage end to end on tiny models."""
 
-import gzip
 import importlib.util
 import json
 import os
@@ -65,17 +64,6 @@ def test_targets_are_judged_with_their_thresholds(deploy):
     assert "not met, by 0.10" in deploy.deploy_findings(rows, None, p, "s")[0]
 
 
-def _toy_multi30k(folder):
-    from hf_seqkd import make_toy_corpus
-
-    os.makedirs(folder, exist_ok=True)
-    corpus = make_toy_corpus(num_train=300, num_test=30, seed=0)
-    for split, name in (("train", "train"), ("validation", "val"), ("test", "test_2016_flickr")):
-        for column, lang in (("source", "de"), ("target", "en")):
-            with gzip.open(os.path.join(folder, f"{name}.{lang}.gz"), "wt", encoding="utf-8") as f:
-                f.write("\n".join(corpus[split][column]) + "\n")
-
-
 def test_every_stage_runs_end_to_end_on_tiny_models(deploy, tmp_path, monkeypatch):
     from transformers import AutoModelForSeq2SeqLM
 
@@ -83,7 +71,7 @@ def test_every_stage_runs_end_to_end_on_tiny_models(deploy, tmp_path, monkeypatc
 
     monkeypatch.setenv("OMP_NUM_THREADS", "1")
     data, teacher_study, work = tmp_path / "data", tmp_path / "teacher_study", tmp_path / "deploy"
-    _toy_multi30k(data)
+    deploy.multi30k.write_stand_in_corpus(str(data), num_train=300, num_test=30)
     common = ["--data_dir", str(data), "--threads", "1", "--set", "train_samples=None"]
     deploy.multi30k.main(["--preset", "smoke", "--work_dir", str(teacher_study), "--stages", "tokenizer", "teacher",
                           "teacher_ctranslate2", "seqkd_corpus", *common])
