@@ -4,6 +4,10 @@
     accelerate launch bench/multi30k.py --preset gpu      # Transformer-base teacher, one GPU (not run yet)
     python bench/multi30k.py --preset smoke               # minutes: every stage on tiny models and 2,000 pairs
     python bench/multi30k.py --preset cpu --list          # the stages and whether they are done
+    python bench/multi30k.py --preset cpu5_sequence       # every method 5 epochs, split over two presets that
+    python bench/multi30k.py --preset cpu5_word           #   reuse the cpu study's teacher (``teacher_study``)
+
+(The deployable student, issue 17, is ``bench/multi30k_deploy.py``: a study of its own built on this one.)
 
 Everything runs through the project's own recipes (``recipes/seq_kd.py``,
 ``recipes/prune.py``, ``recipes/evaluate.py``) and library (``train_tokenizer``, ``build_seqkd_dataset``,
