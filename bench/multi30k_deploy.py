@@ -139,7 +139,7 @@ class DeployStudy(multi30k.Study):
         return [("shapes", self.measure_shapes), ("shape_trials", self.shape_trials),
                 ("seq_kd", self.train_seq_kd),
                 (self.STUDENT, lambda: self.train_converged(self.STUDENT, kd_target="seq_inter_target", alpha=0.5,
-                                                            init="seq_kd")),
+                                                            init="seq_kd", card=True)),
                 ("prune_oneshot", self.prune_oneshot), ("prune_gradual", self.prune_gradual),
                 ("prune_gradual_retrain", self.prune_gradual_retrain), ("ctranslate2", self.export_ctranslate2),
                 ("decode_speed", self.decode_speed), ("evaluate", self.evaluate)]
@@ -284,13 +284,21 @@ class DeployStudy(multi30k.Study):
             argv = argv + ["--resume_from_checkpoint", found[-1]]
         return multi30k.load_recipe(recipe).main(argv)
 
-    def train_converged(self, name: str, *, kd_target: str, alpha: float, init: str):
-        """A fine-tuning stage from ``init`` until validation BLEU stops improving."""
+    def card_evaluation_args(self) -> list[str]:
+        """The recipe's own test-set evaluation (after training and the choices made on validation), so that the
+        deployed models' cards carry their test BLEU beside the teacher's; the other stages skip it."""
+        return ["--test_split", multi30k.TEST_SPLIT, "--evaluate_teacher", "true", "--eval_num_beams", "1",
+                str(self.p["num_beams"])] + self.test_sample_args()
+
+    def train_converged(self, name: str, *, kd_target: str, alpha: float, init: str, card: bool = False):
+        """A fine-tuning stage from ``init`` until validation BLEU stops improving (``card``: its model card carries
+        the test results)."""
         p = self.p
         epochs, lr, output = p["finetune_max_epochs"], p["finetune_lr"], self.student_dir(name)
         start = time.perf_counter()
         self.run_recipe("seq_kd", self.distillation_args(kd_target, alpha, init=init)
-                        + self.training_args(output, epochs, lr) + self.validation_args(p["patience"]), output)
+                        + self.training_args(output, epochs, lr) + self.validation_args(p["patience"])
+                        + (self.card_evaluation_args() if card else []), output)
         return {"kd_target": kd_target, "alpha": alpha, "init": init, "max_epochs": epochs, "learning_rate": lr,
                 "seconds_this_attempt": time.perf_counter() - start, **training_history(output)}
 
@@ -302,6 +310,8 @@ class DeployStudy(multi30k.Study):
                 "--alpha", "0", "--test_split", "none", "--eval_num_beams", "1"]
         if events > 1:
             argv += ["--pruning_events", str(events), "--pruning_ramp", str(p["gradual_ramp"])]
+        else:  # a final pruned model: its card carries its test results beside the unpruned student's
+            argv += self.card_evaluation_args()
         argv += self.common_data_args() + self.seqkd_args()
         argv += self.training_args(output, epochs, p["finetune_lr"]) + self.validation_args(patience)
         return argv

@@ -101,6 +101,15 @@ def test_every_stage_runs_end_to_end_on_tiny_models(deploy, tmp_path, monkeypatc
         report = sparsity_report(AutoModelForSeq2SeqLM.from_pretrained(study.pruned_dir(stage)))
         assert pruned_sparsity(report) == pytest.approx(0.8, abs=0.01), stage
 
+    # the deployed models' cards carry their test results (the other stages skip the recipes' evaluation)
+    from huggingface_hub import ModelCard
+
+    for folder in (study.student_dir(study.STUDENT), study.pruned_dir("prune_oneshot"),
+                   study.pruned_dir("prune_gradual_retrain")):
+        assert ModelCard.load(os.path.join(folder, "README.md")).data.to_dict().get("model-index"), folder
+    assert not ModelCard.load(os.path.join(study.student_dir("seq_kd"), "README.md")).data.to_dict().get(
+        "model-index")
+
     speed = study.stage_result("decode_speed")
     assert speed["transformers"]["reference_beam"] == "teacher, beam 3"
     assert speed["transformers"]["rows"][study.STUDENT]["speedup_over_reference_beam_batch1"] > 0

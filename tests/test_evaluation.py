@@ -130,11 +130,13 @@ def test_translations_do_not_depend_on_the_batching_even_with_left_padding(token
     assert beam_one == beam_batched
 
 
-def test_validation_lets_translations_run_as_long_as_the_targets(tmp_path, tokenizer, toy_corpus):
+@pytest.mark.parametrize("sampling", ["random", "group_by_length"])
+def test_validation_lets_translations_run_as_long_as_the_targets(tmp_path, tokenizer, toy_corpus, sampling):
     """A copy task with 12-35-token targets and a student whose generation config says max_length=20 (every model
     built from a config): a model that reproduces each reference scores 100 in validation, as it would in the final
     evaluation, instead of being cut at 20 tokens. The 'model' is the reference itself, emitted by a stand-in
-    generate that honours the limit it is given."""
+    generate that honours the limit it is given. With length-grouped training batches too (Transformers 5 groups
+    the evaluation set as well, and the predictions then met other sentences' references)."""
     from datasets import Dataset
 
     from hf_seqkd import (
@@ -170,7 +172,8 @@ def test_validation_lets_translations_run_as_long_as_the_targets(tmp_path, token
                                   processing_class=tokenizer,
                                   compute_metrics=make_compute_metrics(tokenizer, references=texts),
                                   args=training_args(tmp_path, alpha=0.0, predict_with_generate=True,
-                                                     per_device_eval_batch_size=8))
+                                                     per_device_eval_batch_size=8,
+                                                     train_sampling_strategy=sampling))
     metrics = trainer.evaluate()
     assert metrics["eval_bleu"] == pytest.approx(100.0)
     assert metrics["eval_gen_len"] == pytest.approx(sum(lengths) / len(lengths))
