@@ -219,16 +219,31 @@ class DeployStudy(multi30k.Study):
         of the cpu study: whether the fast shapes learn as well); the best validation BLEU wins."""
         shapes = [tuple(s) for s in self.stage_result("shapes")["trial_shapes"]]
         shapes += [tuple(self.p["reference_shape"])] if tuple(self.p["reference_shape"]) not in shapes else []
+        # each trial's last checkpoint (what the seq_kd stage continues) scored on the validation split
         trials = []
         for shape in shapes:
             output = self.trial_dir(shape)
             self.run_recipe("seq_kd", self.seq_kd_args(output, self.p["trial_epochs"], shape), output)
-            trials.append({"shape": list(shape), "validation_bleu": best_validation_bleu(output)})
+            trials.append({"shape": list(shape), "validation_bleu": self.validation_bleu(last_checkpoint(output))})
         best = max(trials, key=lambda t: t["validation_bleu"])
-        why = (f"of the shapes that passed the speed measurement, {shape_name(best['shape'])} scored the best "
-               f"validation BLEU after {self.p['trial_epochs']} epoch(s) of Seq-KD ({best['validation_bleu']:.2f}; "
+        why = (f"of the shapes tried, {shape_name(best['shape'])} scored the best validation BLEU (greedy) after "
+               f"{self.p['trial_epochs']} epoch(s) of Seq-KD ({best['validation_bleu']:.2f}; "
                + ", ".join(f"{shape_name(t['shape'])}: {t['validation_bleu']:.2f}" for t in trials) + ")")
         return {"trials": trials, "shape": best["shape"], "why": why}
+
+    def validation_bleu(self, model_dir: str) -> float:
+        """Greedy BLEU of a saved model on the whole validation split (``evaluate_translation``)."""
+        from transformers import AutoModelForSeq2SeqLM, AutoTokenizer
+
+        from hf_seqkd import load_parallel_data
+        from hf_seqkd.evaluation import evaluate_translation
+
+        validation = load_parallel_data(self.data_dir, source_lang=multi30k.SOURCE_LANG,
+                                        target_lang=multi30k.TARGET_LANG, splits=[VALIDATION_SPLIT])[VALIDATION_SPLIT]
+        model = AutoModelForSeq2SeqLM.from_pretrained(model_dir).eval()
+        return evaluate_translation(model, AutoTokenizer.from_pretrained(self.tokenizer_dir),
+                                    list(validation["source"]), list(validation["target"]), num_beams=1,
+                                    batch_size=self.p["eval_batch_size"], max_new_tokens=96)["bleu"]
 
     def trial_dir(self, shape) -> str:
         return os.path.join(self.work_dir, "trials", shape_name(shape))
@@ -246,7 +261,7 @@ class DeployStudy(multi30k.Study):
         shape = self.stage_result("shape_trials")["shape"]
         output, trial = self.student_dir("seq_kd"), self.trial_dir(shape)
         if not glob.glob(os.path.join(output, "checkpoint-*")):
-            last = max(glob.glob(os.path.join(trial, "checkpoint-*")), key=lambda d: int(d.rsplit("-", 1)[-1]))
+            last = last_checkpoint(trial)
             shutil.copytree(last, os.path.join(output, os.path.basename(last)), dirs_exist_ok=True)
         start = time.perf_counter()
         self.run_recipe("seq_kd", self.seq_kd_args(output, self.p["max_epochs"], shape), output)
@@ -277,11 +292,9 @@ class DeployStudy(multi30k.Study):
     def run_recipe(self, recipe: str, argv: list[str], checkpoints_in: str):
         """Run ``recipes/<recipe>.py``, resuming from the latest checkpoint in ``checkpoints_in`` (``training_args``
         looks in the output folder; the prune recipe writes its checkpoints one folder down)."""
-        found = sorted(glob.glob(os.path.join(checkpoints_in, "checkpoint-*")),
-                       key=lambda d: int(d.rsplit("-", 1)[-1]))
-        if found and "--resume_from_checkpoint" not in argv:
-            print(f"[deploy] resuming from {found[-1]}", flush=True)
-            argv = argv + ["--resume_from_checkpoint", found[-1]]
+        if glob.glob(os.path.join(checkpoints_in, "checkpoint-*")) and "--resume_from_checkpoint" not in argv:
+            print(f"[deploy] resuming from {last_checkpoint(checkpoints_in)}", flush=True)
+            argv = argv + ["--resume_from_checkpoint", last_checkpoint(checkpoints_in)]
         return multi30k.load_recipe(recipe).main(argv)
 
     def card_evaluation_args(self) -> list[str]:
@@ -485,12 +498,12 @@ def training_history(output_dir: str) -> dict:
             "best_validation_bleu": state.get("best_metric"), "best_checkpoint": state.get("best_model_checkpoint")}
 
 
-def best_validation_bleu(output_dir: str) -> float:
-    history = training_history(output_dir)
-    scores = [b for _, b in history.get("validation_bleu_per_epoch", [])]
-    if not scores:
-        raise RuntimeError(f"{output_dir}: no validation BLEU was logged (no checkpoint with trainer_state.json)")
-    return max(scores)
+def last_checkpoint(output_dir: str) -> str:
+    """The latest ``checkpoint-<step>`` folder of a training run."""
+    found = glob.glob(os.path.join(output_dir, "checkpoint-*"))
+    if not found:
+        raise RuntimeError(f"{output_dir}: no checkpoint (the run saves one per epoch)")
+    return max(found, key=lambda d: int(d.rsplit("-", 1)[-1]))
 
 
 def deploy_findings(rows: dict, speed: dict | None, p: dict, student: str) -> list[str]:
