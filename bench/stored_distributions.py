@@ -140,22 +140,25 @@ def run_name(variant: str, seed: int) -> str:
 
 def seed_summary(records: list[dict]) -> list[str]:
     """Markdown rows: per variant, the seeds run, mean validation / test greedy BLEU, the seed spread (max - min of
-    test BLEU) and each mean's difference from online's mean."""
-    groups: dict[str, list[dict]] = {}
+    test BLEU) and each mean's difference from online's mean over the same seeds (a variant run with seed 0 only is
+    compared with online's seed 0)."""
+    groups: dict[str, dict[int, dict]] = {}
     for r in records:
-        groups.setdefault(r["variant"], []).append(r)
-    online = groups.get("online")
+        groups.setdefault(r["variant"], {})[r.get("seed", 0)] = r
+    online = groups.get("online", {})
     lines = ["| variant | seeds | validation BLEU: mean | vs online | test BLEU greedy: mean | spread | vs online |",
              "| --- | --- | ---: | ---: | ---: | ---: | ---: |"]
-    for variant, rs in groups.items():
+    for variant, by_seed in groups.items():
+        rs = list(by_seed.values())
         val = statistics.fmean(r["validation_bleu_greedy"] for r in rs)
         test = statistics.fmean(r["test_bleu_greedy"] for r in rs)
         spread = max(r["test_bleu_greedy"] for r in rs) - min(r["test_bleu_greedy"] for r in rs)
         diff_val = diff_test = ""
-        if online and variant != "online":
-            diff_val = f"{val - statistics.fmean(r['validation_bleu_greedy'] for r in online):+.2f}"
-            diff_test = f"{test - statistics.fmean(r['test_bleu_greedy'] for r in online):+.2f}"
-        seeds = ", ".join(str(r.get("seed", 0)) for r in rs)
+        common = [seed for seed in by_seed if seed in online]
+        if variant != "online" and common:  # the mean over the common seeds of (variant - online)
+            diff_val, diff_test = (f"{statistics.fmean(by_seed[s][k] - online[s][k] for s in common):+.2f}"
+                                   for k in ("validation_bleu_greedy", "test_bleu_greedy"))
+        seeds = ", ".join(str(seed) for seed in by_seed)
         lines.append(f"| {variant} | {seeds} | {val:.2f} | {diff_val} | {test:.2f} | {spread:.2f} | {diff_test} |")
     return lines
 
