@@ -15,7 +15,8 @@ the gpu preset's for ``deploy_gpu``), and runs its own stages, each resumable li
                     cost of a shape, not of what a random model happens to output);
  2. ``shape_trials`` the ``shape_trials`` largest shapes that meet both speed targets (the closest ones when none
                     does) and the ``reference_shape`` (the cpu study's symmetric student) trained ``trial_epochs``
-                    of Seq-KD each; the best validation BLEU is the student's shape.
+                    of Seq-KD each (``student_jobs`` at a time, as subprocesses); the best validation BLEU is the
+                    student's shape.
                     Speed first, then quality, as the issue asks; the stage record says why the shape won;
  3. ``seq_kd``      the winning trial continued on the teacher's beam output (Seq-KD) until validation BLEU stops
                     improving (``patience`` evaluations, one per epoch; the best checkpoint kept): a trial is the
@@ -219,12 +220,15 @@ class DeployStudy(multi30k.Study):
         of the cpu study: whether the fast shapes learn as well); the best validation BLEU wins."""
         shapes = [tuple(s) for s in self.stage_result("shapes")["trial_shapes"]]
         shapes += [tuple(self.p["reference_shape"])] if tuple(self.p["reference_shape"]) not in shapes else []
+        argvs = {shape_name(s): self.seq_kd_args(self.trial_dir(s), self.p["trial_epochs"], s) for s in shapes}
+        if self.p["student_jobs"] > 1 and len(shapes) > 1:
+            self.run_recipes_side_by_side("seq_kd", argvs)
+        else:
+            for name, argv in argvs.items():
+                self.run_recipe("seq_kd", argv, os.path.join(self.work_dir, "trials", name))
         # each trial's last checkpoint (what the seq_kd stage continues) scored on the validation split
-        trials = []
-        for shape in shapes:
-            output = self.trial_dir(shape)
-            self.run_recipe("seq_kd", self.seq_kd_args(output, self.p["trial_epochs"], shape), output)
-            trials.append({"shape": list(shape), "validation_bleu": self.validation_bleu(last_checkpoint(output))})
+        trials = [{"shape": list(s), "validation_bleu": self.validation_bleu(last_checkpoint(self.trial_dir(s)))}
+                  for s in shapes]
         best = max(trials, key=lambda t: t["validation_bleu"])
         why = (f"of the shapes tried, {shape_name(best['shape'])} scored the best validation BLEU (greedy) after "
                f"{self.p['trial_epochs']} epoch(s) of Seq-KD ({best['validation_bleu']:.2f}; "
@@ -296,6 +300,38 @@ class DeployStudy(multi30k.Study):
             print(f"[deploy] resuming from {last_checkpoint(checkpoints_in)}", flush=True)
             argv = argv + ["--resume_from_checkpoint", last_checkpoint(checkpoints_in)]
         return multi30k.load_recipe(recipe).main(argv)
+
+    def run_recipes_side_by_side(self, recipe: str, argvs: dict[str, list[str]]):
+        """Run ``recipes/<recipe>.py`` once per entry of ``argvs`` (name -> arguments, each with its own
+        ``--output_dir``), ``student_jobs`` at a time as subprocesses sharing this process's torch threads, each
+        resuming from its latest checkpoint; a run that finished (its ``results.json`` written) is skipped. Logs:
+        ``<work_dir>/logs/<name>.log``. Raises ``RuntimeError`` naming the runs that failed."""
+        import subprocess
+
+        import torch
+
+        jobs = self.p["student_jobs"]
+        threads = max(1, torch.get_num_threads() // jobs)
+        env = dict(os.environ, OMP_NUM_THREADS=str(threads), MKL_NUM_THREADS=str(threads))
+        outputs = {name: argv[argv.index("--output_dir") + 1] for name, argv in argvs.items()}
+        log_dir = os.path.join(self.work_dir, "logs")
+        os.makedirs(log_dir, exist_ok=True)
+
+        def launch(name):
+            argv, output = argvs[name], outputs[name]
+            if glob.glob(os.path.join(output, "checkpoint-*")):
+                argv = argv + ["--resume_from_checkpoint", last_checkpoint(output)]
+            with open(os.path.join(log_dir, f"{name}.log"), "a") as log:
+                return subprocess.Popen([sys.executable, os.path.join(REPO, "recipes", f"{recipe}.py"),
+                                         *argv], stdout=log, stderr=subprocess.STDOUT, env=env)
+
+        print(f"[deploy] {', '.join(argvs)}: up to {jobs} side by side, {threads} thread(s) each; logs in {log_dir}",
+              flush=True)
+        failed = multi30k.run_side_by_side(list(argvs), {}, lambda n: os.path.isfile(
+            os.path.join(outputs[n], "results.json")), launch, jobs)
+        if failed:
+            raise RuntimeError(f"{recipe} failed for {', '.join(failed)}: see "
+                               + ", ".join(os.path.join(log_dir, f"{n}.log") for n in failed))
 
     def card_evaluation_args(self) -> list[str]:
         """The recipe's own test-set evaluation (after training and the choices made on validation), so that the

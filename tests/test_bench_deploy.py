@@ -88,6 +88,10 @@ def test_every_stage_runs_end_to_end_on_tiny_models(deploy, tmp_path, monkeypatc
     assert trials["shape"] in [t["shape"] for t in trials["trials"]] and len(trials["trials"]) == 2
     best = max(trials["trials"], key=lambda t: t["validation_bleu"])
     assert trials["shape"] == best["shape"]
+    # the preset's student_jobs=2: the trials ran as subprocesses, side by side, each with its log and its results
+    for t in trials["trials"]:
+        name = deploy.shape_name(t["shape"])
+        assert (work / "logs" / f"{name}.log").is_file() and (work / "trials" / name / "results.json").is_file()
     student = AutoModelForSeq2SeqLM.from_pretrained(study.student_dir("seq_kd"))
     d_model, encoder, decoder, _, _ = trials["shape"]
     assert (student.config.d_model, student.config.encoder_layers, student.config.decoder_layers) == \
