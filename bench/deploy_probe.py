@@ -1,0 +1,118 @@
+"""Probes of why the deep-encoder, shallow-decoder students of ``bench/multi30k_deploy.py`` do not learn.
+
+The deploy study's quality trial (3 epochs of Seq-KD) found the 6 + 1 and 8 + 1 layer students (width 128) putting
+out one fixed sentence for every source while the symmetric 2 + 2 student learned. These probes run the study's own
+training on the same data to tell the candidate causes apart (results in ``bench/RESULTS.md``):
+
+    # more shapes through the study's 3-epoch trial (its arguments: Seq-KD, lr 1e-3, warmup 300, ...)
+    python bench/deploy_probe.py trial --shapes 128,6,2,512,4 128,2,1,512,4
+    # a trial continued with the study's early stopping (patience 3) up to --epochs: does it learn later?
+    python bench/deploy_probe.py continue --shapes 128,6,1,512,4 --epochs 10
+    # gold targets, 2 epochs, other warm-ups, fairseq's token-embedding initialisation (std d_model ** -0.5)
+    python bench/deploy_probe.py gold --shapes 128,6,1,512,4 --warmup_steps 2000
+    python bench/deploy_probe.py gold --shapes 128,6,1,512,4 --embedding_std fairseq
+
+Every probe reads the deploy study's work folder (``--work_dir``, ``--teacher_study``: the study's settings) and
+writes under ``<work_dir>/probes/``. One thread per probe (``--threads``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib.util
+import os
+import shutil
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def load_deploy():
+    spec = importlib.util.spec_from_file_location("multi30k_deploy", os.path.join(REPO, "bench", "multi30k_deploy.py"))
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def fairseq_embedding_init(builder):
+    """``builder`` (``make_student_from_config``) with the shared token embedding drawn from N(0, d_model ** -0.5)
+    (fairseq's ``Embedding``; times Marian's sqrt(d_model) scale: unit variance, as large as the sinusoidal positions)
+    instead of Transformers' N(0, init_std = 0.02)."""
+    import torch
+
+    def build(*args, **kwargs):
+        model = builder(*args, **kwargs)
+        embedding = model.get_input_embeddings()
+        with torch.no_grad():
+            embedding.weight.normal_(0.0, model.config.d_model ** -0.5)
+            if embedding.padding_idx is not None:
+                embedding.weight[embedding.padding_idx].zero_()
+        return model
+
+    return build
+
+
+def gold_args(study, deploy, shape, output: str, warmup_steps: int) -> list[str]:
+    """The baseline on gold targets, 2 epochs, validation BLEU on 300 sentences after each epoch."""
+    d_model, encoder, decoder, ffn, heads = shape
+    return ["--teacher_model_name_or_path", os.path.join(study.p["teacher_study"], "teacher_init"),
+            "--kd_target", "target", "--alpha", "0.0",
+            *deploy.multi30k.student_shape_args(d_model, encoder, decoder, ffn, heads),
+            "--dataset", study.data_dir, "--source_lang", deploy.multi30k.SOURCE_LANG,
+            "--target_lang", deploy.multi30k.TARGET_LANG, "--max_source_length", "128", "--max_target_length", "128",
+            "--eval_split", deploy.VALIDATION_SPLIT, "--max_eval_samples", "300", "--test_split", "none",
+            "--evaluate_teacher", "false", "--output_dir", output, "--num_train_epochs", "2",
+            "--learning_rate", "1e-3", "--per_device_train_batch_size", "64", "--lr_scheduler_type", "inverse_sqrt",
+            "--warmup_steps", str(warmup_steps), "--label_smoothing_factor", "0.1", "--weight_decay", "0.0",
+            "--adam_beta2", "0.98", "--max_grad_norm", "1.0", "--train_sampling_strategy", "group_by_length",
+            "--save_strategy", "no", "--eval_strategy", "epoch", "--predict_with_generate", "true",
+            "--generation_num_beams", "1", "--per_device_eval_batch_size", "64", "--logging_steps", "50",
+            "--report_to", "none", "--seed", "0", "--disable_tqdm", "true"]
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("probe", choices=("trial", "continue", "gold"))
+    parser.add_argument("--shapes", nargs="+", required=True, help="d_model,encoder,decoder,ffn,heads")
+    parser.add_argument("--epochs", type=int, default=10, help="continue: the most epochs in all")
+    parser.add_argument("--warmup_steps", type=int, default=300, help="gold: the learning rate's warm-up")
+    parser.add_argument("--embedding_std", choices=("transformers", "fairseq"), default="transformers")
+    parser.add_argument("--work_dir", default="runs/multi30k_deploy")
+    parser.add_argument("--teacher_study", default="runs/multi30k_cpu")
+    parser.add_argument("--data_dir", default=None)
+    parser.add_argument("--threads", type=int, default=1)
+    args = parser.parse_args(argv)
+
+    import torch
+
+    torch.set_num_threads(args.threads)
+    deploy = load_deploy()
+    study = deploy.DeployStudy("deploy", os.path.abspath(args.work_dir), args.data_dir or deploy.multi30k.DEFAULT_DATA,
+                               {"teacher_study": os.path.abspath(args.teacher_study)})
+    for text in args.shapes:
+        shape = tuple(int(x) for x in text.split(","))
+        if len(shape) != 5:
+            raise SystemExit(f"--shapes {text!r}: expected d_model,encoder,decoder,ffn,heads (5 integers)")
+        name = deploy.shape_name(shape)
+        if args.probe == "trial":
+            output = os.path.join(study.work_dir, "probes", f"trial_{name}")
+            study.run_recipe("seq_kd", study.seq_kd_args(output, study.p["trial_epochs"], shape), output)
+            print(f"[probe] {name}: validation BLEU {study.validation_bleu(deploy.last_checkpoint(output)):.2f} "
+                  f"after {study.p['trial_epochs']} epochs", flush=True)
+        elif args.probe == "continue":
+            output = os.path.join(study.work_dir, "probes", f"continued_{name}")
+            if not os.path.isdir(output):
+                last = deploy.last_checkpoint(study.trial_dir(shape))
+                shutil.copytree(last, os.path.join(output, os.path.basename(last)))
+            study.run_recipe("seq_kd", study.seq_kd_args(output, args.epochs, shape), output)
+        else:
+            output = os.path.join(study.work_dir, "probes", f"gold_{name}_w{args.warmup_steps}_{args.embedding_std}")
+            recipe = deploy.multi30k.load_recipe("seq_kd")
+            if args.embedding_std == "fairseq":
+                import hf_seqkd.cli
+
+                hf_seqkd.cli.make_student_from_config = fairseq_embedding_init(hf_seqkd.cli.make_student_from_config)
+            recipe.main(gold_args(study, deploy, shape, output, args.warmup_steps))
+
+
+if __name__ == "__main__":
+    main()
