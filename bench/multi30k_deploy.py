@@ -471,8 +471,10 @@ class DeployStudy(multi30k.Study):
             if self.done(stage):
                 history = self.stage_result(stage)
                 scores = ", ".join(f"{b:.2f}" for _, b in history.get("validation_bleu_per_epoch", []))
+                best, epochs = history.get("best_validation_bleu"), history.get("epochs_trained")
                 lines += ["", f"`{stage}`: validation BLEU (greedy) per epoch {scores}; best "
-                              f"{history.get('best_validation_bleu')}, {history.get('epochs_trained')} epochs."]
+                              + (f"{best:.2f}" if best is not None else "(none)")
+                              + (f", {epochs:g} epochs trained." if epochs is not None else ".")]
         return lines
 
     def extra_results(self) -> dict:
