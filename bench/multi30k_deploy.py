@@ -22,7 +22,8 @@ the gpu preset's for ``deploy_gpu``), and runs its own stages, each resumable li
                     improving (``patience`` evaluations, one per epoch; the best checkpoint kept): a trial is the
                     first ``trial_epochs`` of this stage, with the same arguments;
  4. ``seq_inter_word_kd``  fine-tuned on the Seq-Inter targets with Word-KD (Kim & Rush's best), until it stops
-                    improving the same way;
+                    improving the same way; the better of it and ``seq_kd`` on validation BLEU is the deployed
+                    student (``deployed_student``), which the next stages prune, export and judge;
  5. ``prune_oneshot`` class-blind magnitude pruning to ``sparsity`` at once, then retraining with the masks held until
                     validation BLEU stops improving (Kim & Rush Sec. 5.3; See et al. 2016);
     ``prune_gradual`` the same target reached in ``gradual_events`` steps over ``gradual_epochs`` of retraining (Zhu &
@@ -158,6 +159,16 @@ class DeployStudy(multi30k.Study):
 
         with open(self.marker(stage)) as f:
             return json.load(f)["result"]
+
+    def deployed_student(self) -> str:
+        """The stage whose student is deployed (pruned, exported, judged against the targets): the staged student
+        (``STUDENT``), unless its fine-tune ended below the Seq-KD student it started from on validation BLEU (the
+        best checkpoint of each; chosen on the validation split, never on the test set); ``STUDENT`` until both are
+        trained."""
+        if not (self.done("seq_kd") and self.done(self.STUDENT)):
+            return self.STUDENT
+        seq_kd, staged = (self.stage_result(n).get("best_validation_bleu") for n in ("seq_kd", self.STUDENT))
+        return "seq_kd" if None not in (seq_kd, staged) and seq_kd > staged else self.STUDENT
 
     # 1. speed per shape -------------------------------------------------------------------------------------
     def measure_shapes(self):
@@ -373,16 +384,18 @@ class DeployStudy(multi30k.Study):
     def prune_oneshot(self):
         p = self.p
         output = os.path.join(self.work_dir, "prune_oneshot")
-        self.run_recipe("prune", self.prune_args(self.student_dir(self.STUDENT), output, p["prune_max_epochs"],
+        init = self.deployed_student()
+        self.run_recipe("prune", self.prune_args(self.student_dir(init), output, p["prune_max_epochs"],
                                                  p["patience"]), self.pruned_dir("prune_oneshot"))
-        return training_history(self.pruned_dir("prune_oneshot"))
+        return {"init": init, **training_history(self.pruned_dir("prune_oneshot"))}
 
     def prune_gradual(self):
         p = self.p
         output = os.path.join(self.work_dir, "prune_gradual")
-        self.run_recipe("prune", self.prune_args(self.student_dir(self.STUDENT), output, p["gradual_epochs"], None,
+        init = self.deployed_student()
+        self.run_recipe("prune", self.prune_args(self.student_dir(init), output, p["gradual_epochs"], None,
                                                  events=p["gradual_events"]), self.pruned_dir("prune_gradual"))
-        return training_history(self.pruned_dir("prune_gradual"))
+        return {"init": init, **training_history(self.pruned_dir("prune_gradual"))}
 
     def prune_gradual_retrain(self):
         """The gradually pruned model retrained with its masks held until validation BLEU stops improving (pruning
@@ -403,7 +416,7 @@ class DeployStudy(multi30k.Study):
         pruned = f"{int(round(self.p['sparsity'] * 100))}"
         for stage in ("prune_oneshot", "prune_gradual_retrain"):
             if self.done(stage):
-                models.append((f"{self.STUDENT}_{stage}_{pruned}", self.pruned_dir(stage)))
+                models.append((f"{self.deployed_student()}_{stage}_{pruned}", self.pruned_dir(stage)))
         return models
 
     def ct2_dir(self, name: str) -> str:
@@ -440,7 +453,7 @@ class DeployStudy(multi30k.Study):
     def findings(self, rows: dict, tokenize: str = "13a") -> list[str]:
         """The issue's targets, each with its measured value."""
         return deploy_findings(rows, self.stage_result("decode_speed") if self.done("decode_speed") else None,
-                               self.p, self.STUDENT)
+                               self.p, self.deployed_student())
 
     def report_lines(self) -> list[str]:
         """The shapes' speeds, the quality trials, each training stage's validation BLEU per epoch, the decoding
@@ -467,6 +480,9 @@ class DeployStudy(multi30k.Study):
             lines += ["", f"Chosen for the quality trial: {r['why']}."]
         if self.done("shape_trials"):
             lines += ["", f"Quality trial: {self.stage_result('shape_trials')['why']}."]
+        if self.done("seq_kd") and self.done(self.STUDENT):
+            lines += ["", f"Deployed (pruned, exported, judged): `{self.deployed_student()}`, the better of `seq_kd` "
+                          f"and `{self.STUDENT}` on validation BLEU (best checkpoints)."]
         for stage in ("seq_kd", self.STUDENT, "prune_oneshot", "prune_gradual", "prune_gradual_retrain"):
             if self.done(stage):
                 history = self.stage_result(stage)

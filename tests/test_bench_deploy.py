@@ -64,6 +64,26 @@ def test_targets_are_judged_with_their_thresholds(deploy):
     assert "not met, by 0.10" in deploy.deploy_findings(rows, None, p, "s")[0]
 
 
+def test_the_deployed_student_is_the_better_training_stage_on_validation(deploy, tmp_path):
+    study = deploy.DeployStudy("deploy_smoke", str(tmp_path / "work"), str(tmp_path / "data"),
+                               {"teacher_study": str(tmp_path / "teacher_study")})
+
+    def finish(stage, best):
+        with open(study.marker(stage), "w") as f:
+            json.dump({"stage": stage, "result": {"best_validation_bleu": best}}, f)
+
+    assert study.deployed_student() == study.STUDENT  # nothing trained yet
+    finish("seq_kd", 36.66)
+    assert study.deployed_student() == study.STUDENT  # the fine-tune not finished: no choice made
+    finish(study.STUDENT, 35.10)
+    assert study.deployed_student() == "seq_kd"  # the fine-tune ended below where it started
+    finish(study.STUDENT, 36.70)
+    assert study.deployed_student() == study.STUDENT
+    finish(study.STUDENT, None)  # no validation score recorded: the staged student, as the study's design says
+    assert study.deployed_student() == study.STUDENT
+    assert any("Deployed (pruned, exported, judged): `seq_inter_word_kd`" in line for line in study.report_lines())
+
+
 def test_every_stage_runs_end_to_end_on_tiny_models(deploy, tmp_path, monkeypatch):
     from transformers import AutoModelForSeq2SeqLM
 
