@@ -6,6 +6,7 @@ training on the same data to tell the candidate causes apart (results in ``bench
 
     # more shapes through the study's 3-epoch trial (its arguments: Seq-KD, lr 1e-3, warmup 300, ...)
     python bench/deploy_probe.py trial --shapes 128,6,2,512,4 128,2,1,512,4
+    python bench/deploy_probe.py trial --shapes 128,4,1,512,4 --learning_rate 3e-4   # a smaller learning rate
     # a trial continued with the study's early stopping (patience 3) up to --epochs: does it learn later?
     python bench/deploy_probe.py continue --shapes 128,6,1,512,4 --epochs 10
     # gold targets, 2 epochs, other warm-ups, fairseq's token-embedding initialisation (std d_model ** -0.5)
@@ -75,6 +76,8 @@ def main(argv=None):
     parser.add_argument("--shapes", nargs="+", required=True, help="d_model,encoder,decoder,ffn,heads")
     parser.add_argument("--epochs", type=int, default=10, help="continue: the most epochs in all")
     parser.add_argument("--warmup_steps", type=int, default=300, help="gold: the learning rate's warm-up")
+    parser.add_argument("--learning_rate", type=float, default=None,
+                        help="trial: instead of the study's student_lr (1e-3)")
     parser.add_argument("--embedding_std", choices=("transformers", "fairseq"), default="transformers")
     parser.add_argument("--work_dir", default="runs/multi30k_deploy")
     parser.add_argument("--teacher_study", default="runs/multi30k_cpu")
@@ -94,7 +97,10 @@ def main(argv=None):
             raise SystemExit(f"--shapes {text!r}: expected d_model,encoder,decoder,ffn,heads (5 integers)")
         name = deploy.shape_name(shape)
         if args.probe == "trial":
-            output = os.path.join(study.work_dir, "probes", f"trial_{name}")
+            if args.learning_rate:
+                study.p["student_lr"] = args.learning_rate
+            lr = "" if args.learning_rate is None else f"_lr{args.learning_rate:g}"
+            output = os.path.join(study.work_dir, "probes", f"trial_{name}{lr}")
             study.run_recipe("seq_kd", study.seq_kd_args(output, study.p["trial_epochs"], shape), output)
             print(f"[probe] {name}: validation BLEU {study.validation_bleu(deploy.last_checkpoint(output)):.2f} "
                   f"after {study.p['trial_epochs']} epochs", flush=True)
