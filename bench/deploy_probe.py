@@ -91,13 +91,17 @@ def main(argv=None):
     deploy = load_deploy()
     study = deploy.DeployStudy("deploy", os.path.abspath(args.work_dir), args.data_dir or deploy.multi30k.DEFAULT_DATA,
                                {"teacher_study": os.path.abspath(args.teacher_study)})
+    if args.probe == "gold" and args.embedding_std == "fairseq":
+        import hf_seqkd.cli
+
+        hf_seqkd.cli.make_student_from_config = fairseq_embedding_init(hf_seqkd.cli.make_student_from_config)
     for text in args.shapes:
         shape = tuple(int(x) for x in text.split(","))
         if len(shape) != 5:
             raise SystemExit(f"--shapes {text!r}: expected d_model,encoder,decoder,ffn,heads (5 integers)")
         name = deploy.shape_name(shape)
         if args.probe == "trial":
-            if args.learning_rate:
+            if args.learning_rate is not None:
                 study.p["student_lr"] = args.learning_rate
             lr = "" if args.learning_rate is None else f"_lr{args.learning_rate:g}"
             output = os.path.join(study.work_dir, "probes", f"trial_{name}{lr}")
@@ -112,12 +116,7 @@ def main(argv=None):
             study.run_recipe("seq_kd", study.seq_kd_args(output, args.epochs, shape), output)
         else:
             output = os.path.join(study.work_dir, "probes", f"gold_{name}_w{args.warmup_steps}_{args.embedding_std}")
-            recipe = deploy.multi30k.load_recipe("seq_kd")
-            if args.embedding_std == "fairseq":
-                import hf_seqkd.cli
-
-                hf_seqkd.cli.make_student_from_config = fairseq_embedding_init(hf_seqkd.cli.make_student_from_config)
-            recipe.main(gold_args(study, deploy, shape, output, args.warmup_steps))
+            deploy.multi30k.load_recipe("seq_kd").main(gold_args(study, deploy, shape, output, args.warmup_steps))
 
 
 if __name__ == "__main__":

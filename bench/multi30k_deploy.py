@@ -235,8 +235,8 @@ class DeployStudy(multi30k.Study):
         if self.p["student_jobs"] > 1 and len(shapes) > 1:
             self.run_recipes_side_by_side("seq_kd", argvs)
         else:
-            for name, argv in argvs.items():
-                self.run_recipe("seq_kd", argv, os.path.join(self.work_dir, "trials", name))
+            for shape in shapes:
+                self.run_recipe("seq_kd", argvs[shape_name(shape)], self.trial_dir(shape))
         # each trial's last checkpoint (what the seq_kd stage continues) scored on the validation split
         trials = [{"shape": list(s), "validation_bleu": self.validation_bleu(last_checkpoint(self.trial_dir(s)))}
                   for s in shapes]
@@ -307,10 +307,7 @@ class DeployStudy(multi30k.Study):
     def run_recipe(self, recipe: str, argv: list[str], checkpoints_in: str):
         """Run ``recipes/<recipe>.py``, resuming from the latest checkpoint in ``checkpoints_in`` (``training_args``
         looks in the output folder; the prune recipe writes its checkpoints one folder down)."""
-        if glob.glob(os.path.join(checkpoints_in, "checkpoint-*")) and "--resume_from_checkpoint" not in argv:
-            print(f"[deploy] resuming from {last_checkpoint(checkpoints_in)}", flush=True)
-            argv = argv + ["--resume_from_checkpoint", last_checkpoint(checkpoints_in)]
-        return multi30k.load_recipe(recipe).main(argv)
+        return multi30k.load_recipe(recipe).main(resuming(argv, checkpoints_in))
 
     def run_recipes_side_by_side(self, recipe: str, argvs: dict[str, list[str]]):
         """Run ``recipes/<recipe>.py`` once per entry of ``argvs`` (name -> arguments, each with its own
@@ -329,12 +326,10 @@ class DeployStudy(multi30k.Study):
         os.makedirs(log_dir, exist_ok=True)
 
         def launch(name):
-            argv, output = argvs[name], outputs[name]
-            if glob.glob(os.path.join(output, "checkpoint-*")):
-                argv = argv + ["--resume_from_checkpoint", last_checkpoint(output)]
             with open(os.path.join(log_dir, f"{name}.log"), "a") as log:
                 return subprocess.Popen([sys.executable, os.path.join(REPO, "recipes", f"{recipe}.py"),
-                                         *argv], stdout=log, stderr=subprocess.STDOUT, env=env)
+                                         *resuming(argvs[name], outputs[name])],
+                                        stdout=log, stderr=subprocess.STDOUT, env=env)
 
         print(f"[deploy] {', '.join(argvs)}: up to {jobs} side by side, {threads} thread(s) each; logs in {log_dir}",
               flush=True)
@@ -413,10 +408,10 @@ class DeployStudy(multi30k.Study):
         for name in ("seq_kd", self.STUDENT):
             if self.done(name):
                 models.append((name, self.student_dir(name)))
-        pruned = f"{int(round(self.p['sparsity'] * 100))}"
+        pruned, student = f"{int(round(self.p['sparsity'] * 100))}", self.deployed_student()
         for stage in ("prune_oneshot", "prune_gradual_retrain"):
             if self.done(stage):
-                models.append((f"{self.deployed_student()}_{stage}_{pruned}", self.pruned_dir(stage)))
+                models.append((f"{student}_{stage}_{pruned}", self.pruned_dir(stage)))
         return models
 
     def ct2_dir(self, name: str) -> str:
@@ -550,6 +545,15 @@ def training_history(output_dir: str) -> dict:
     bleu = [(e.get("epoch"), e["eval_bleu"]) for e in state.get("log_history", []) if "eval_bleu" in e]
     return {"epochs_trained": state.get("epoch"), "validation_bleu_per_epoch": bleu,
             "best_validation_bleu": state.get("best_metric"), "best_checkpoint": state.get("best_model_checkpoint")}
+
+
+def resuming(argv: list[str], checkpoints_in: str) -> list[str]:
+    """``argv`` with ``--resume_from_checkpoint`` the latest checkpoint in ``checkpoints_in``, if there is one and
+    ``argv`` names none."""
+    if glob.glob(os.path.join(checkpoints_in, "checkpoint-*")) and "--resume_from_checkpoint" not in argv:
+        print(f"[deploy] resuming from {last_checkpoint(checkpoints_in)}", flush=True)
+        return argv + ["--resume_from_checkpoint", last_checkpoint(checkpoints_in)]
+    return argv
 
 
 def last_checkpoint(output_dir: str) -> str:
