@@ -9,6 +9,8 @@ training on the same data to tell the candidate causes apart (results in ``bench
     python bench/deploy_probe.py trial --shapes 128,4,1,512,4 --learning_rate 3e-4   # a smaller learning rate
     # a trial continued with the study's early stopping (patience 3) up to --epochs: does it learn later?
     python bench/deploy_probe.py continue --shapes 128,6,1,512,4 --epochs 10
+    # the same for a trial at another learning rate (continues ``trial ... --learning_rate 3e-4``'s run)
+    python bench/deploy_probe.py continue --shapes 128,6,1,512,4 --epochs 30 --learning_rate 3e-4
     # gold targets, 2 epochs, other warm-ups, fairseq's token-embedding initialisation (std d_model ** -0.5)
     python bench/deploy_probe.py gold --shapes 128,6,1,512,4 --warmup_steps 2000
     python bench/deploy_probe.py gold --shapes 128,6,1,512,4 --embedding_std fairseq
@@ -77,7 +79,7 @@ def main(argv=None):
     parser.add_argument("--epochs", type=int, default=10, help="continue: the most epochs in all")
     parser.add_argument("--warmup_steps", type=int, default=300, help="gold: the learning rate's warm-up")
     parser.add_argument("--learning_rate", type=float, default=None,
-                        help="trial: instead of the study's student_lr (1e-3)")
+                        help="trial, continue: instead of the study's student_lr (1e-3)")
     parser.add_argument("--embedding_std", choices=("transformers", "fairseq"), default="transformers")
     parser.add_argument("--work_dir", default="runs/multi30k_deploy")
     parser.add_argument("--teacher_study", default="runs/multi30k_cpu")
@@ -95,23 +97,24 @@ def main(argv=None):
         import hf_seqkd.cli
 
         hf_seqkd.cli.make_student_from_config = fairseq_embedding_init(hf_seqkd.cli.make_student_from_config)
+    lr = "" if args.learning_rate is None else f"_lr{args.learning_rate:g}"
+    if args.learning_rate is not None:
+        study.p["student_lr"] = args.learning_rate
     for text in args.shapes:
         shape = tuple(int(x) for x in text.split(","))
         if len(shape) != 5:
             raise SystemExit(f"--shapes {text!r}: expected d_model,encoder,decoder,ffn,heads (5 integers)")
         name = deploy.shape_name(shape)
+        trial = os.path.join(study.work_dir, "probes", f"trial_{name}{lr}")
         if args.probe == "trial":
-            if args.learning_rate is not None:
-                study.p["student_lr"] = args.learning_rate
-            lr = "" if args.learning_rate is None else f"_lr{args.learning_rate:g}"
-            output = os.path.join(study.work_dir, "probes", f"trial_{name}{lr}")
-            study.run_recipe("seq_kd", study.seq_kd_args(output, study.p["trial_epochs"], shape), output)
-            print(f"[probe] {name}: validation BLEU {study.validation_bleu(deploy.last_checkpoint(output)):.2f} "
+            study.run_recipe("seq_kd", study.seq_kd_args(trial, study.p["trial_epochs"], shape), trial)
+            print(f"[probe] {name}: validation BLEU {study.validation_bleu(deploy.last_checkpoint(trial)):.2f} "
                   f"after {study.p['trial_epochs']} epochs", flush=True)
         elif args.probe == "continue":
-            output = os.path.join(study.work_dir, "probes", f"continued_{name}")
+            output = os.path.join(study.work_dir, "probes", f"continued_{name}{lr}")
             if not os.path.isdir(output):
-                last = deploy.last_checkpoint(study.trial_dir(shape))
+                # the probe's own trial of this shape and learning rate, else the study's trial of the shape
+                last = deploy.last_checkpoint(trial if os.path.isdir(trial) else study.trial_dir(shape))
                 shutil.copytree(last, os.path.join(output, os.path.basename(last)))
             study.run_recipe("seq_kd", study.seq_kd_args(output, args.epochs, shape), output)
         else:
