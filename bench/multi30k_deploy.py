@@ -79,7 +79,9 @@ DEPLOY = dict(
     speed_target_ctranslate2=5.0, speed_target_transformers=3.0,  # greedy student / beam-5 teacher, batch 1
     shape_trials=2, trial_epochs=3,  # one epoch did not tell the shapes apart (both 1.38 validation BLEU)
     reference_shape=CPU_SHAPES[0],  # always in the quality trial: the cpu study's symmetric student
-    max_epochs=30, patience=3, finetune_max_epochs=10, prune_max_epochs=10,
+    # caps on the stages that stop early (patience evaluations without a better validation BLEU); the 2026-12-07 run's
+    # fine-tune and retraining after pruning were still improving at a cap of 10
+    max_epochs=30, patience=3, finetune_max_epochs=30, prune_max_epochs=30,
     sparsity=0.8, gradual_events=8, gradual_epochs=2, gradual_ramp=0.75,
     speed_rounds=5, speed_batch1_sentences=100, speed_batched_sentences=320, eval_batch_size=64,
 )
