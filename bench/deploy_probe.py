@@ -14,6 +14,8 @@ training on the same data to tell the candidate causes apart (results in ``bench
     # gold targets, 2 epochs, other warm-ups, fairseq's token-embedding initialisation (std d_model ** -0.5)
     python bench/deploy_probe.py gold --shapes 128,6,1,512,4 --warmup_steps 2000
     python bench/deploy_probe.py gold --shapes 128,6,1,512,4 --embedding_std fairseq
+    # the deployed student pruned once to another sparsity, retrained as the study's prune_oneshot stage (80%)
+    python bench/deploy_probe.py prune --sparsity 0.5
 
 Every probe reads the deploy study's work folder (``--work_dir``, ``--teacher_study``: the study's settings) and
 writes under ``<work_dir>/probes/``. One thread per probe (``--threads``).
@@ -74,8 +76,10 @@ def gold_args(study, deploy, shape, output: str, warmup_steps: int) -> list[str]
 
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("probe", choices=("trial", "continue", "gold"))
-    parser.add_argument("--shapes", nargs="+", required=True, help="d_model,encoder,decoder,ffn,heads")
+    parser.add_argument("probe", choices=("trial", "continue", "gold", "prune"))
+    parser.add_argument("--shapes", nargs="+", default=(),
+                        help="trial, continue, gold: d_model,encoder,decoder,ffn,heads")
+    parser.add_argument("--sparsity", type=float, default=0.5, help="prune: the fraction of weights set to zero")
     parser.add_argument("--epochs", type=int, default=10, help="continue: the most epochs in all")
     parser.add_argument("--warmup_steps", type=int, default=300, help="gold: the learning rate's warm-up")
     parser.add_argument("--learning_rate", type=float, default=None,
@@ -97,6 +101,18 @@ def main(argv=None):
         import hf_seqkd.cli
 
         hf_seqkd.cli.make_student_from_config = fairseq_embedding_init(hf_seqkd.cli.make_student_from_config)
+    if args.probe == "prune":
+        from hf_seqkd.pruning import sparsity_name
+
+        study.p["sparsity"] = args.sparsity
+        output = os.path.join(study.work_dir, "probes", "prune_oneshot")
+        pruned = os.path.join(output, sparsity_name(args.sparsity))
+        study.run_recipe("prune", study.prune_args(study.student_dir(study.deployed_student()), output,
+                                                   study.p["prune_max_epochs"], study.p["patience"]), pruned)
+        print(f"[probe] pruned to {args.sparsity:g}: {deploy.training_history(pruned)}", flush=True)
+        return
+    if not args.shapes:
+        raise SystemExit(f"{args.probe}: --shapes is required (d_model,encoder,decoder,ffn,heads, one or more)")
     lr = "" if args.learning_rate is None else f"_lr{args.learning_rate:g}"
     if args.learning_rate is not None:
         study.p["student_lr"] = args.learning_rate
