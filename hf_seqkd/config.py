@@ -168,7 +168,8 @@ class DistillationTrainingArguments(Seq2SeqTrainingArguments):
             Stop training once `metric_for_best_model` (e.g. `"bleu"`: validation BLEU) has not improved by more than
             `early_stopping_threshold` for this many evaluations in a row (Transformers' `EarlyStoppingCallback`);
             with `load_best_model_at_end=True` the best checkpoint is the one kept. Needs `eval_strategy` and
-            `metric_for_best_model`. `None`: train for the whole `num_train_epochs` / `max_steps`.
+            `metric_for_best_model`. `None`: train for the whole `num_train_epochs` / `max_steps`. A run resumed from
+            a checkpoint keeps the count of evaluations without improvement, and stops where it would have.
         early_stopping_threshold (`float`, *optional*, defaults to `0.0`):
             The smallest change of `metric_for_best_model` that counts as an improvement.
 

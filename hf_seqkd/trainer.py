@@ -406,6 +406,22 @@ class DistillationTrainer(Seq2SeqTrainer):
             return None
         return SequentialSampler(eval_dataset) if self.args.world_size <= 1 else None
 
+    def _load_callback_state(self):
+        """On resuming: Transformers' restore of the callbacks' states (only with
+        ``restore_callback_states_from_checkpoint``, which also brings back the checkpoint's patience), and without
+        it early stopping's count of evaluations without improvement, so that a resumed run stops where the
+        uninterrupted one would; patience and threshold stay this run's. (Transformers alone restarts the count: a run
+        resumed on a plateau trained up to ``early_stopping_patience`` evaluations more.)"""
+        super()._load_callback_state()
+        saved = self.state.stateful_callbacks.get(EarlyStoppingCallback.__name__)
+        if self.args.restore_callback_states_from_checkpoint or not saved:
+            return
+        saved = saved[0] if isinstance(saved, list) else saved
+        count = saved.get("attributes", {}).get("early_stopping_patience_counter")
+        for callback in self.callback_handler.callbacks:
+            if isinstance(callback, EarlyStoppingCallback) and count is not None:
+                callback.early_stopping_patience_counter = count
+
     def _save_checkpoint(self, model, trial):
         """``Seq2SeqTrainer._save_checkpoint``, also when training resumed from a checkpoint of a run that had fewer
         stateful callbacks (e.g. early stopping added on resuming): Transformers replaces its state with the

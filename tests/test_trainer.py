@@ -273,6 +273,31 @@ def test_early_stopping_can_be_added_when_resuming(tmp_path, train_set, tiny_mar
     assert resumed.state.global_step == 4 and (tmp_path / "checkpoint-4" / "trainer_state.json").exists()
 
 
+def test_a_resumed_run_stops_early_where_the_uninterrupted_run_stops(tmp_path, train_set, tiny_marian, tokenizer):
+    """Early stopping's count of evaluations without improvement survives resuming: with learning rate 0 (the
+    validation loss never improves) and patience 3, the run stops after its fourth evaluation, and so does a run
+    cut after two and resumed (Transformers alone restarts the count on resuming and stops it after the fifth)."""
+    from hf_seqkd import DistillationDataCollator
+
+    settings = dict(alpha=0.0, learning_rate=0.0, num_train_epochs=10, eval_strategy="steps", eval_steps=1,
+                    save_strategy="steps", save_steps=1, metric_for_best_model="loss", load_best_model_at_end=True,
+                    early_stopping_patience=3)
+
+    def trainer(out, **kw):
+        return DistillationTrainer(model=copy.deepcopy(tiny_marian), train_dataset=train_set,
+                                   eval_dataset=train_set.select(range(4)),
+                                   data_collator=DistillationDataCollator(tokenizer, tiny_marian),
+                                   args=_args(out, **{**settings, **kw}))
+
+    whole = trainer(tmp_path / "whole", max_steps=40)
+    whole.train()
+    trainer(tmp_path / "cut", max_steps=2).train()
+    resumed = trainer(tmp_path / "cut", max_steps=40)
+    resumed.train(resume_from_checkpoint=str(tmp_path / "cut" / "checkpoint-2"))
+    assert whole.state.global_step == 4
+    assert resumed.state.global_step == whole.state.global_step
+
+
 def test_early_stopping_settings_are_checked(tmp_path):
     def make(**kw):
         return DistillationTrainingArguments(output_dir=str(tmp_path), report_to=[], **kw)
