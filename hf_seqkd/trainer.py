@@ -414,12 +414,14 @@ class DistillationTrainer(Seq2SeqTrainer):
         resumed on a plateau trained up to ``early_stopping_patience`` evaluations more.)"""
         super()._load_callback_state()
         saved = self.state.stateful_callbacks.get(EarlyStoppingCallback.__name__)
-        if self.args.restore_callback_states_from_checkpoint or not saved:
+        mine = [c for c in self.callback_handler.callbacks if type(c) is EarlyStoppingCallback]
+        if self.args.restore_callback_states_from_checkpoint or not saved or not mine:
             return
-        saved = saved[0] if isinstance(saved, list) else saved
-        count = saved.get("attributes", {}).get("early_stopping_patience_counter")
-        for callback in self.callback_handler.callbacks:
-            if isinstance(callback, EarlyStoppingCallback) and count is not None:
+        # with several such callbacks Transformers appends their states at every save: the last ones are the newest
+        saved = saved[-len(mine):] if isinstance(saved, list) else [saved]
+        for callback, state in zip(mine, saved):
+            count = state.get("attributes", {}).get("early_stopping_patience_counter")
+            if count is not None:
                 callback.early_stopping_patience_counter = count
 
     def _save_checkpoint(self, model, trial):

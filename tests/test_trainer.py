@@ -273,10 +273,16 @@ def test_early_stopping_can_be_added_when_resuming(tmp_path, train_set, tiny_mar
     assert resumed.state.global_step == 4 and (tmp_path / "checkpoint-4" / "trainer_state.json").exists()
 
 
-def test_a_resumed_run_stops_early_where_the_uninterrupted_run_stops(tmp_path, train_set, tiny_marian, tokenizer):
+@pytest.mark.parametrize("user_callback", [False, True])
+def test_a_resumed_run_stops_early_where_the_uninterrupted_run_stops(tmp_path, train_set, tiny_marian, tokenizer,
+                                                                      user_callback):
     """Early stopping's count of evaluations without improvement survives resuming: with learning rate 0 (the
     validation loss never improves) and patience 3, the run stops after its fourth evaluation, and so does a run
-    cut after two and resumed (Transformers alone restarts the count on resuming and stops it after the fifth)."""
+    cut after two and resumed (Transformers alone restarts the count on resuming and stops it after the fifth);
+    also beside a second early-stopping callback of the user's (patience 5), whose states Transformers stores as a
+    list that grows at every save."""
+    from transformers import EarlyStoppingCallback
+
     from hf_seqkd import DistillationDataCollator
 
     settings = dict(alpha=0.0, learning_rate=0.0, num_train_epochs=10, eval_strategy="steps", eval_steps=1,
@@ -287,6 +293,7 @@ def test_a_resumed_run_stops_early_where_the_uninterrupted_run_stops(tmp_path, t
         return DistillationTrainer(model=copy.deepcopy(tiny_marian), train_dataset=train_set,
                                    eval_dataset=train_set.select(range(4)),
                                    data_collator=DistillationDataCollator(tokenizer, tiny_marian),
+                                   callbacks=[EarlyStoppingCallback(5)] if user_callback else None,
                                    args=_args(out, **{**settings, **kw}))
 
     whole = trainer(tmp_path / "whole", max_steps=40)
