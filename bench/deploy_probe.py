@@ -9,12 +9,14 @@ training on the same data to tell the candidate causes apart (results in ``bench
     python bench/deploy_probe.py trial --shapes 128,4,1,512,4 --learning_rate 3e-4   # a smaller learning rate
     # a trial continued with the study's early stopping (patience 3) up to --epochs: does it learn later?
     python bench/deploy_probe.py continue --shapes 128,6,1,512,4 --epochs 10
-    # the same for a trial at another learning rate (continues ``trial ... --learning_rate 3e-4``'s run)
+    # the same for a trial at another learning rate (continues that trial's run)
+    python bench/deploy_probe.py trial --shapes 128,6,1,512,4 --learning_rate 3e-4
     python bench/deploy_probe.py continue --shapes 128,6,1,512,4 --epochs 30 --learning_rate 3e-4
     # gold targets, 2 epochs, other warm-ups, fairseq's token-embedding initialisation (std d_model ** -0.5)
     python bench/deploy_probe.py gold --shapes 128,6,1,512,4 --warmup_steps 2000
     python bench/deploy_probe.py gold --shapes 128,6,1,512,4 --embedding_std fairseq
-    # the deployed student pruned once to another sparsity, retrained as the study's prune_oneshot stage (80%)
+    # the deployed student pruned once to another sparsity, retrained as the study's prune_oneshot stage (80%); each
+    # sparsity's model, card and training state in probes/prune_oneshot/sparsity-<percent> (results.json: the last)
     python bench/deploy_probe.py prune --sparsity 0.5
 
 Every probe reads the deploy study's work folder (``--work_dir``, ``--teacher_study``: the study's settings) and
@@ -129,7 +131,12 @@ def main(argv=None):
         elif args.probe == "continue":
             output = os.path.join(study.work_dir, "probes", f"continued_{name}{lr}")
             if not os.path.isdir(output):
-                # the probe's own trial of this shape and learning rate, else the study's trial of the shape
+                # the probe's own trial of this shape and learning rate, else the study's trial of the shape (at the
+                # study's rate: a checkpoint's optimizer and schedule keep the rate it was trained with)
+                if lr and not os.path.isdir(trial):
+                    raise SystemExit(f"continue --learning_rate {args.learning_rate:g}: no trial of {name} at that "
+                                     f"rate in {trial}; run `trial --shapes {text} --learning_rate "
+                                     f"{args.learning_rate:g}` first")
                 last = deploy.last_checkpoint(trial if os.path.isdir(trial) else study.trial_dir(shape))
                 shutil.copytree(last, os.path.join(output, os.path.basename(last)))
             study.run_recipe("seq_kd", study.seq_kd_args(output, args.epochs, shape), output)
