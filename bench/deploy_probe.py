@@ -103,15 +103,11 @@ def main(argv=None):
         import hf_seqkd.cli
 
         hf_seqkd.cli.make_student_from_config = fairseq_embedding_init(hf_seqkd.cli.make_student_from_config)
-    if args.probe == "prune":
-        from hf_seqkd.pruning import sparsity_name
-
+    if args.probe == "prune":  # the study's prune_oneshot stage at another sparsity, in probes/
         study.p["sparsity"] = args.sparsity
-        output = os.path.join(study.work_dir, "probes", "prune_oneshot")
-        pruned = os.path.join(output, sparsity_name(args.sparsity))
-        study.run_recipe("prune", study.prune_args(study.student_dir(study.deployed_student()), output,
-                                                   study.p["prune_max_epochs"], study.p["patience"]), pruned)
-        print(f"[probe] pruned to {args.sparsity:g}: {deploy.training_history(pruned)}", flush=True)
+        history = study.prune_deployed(os.path.join(study.work_dir, "probes", "prune_oneshot"),
+                                       study.p["prune_max_epochs"], study.p["patience"])
+        print(f"[probe] pruned to {args.sparsity:g}: {history}", flush=True)
         return
     if not args.shapes:
         raise SystemExit(f"{args.probe}: --shapes is required (d_model,encoder,decoder,ffn,heads, one or more)")

@@ -374,25 +374,29 @@ class DeployStudy(multi30k.Study):
         return argv
 
     def pruned_dir(self, stage: str) -> str:
+        return self.pruned_in(os.path.join(self.work_dir, stage))
+
+    def pruned_in(self, output: str) -> str:
+        """Where the prune recipe run with ``--output_dir output`` writes the model at the preset's ``sparsity``."""
         from hf_seqkd.pruning import sparsity_name
 
-        return os.path.join(self.work_dir, stage, sparsity_name(self.p["sparsity"]))
+        return os.path.join(output, sparsity_name(self.p["sparsity"]))
+
+    def prune_deployed(self, output: str, epochs: int, patience: int | None, events: int = 1) -> dict:
+        """The deployed student pruned to ``sparsity`` (in ``events`` steps) and retrained, written under ``output``
+        (resuming from its checkpoints); its training history and the student it started from."""
+        init = self.deployed_student()
+        self.run_recipe("prune", self.prune_args(self.student_dir(init), output, epochs, patience, events=events),
+                        self.pruned_in(output))
+        return {"init": init, **training_history(self.pruned_in(output))}
 
     def prune_oneshot(self):
-        p = self.p
-        output = os.path.join(self.work_dir, "prune_oneshot")
-        init = self.deployed_student()
-        self.run_recipe("prune", self.prune_args(self.student_dir(init), output, p["prune_max_epochs"],
-                                                 p["patience"]), self.pruned_dir("prune_oneshot"))
-        return {"init": init, **training_history(self.pruned_dir("prune_oneshot"))}
+        return self.prune_deployed(os.path.join(self.work_dir, "prune_oneshot"), self.p["prune_max_epochs"],
+                                   self.p["patience"])
 
     def prune_gradual(self):
-        p = self.p
-        output = os.path.join(self.work_dir, "prune_gradual")
-        init = self.deployed_student()
-        self.run_recipe("prune", self.prune_args(self.student_dir(init), output, p["gradual_epochs"], None,
-                                                 events=p["gradual_events"]), self.pruned_dir("prune_gradual"))
-        return {"init": init, **training_history(self.pruned_dir("prune_gradual"))}
+        return self.prune_deployed(os.path.join(self.work_dir, "prune_gradual"), self.p["gradual_epochs"], None,
+                                   events=self.p["gradual_events"])
 
     def prune_gradual_retrain(self):
         """The gradually pruned model retrained with its masks held until validation BLEU stops improving (pruning
@@ -552,10 +556,11 @@ def training_history(output_dir: str) -> dict:
 def resuming(argv: list[str], checkpoints_in: str) -> list[str]:
     """``argv`` with ``--resume_from_checkpoint`` the latest checkpoint in ``checkpoints_in``, if there is one and
     ``argv`` names none."""
-    if glob.glob(os.path.join(checkpoints_in, "checkpoint-*")) and "--resume_from_checkpoint" not in argv:
-        print(f"[deploy] resuming from {last_checkpoint(checkpoints_in)}", flush=True)
-        return argv + ["--resume_from_checkpoint", last_checkpoint(checkpoints_in)]
-    return argv
+    if "--resume_from_checkpoint" in argv or not glob.glob(os.path.join(checkpoints_in, "checkpoint-*")):
+        return argv
+    last = last_checkpoint(checkpoints_in)
+    print(f"[deploy] resuming from {last}", flush=True)
+    return argv + ["--resume_from_checkpoint", last]
 
 
 def last_checkpoint(output_dir: str) -> str:
