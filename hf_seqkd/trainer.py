@@ -8,6 +8,7 @@ The losses live in :mod:`hf_seqkd.losses` (word level), :mod:`hf_seqkd.intermedi
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import os
 from collections import defaultdict
@@ -670,10 +671,18 @@ class DistillationTrainer(Seq2SeqTrainer):
 
     def prediction_step(self, model, inputs, prediction_loss_only, ignore_keys=None, **gen_kwargs):
         """``Seq2SeqTrainer.prediction_step``; with ``predict_with_generate`` (which calls the student and
-        ``generate`` directly) the trainer's own columns (``teacher_labels``) are removed first."""
-        if self.args.predict_with_generate and not prediction_loss_only:
-            inputs = {k: v for k, v in inputs.items() if k not in EXTRA_LABEL_COLUMNS}
-        return super().prediction_step(model, inputs, prediction_loss_only, ignore_keys=ignore_keys, **gen_kwargs)
+        ``generate`` directly) the trainer's own columns (``teacher_labels``) are removed first, and the student's
+        ``generation_config`` is put back afterwards: Transformers fills it with every default in place (``max_length``
+        20 among them), which the saved student would keep and every later ``generate(max_new_tokens=...)`` would
+        warn about."""
+        if not self.args.predict_with_generate or prediction_loss_only:
+            return super().prediction_step(model, inputs, prediction_loss_only, ignore_keys=ignore_keys, **gen_kwargs)
+        inputs = {k: v for k, v in inputs.items() if k not in EXTRA_LABEL_COLUMNS}
+        kept = copy.deepcopy(self.model.generation_config)
+        try:
+            return super().prediction_step(model, inputs, prediction_loss_only, ignore_keys=ignore_keys, **gen_kwargs)
+        finally:
+            self.model.generation_config = kept
 
     # --------------------------------------------------------------------------------------------- logging
     def _record(self, name: str, value) -> None:

@@ -320,3 +320,29 @@ def test_early_stopping_settings_are_checked(tmp_path):
              metric_for_best_model="bleu")
     make(early_stopping_patience=2, eval_strategy="epoch", save_strategy="epoch", load_best_model_at_end=True,
          metric_for_best_model="bleu", predict_with_generate=True)
+
+
+def test_validation_with_generate_leaves_the_students_generation_config_as_it_was(tmp_path, train_set, tiny_marian,
+                                                                                   tokenizer):
+    """Seq2SeqTrainer's generating prediction step fills the student's generation config with every default in place
+    (``max_length`` 20 among them); the student saved after validating must keep the settings it came with."""
+    import json
+
+    student = copy.deepcopy(tiny_marian)
+    metadata = ("transformers_version", "_from_model_config")
+
+    def settings(config_dict):
+        return {k: v for k, v in config_dict.items() if k not in metadata}
+
+    before = settings(student.generation_config.to_diff_dict())
+    trainer = DistillationTrainer(model=student, train_dataset=train_set, eval_dataset=train_set.select(range(4)),
+                                  data_collator=DistillationDataCollator(tokenizer, student),
+                                  args=_args(tmp_path, alpha=0.0, max_steps=2, eval_strategy="steps", eval_steps=1,
+                                             predict_with_generate=True, generation_max_length=8))
+    trainer.train()
+    assert sum("eval_loss" in h for h in trainer.state.log_history) == 2  # it did validate, generating
+    trainer.save_model(str(tmp_path / "student"))
+    with open(tmp_path / "student" / "generation_config.json") as f:
+        saved = settings(json.load(f))
+    assert "max_length" not in saved
+    assert saved == before
