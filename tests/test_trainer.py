@@ -328,6 +328,8 @@ def test_validation_with_generate_leaves_the_students_generation_config_as_it_wa
     (``max_length`` 20 among them); the student saved after validating must keep the settings it came with."""
     import json
 
+    from hf_seqkd import make_compute_metrics
+
     student = copy.deepcopy(tiny_marian)
     metadata = ("transformers_version", "_from_model_config")
 
@@ -337,10 +339,11 @@ def test_validation_with_generate_leaves_the_students_generation_config_as_it_wa
     before = settings(student.generation_config.to_diff_dict())
     trainer = DistillationTrainer(model=student, train_dataset=train_set, eval_dataset=train_set.select(range(4)),
                                   data_collator=DistillationDataCollator(tokenizer, student),
+                                  compute_metrics=make_compute_metrics(tokenizer),
                                   args=_args(tmp_path, alpha=0.0, max_steps=2, eval_strategy="steps", eval_steps=1,
                                              predict_with_generate=True, generation_max_length=8))
     trainer.train()
-    assert sum("eval_loss" in h for h in trainer.state.log_history) == 2  # it did validate, generating
+    assert sum("eval_bleu" in h for h in trainer.state.log_history) == 2  # it did validate, generating
     trainer.save_model(str(tmp_path / "student"))
     with open(tmp_path / "student" / "generation_config.json") as f:
         saved = settings(json.load(f))
