@@ -18,6 +18,9 @@ training on the same data to tell the candidate causes apart (results in ``bench
     # the deployed student pruned once to another sparsity, retrained as the study's prune_oneshot stage (80%); each
     # sparsity's model, card and training state in probes/prune_oneshot/sparsity-<percent> (results.json: the last)
     python bench/deploy_probe.py prune --sparsity 0.5
+    # shapes timed as the study's shapes stage times them (random weights, batch 1, against the teacher's beam);
+    # the table in probes/shapes.json (run it on a quiet machine)
+    python bench/deploy_probe.py shapes --shapes 128,2,2,512,4 128,2,1,512,4 128,6,1,512,4
 
 Every probe reads the deploy study's work folder (``--work_dir``, ``--teacher_study``: the study's settings) and
 writes under ``<work_dir>/probes/``. One thread per probe (``--threads``).
@@ -27,6 +30,7 @@ from __future__ import annotations
 
 import argparse
 import importlib.util
+import json
 import os
 import shutil
 
@@ -76,11 +80,22 @@ def gold_args(study, deploy, shape, output: str, warmup_steps: int) -> list[str]
             "--report_to", "none", "--seed", "0", "--disable_tqdm", "true"]
 
 
+def parse_shape(text: str) -> tuple:
+    """``"128,2,1,512,4"`` -> ``(128, 2, 1, 512, 4)``: d_model, encoder layers, decoder layers, ffn, heads."""
+    try:
+        shape = tuple(int(x) for x in text.split(","))
+    except ValueError:
+        shape = ()
+    if len(shape) != 5 or min(shape) < 1:
+        raise SystemExit(f"--shapes {text!r}: expected d_model,encoder,decoder,ffn,heads (5 positive integers)")
+    return shape
+
+
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("probe", choices=("trial", "continue", "gold", "prune"))
+    parser.add_argument("probe", choices=("trial", "continue", "gold", "prune", "shapes"))
     parser.add_argument("--shapes", nargs="+", default=(),
-                        help="trial, continue, gold: d_model,encoder,decoder,ffn,heads")
+                        help="trial, continue, gold, shapes: d_model,encoder,decoder,ffn,heads")
     parser.add_argument("--sparsity", type=float, default=0.5, help="prune: the fraction of weights set to zero")
     parser.add_argument("--epochs", type=int, default=10, help="continue: the most epochs in all")
     parser.add_argument("--warmup_steps", type=int, default=300, help="gold: the learning rate's warm-up")
@@ -111,13 +126,18 @@ def main(argv=None):
         return
     if not args.shapes:
         raise SystemExit(f"{args.probe}: --shapes is required (d_model,encoder,decoder,ffn,heads, one or more)")
+    shapes = {text: parse_shape(text) for text in args.shapes}
+    if args.probe == "shapes":
+        study.p["shapes"] = tuple(shapes.values())
+        result = study.measure_shapes(os.path.join(study.work_dir, "probes", "shapes"))
+        with open(os.path.join(study.work_dir, "probes", "shapes.json"), "w") as f:
+            json.dump(result, f, indent=2)
+        print("\n".join(deploy.shapes_table(result, study.p["num_beams"])), flush=True)
+        return
     lr = "" if args.learning_rate is None else f"_lr{args.learning_rate:g}"
     if args.learning_rate is not None:
         study.p["student_lr"] = args.learning_rate
-    for text in args.shapes:
-        shape = tuple(int(x) for x in text.split(","))
-        if len(shape) != 5:
-            raise SystemExit(f"--shapes {text!r}: expected d_model,encoder,decoder,ffn,heads (5 integers)")
+    for text, shape in shapes.items():
         name = deploy.shape_name(shape)
         trial = os.path.join(study.work_dir, "probes", f"trial_{name}{lr}")
         if args.probe == "trial":

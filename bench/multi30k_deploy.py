@@ -68,7 +68,7 @@ multi30k = load_bench("multi30k")  # the study whose bookkeeping and stages this
 # shallow decoder"; Bergamot's students; opus-mt's 6 + 1 student config); the symmetric 2 x 128 student of the cpu
 # study is the reference point.
 CPU_SHAPES = ((128, 2, 2, 512, 4), (128, 6, 1, 512, 4), (128, 8, 1, 512, 4), (160, 6, 1, 640, 4),
-              (192, 3, 1, 768, 4), (192, 4, 1, 768, 4), (128, 6, 2, 512, 4))
+              (192, 3, 1, 768, 4), (192, 4, 1, 768, 4), (128, 6, 2, 512, 4), (128, 2, 1, 512, 4))
 GPU_SHAPES = ((256, 2, 2, 1024, 4), (256, 6, 1, 1024, 4), (256, 8, 1, 1024, 4), (384, 6, 1, 1536, 6),
               (320, 6, 1, 1280, 4), (256, 6, 2, 1024, 4))
 
@@ -173,9 +173,10 @@ class DeployStudy(multi30k.Study):
         return "seq_kd" if None not in (seq_kd, staged) and seq_kd > staged else self.STUDENT
 
     # 1. speed per shape -------------------------------------------------------------------------------------
-    def measure_shapes(self):
+    def measure_shapes(self, shape_dir: str | None = None):
         """Each candidate shape, random, against the teacher's beam search: sentences/s at batch 1 decoding
-        ``shape_tokens`` tokens per sentence, in Transformers and CTranslate2 int8, paired per round (median)."""
+        ``shape_tokens`` tokens per sentence, in Transformers and CTranslate2 int8, paired per round (median); the
+        models and exports in ``shape_dir`` (default ``<work_dir>/shapes``)."""
         from transformers import AutoModelForSeq2SeqLM, AutoTokenizer
 
         from hf_seqkd import load_parallel_data, make_student_from_config
@@ -188,7 +189,7 @@ class DeployStudy(multi30k.Study):
         teacher = AutoModelForSeq2SeqLM.from_pretrained(self.teacher_dir).eval()
         teacher_params = count_parameters(teacher)
         budget = int(teacher_params * p["max_params_ratio"])
-        shape_dir = os.path.join(self.work_dir, "shapes")
+        shape_dir = shape_dir or os.path.join(self.work_dir, "shapes")
         ct2 = {"teacher": os.path.join(shape_dir, "teacher_ct2_int8")}
         to_ctranslate2(self.teacher_dir, ct2["teacher"], quantization="int8", force=True)
         models, rows = {"teacher": teacher}, []
@@ -462,22 +463,7 @@ class DeployStudy(multi30k.Study):
         lines = []
         if self.done("shapes"):
             r = self.stage_result("shapes")
-            teacher = r["teacher_sent_per_s_beam_batch1"]
-            lines += ["", f"Shapes (random weights, {r['sentences']} validation sentences one at a time, "
-                          f"{r['tokens_per_sentence']} tokens each, {r['rounds']} interleaved rounds; the teacher "
-                          f"({r['teacher_params']:,} parameters) with beam {self.p['num_beams']}: "
-                          f"{teacher['transformers']:.1f} sentences/s in Transformers, {teacher['ctranslate2']:.1f} "
-                          f"in CTranslate2 int8; budget {r['budget']:,} parameters; targets: "
-                          f"{r['targets']['transformers']:g}x and {r['targets']['ctranslate2']:g}x):", "",
-                      "| shape (d, encoder, decoder, ffn, heads) | parameters | within budget | sent/s Transformers "
-                      "| speed-up | sent/s CTranslate2 int8 | speed-up |",
-                      "| --- | ---: | --- | ---: | ---: | ---: | ---: |"]
-            for row in r["rows"]:
-                speed, up = row.get("sent_per_s_batch1"), row.get("speedup")
-                cells = ([f"{speed['transformers']:.1f}", f"{up['transformers']:.2f}x", f"{speed['ctranslate2']:.1f}",
-                          f"{up['ctranslate2']:.2f}x"] if speed else ["", "", "", ""])
-                lines.append(f"| {tuple(row['shape'])} | {row['params']:,} | {'yes' if row['within_budget'] else 'no'}"
-                             f" | " + " | ".join(cells) + " |")
+            lines += [""] + shapes_table(r, self.p["num_beams"])
             lines += ["", f"Chosen for the quality trial: {r['why']}."]
         if self.done("shape_trials"):
             lines += ["", f"Quality trial: {self.stage_result('shape_trials')['why']}."]
@@ -569,6 +555,27 @@ def last_checkpoint(output_dir: str) -> str:
     if not found:
         raise RuntimeError(f"{output_dir}: no checkpoint (the run saves one per epoch)")
     return max(found, key=lambda d: int(d.rsplit("-", 1)[-1]))
+
+
+def shapes_table(r: dict, num_beams: int) -> list[str]:
+    """The markdown table of a shape timing (``DeployStudy.measure_shapes``'s result)."""
+    teacher = r["teacher_sent_per_s_beam_batch1"]
+    lines = [f"Shapes (random weights, {r['sentences']} validation sentences one at a time, "
+             f"{r['tokens_per_sentence']} tokens each, {r['rounds']} interleaved rounds; the teacher "
+             f"({r['teacher_params']:,} parameters) with beam {num_beams}: "
+             f"{teacher['transformers']:.1f} sentences/s in Transformers, {teacher['ctranslate2']:.1f} "
+             f"in CTranslate2 int8; budget {r['budget']:,} parameters; targets: "
+             f"{r['targets']['transformers']:g}x and {r['targets']['ctranslate2']:g}x):", "",
+             "| shape (d, encoder, decoder, ffn, heads) | parameters | within budget | sent/s Transformers "
+             "| speed-up | sent/s CTranslate2 int8 | speed-up |",
+             "| --- | ---: | --- | ---: | ---: | ---: | ---: |"]
+    for row in r["rows"]:
+        speed, up = row.get("sent_per_s_batch1"), row.get("speedup")
+        cells = ([f"{speed['transformers']:.1f}", f"{up['transformers']:.2f}x", f"{speed['ctranslate2']:.1f}",
+                  f"{up['ctranslate2']:.2f}x"] if speed else ["", "", "", ""])
+        lines.append(f"| {tuple(row['shape'])} | {row['params']:,} | {'yes' if row['within_budget'] else 'no'}"
+                     f" | " + " | ".join(cells) + " |")
+    return lines
 
 
 def deploy_findings(rows: dict, speed: dict | None, p: dict, student: str) -> list[str]:

@@ -145,3 +145,17 @@ def test_every_stage_runs_end_to_end_on_tiny_models(deploy, tmp_path, monkeypatc
     models = {m["model"] for m in results["models"]}
     assert {"teacher", study.STUDENT, f"{study.STUDENT}_ct2_int8", "teacher_ct2_int8"} <= models
     assert {"shapes", "shape_trials", "decode_speed"} <= set(results["deploy"])
+
+    # bench/deploy_probe.py shapes: the study's shape timing for shapes of one's choice, in the probe's own folder
+    spec = importlib.util.spec_from_file_location("bench_deploy_probe", os.path.join(ROOT, "bench", "deploy_probe.py"))
+    probe = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(probe)
+    probe_dir = tmp_path / "probe_study"
+    common = ["--work_dir", str(probe_dir), "--teacher_study", str(teacher_study), "--data_dir", str(data)]
+    with pytest.raises(SystemExit, match="5 positive integers"):
+        probe.main(["shapes", "--shapes", "32,1,1,64", *common])
+    probe.main(["shapes", "--shapes", "32,2,1,64,4", "32,1,1,64,4", *common])
+    timed = json.loads((probe_dir / "probes" / "shapes.json").read_text())
+    assert [r["name"] for r in timed["rows"]] == ["d32_e2_d1_f64_h4", "d32_e1_d1_f64_h4"]
+    assert all(r["speedup"]["transformers"] > 0 and r["speedup"]["ctranslate2"] > 0 for r in timed["rows"])
+    assert not (probe_dir / "shapes").exists()  # the study's own shape folder is not touched
