@@ -18,6 +18,9 @@ training on the same data to tell the candidate causes apart (results in ``bench
     # the deployed student pruned once to another sparsity, retrained as the study's prune_oneshot stage (80%); each
     # sparsity's model, card and training state in probes/prune_oneshot/sparsity-<percent> (results.json: the last)
     python bench/deploy_probe.py prune --sparsity 0.5
+    # the study's fine-tune (Seq-Inter + Word-KD from the seq_kd student, until validation BLEU stops improving)
+    # with CKD's hidden-state loss or the hybrid objective added: do they help the deployed student?
+    python bench/deploy_probe.py finetune --variant ckd_skip
     # shapes timed as the study's shapes stage times them (random weights, batch 1, against the teacher's beam);
     # the table in probes/shapes.json (run it on a quiet machine)
     python bench/deploy_probe.py shapes --shapes 128,2,2,512,4 128,2,1,512,4 128,6,1,512,4
@@ -80,6 +83,15 @@ def gold_args(study, deploy, shape, output: str, warmup_steps: int) -> list[str]
             "--report_to", "none", "--seed", "0", "--disable_tqdm", "true"]
 
 
+# the fine-tune's variants: the cpu study's CKD and hybrid settings (bench/multi30k.py) on the study's fine-tune
+FINETUNE_VARIANTS = {
+    # Wu et al. 2020 (the authors' example weights, as the cpu study): (1 - 0.2 - 0.7) CE + 0.2 Word-KD + 0.7 L_ckd
+    "ckd_skip": dict(alpha=0.2, extra_args=("--intermediate_loss_weight", "0.7", "--layer_mapping", "skip")),
+    # Wei et al. 2024: the Word-KD term becomes alpha * [g L_token + (1 - g) L_sentence], one learned gate
+    "hybrid": dict(alpha=0.5, extra_args=("--hybrid_gate", "scalar")),
+}
+
+
 def parse_shape(text: str) -> tuple:
     """``"128,2,1,512,4"`` -> ``(128, 2, 1, 512, 4)``: d_model, encoder layers, decoder layers, ffn, heads."""
     try:
@@ -93,10 +105,12 @@ def parse_shape(text: str) -> tuple:
 
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("probe", choices=("trial", "continue", "gold", "prune", "shapes"))
+    parser.add_argument("probe", choices=("trial", "continue", "gold", "prune", "shapes", "finetune"))
     parser.add_argument("--shapes", nargs="+", default=(),
                         help="trial, continue, gold, shapes: d_model,encoder,decoder,ffn,heads")
     parser.add_argument("--sparsity", type=float, default=0.5, help="prune: the fraction of weights set to zero")
+    parser.add_argument("--variant", choices=sorted(FINETUNE_VARIANTS), default="ckd_skip",
+                        help="finetune: the objective added to the study's fine-tune")
     parser.add_argument("--epochs", type=int, default=10, help="continue: the most epochs in all")
     parser.add_argument("--warmup_steps", type=int, default=300, help="gold: the learning rate's warm-up")
     parser.add_argument("--learning_rate", type=float, default=None,
@@ -123,6 +137,14 @@ def main(argv=None):
         history = study.prune_deployed(os.path.join(study.work_dir, "probes", "prune_oneshot"),
                                        study.p["prune_max_epochs"], study.p["patience"])
         print(f"[probe] pruned to {args.sparsity:g}: {history}", flush=True)
+        return
+    if args.probe == "finetune":  # the study's fine-tune stage with CKD or the hybrid added, in probes/
+        output = os.path.join(study.work_dir, "probes", f"finetune_{args.variant}")
+        result = study.train_converged(study.STUDENT, kd_target="seq_inter_target", init="seq_kd", output=output,
+                                       **FINETUNE_VARIANTS[args.variant])
+        with open(os.path.join(output, "probe.json"), "w") as f:
+            json.dump({"variant": args.variant, **FINETUNE_VARIANTS[args.variant], **result}, f, indent=2)
+        print(f"[probe] finetune {args.variant}: best validation BLEU {result['best_validation_bleu']}", flush=True)
         return
     if not args.shapes:
         raise SystemExit(f"{args.probe}: --shapes is required (d_model,encoder,decoder,ffn,heads, one or more)")

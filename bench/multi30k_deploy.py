@@ -348,13 +348,15 @@ class DeployStudy(multi30k.Study):
         return ["--test_split", multi30k.TEST_SPLIT, "--evaluate_teacher", "true", "--eval_num_beams", "1",
                 str(self.p["num_beams"])] + self.test_sample_args()
 
-    def train_converged(self, name: str, *, kd_target: str, alpha: float, init: str, card: bool = False):
+    def train_converged(self, name: str, *, kd_target: str, alpha: float, init: str, card: bool = False,
+                        output: str | None = None, extra_args: tuple[str, ...] = ()):
         """A fine-tuning stage from ``init`` until validation BLEU stops improving (``card``: its model card carries
-        the test results)."""
+        the test results), in ``output`` (default the stage's student folder), with the recipe's ``extra_args``
+        (``bench/deploy_probe.py finetune``: CKD or the hybrid objective added)."""
         p = self.p
-        epochs, lr, output = p["finetune_max_epochs"], p["finetune_lr"], self.student_dir(name)
+        epochs, lr, output = p["finetune_max_epochs"], p["finetune_lr"], output or self.student_dir(name)
         start = time.perf_counter()
-        self.run_recipe("seq_kd", self.distillation_args(kd_target, alpha, init=init)
+        self.run_recipe("seq_kd", self.distillation_args(kd_target, alpha, init=init) + list(extra_args)
                         + self.training_args(output, epochs, lr) + self.validation_args(p["patience"])
                         + (self.card_evaluation_args() if card else []), output)
         return {"kd_target": kd_target, "alpha": alpha, "init": init, "max_epochs": epochs, "learning_rate": lr,
