@@ -298,6 +298,11 @@ class DistillationTrainingArguments(Seq2SeqTrainingArguments):
             # unless use_cpu is set: every process would train the whole model alone and write the same folder.
             self.use_cpu = True
             logger.info("WORLD_SIZE > 1 and no accelerator: use_cpu=True (distributed training on CPUs, gloo)")
+        if (self.bf16 or self.bf16_full_eval) and not self.use_cpu and not _has_accelerator():
+            # Transformers' own message ("Your setup doesn't support bf16/gpu") does not say which setting to change
+            raise ValueError("bf16=True (mixed precision on a GPU; the recipes' Hub configs set it) but this machine "
+                             "has no GPU: pass --bf16 false to train in float32 on the CPU (or --use_cpu true to "
+                             "train in bfloat16 on the CPU, which most CPUs run slowly)")
         super().__post_init__()
         self._check_early_stopping()
         self._check_teacher()

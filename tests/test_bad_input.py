@@ -93,3 +93,13 @@ def test_prune_recipe_refuses_a_misspelt_test_split(teacher_dir, data_dir, tmp_p
             "--max_steps", "1", "--report_to", "none", "--test_split", "tset"]
     with pytest.raises(ValueError, match=r"--test_split 'tset'.*test"):
         load_recipe("prune").main(argv)
+
+
+def test_bf16_without_a_gpu_names_the_setting_to_change(teacher_dir, data_dir, tmp_path, no_long_work, monkeypatch):
+    """The Hub configs set ``bf16: true``; on a machine without a GPU the recipe says to pass ``--bf16 false``
+    (Transformers alone says "Your setup doesn't support bf16/gpu")."""
+    import hf_seqkd.config
+
+    monkeypatch.setattr(hf_seqkd.config, "_has_accelerator", lambda: False)
+    with pytest.raises(ValueError, match=r"bf16=True .* no GPU: pass --bf16 false"):
+        load_recipe("seq_kd").main(_argv(teacher_dir, data_dir, tmp_path, "--bf16", "true"))

@@ -52,11 +52,14 @@ def offline_parse(monkeypatch):
     """
     import transformers.training_args
 
+    import hf_seqkd.config
+
     def no_network(*args, **kwargs):
         raise AssertionError("parsing a config tried to open a network connection")
 
     monkeypatch.setattr(socket.socket, "connect", no_network)
     monkeypatch.setattr(transformers.training_args, "is_torch_bf16_gpu_available", lambda *a, **k: True)
+    monkeypatch.setattr(hf_seqkd.config, "_has_accelerator", lambda: True)  # hf_seqkd's own bf16 check
 
     def parse(recipe_name, argv):
         recipe = load_recipe(recipe_name)
