@@ -85,16 +85,18 @@ def student_arguments(work_dir: str, size: str = "full", kd_target: str = "targe
             "--output_dir", os.path.join(work_dir, f"student_{name}")]
 
 
-def _train_student(work_dir: str, size: str, kd_target: str, seed: int, teacher, tokenizer, data) -> list:
+def _train_student(work_dir: str, size: str, kd_target: str, seed: int, teacher, tokenizer, data,
+                   teacher_result=None) -> list:
     """One demo student, through the library: the same steps and settings as ``recipes/seq_kd.py`` with
     :func:`student_arguments` (so the same numbers); returns its :class:`~hf_seqkd.evaluation.EvaluationResult`
-    (the teacher's first for the baseline run)."""
+    with the teacher's first: evaluated in this run, or ``teacher_result`` (the baseline run's) put first, the
+    student's speed-ups then over it, so that the model card compares the student with its teacher."""
     from transformers import set_seed
 
     from . import DistillationTrainer
     from .cli import DataArguments, EvalArguments, ModelArguments, load_or_make_student, parse_args
     from .config import DistillationTrainingArguments
-    from .evaluation import evaluate_models
+    from .evaluation import add_speedup, evaluate_models
     from .hub import make_model_card, save_student
 
     argv = student_arguments(work_dir, size, kd_target, seed)
@@ -107,11 +109,13 @@ def _train_student(work_dir: str, size: str, kd_target: str, seed: int, teacher,
     trainer = DistillationTrainer(model=student, teacher_model=teacher, args=args, train_dataset=data["train"],
                                   processing_class=tokenizer)
     trainer.train()
-    models = ([("teacher", "teacher", teacher)] if kd_target == "target" else []) + \
+    models = ([("teacher", "teacher", teacher)] if teacher_result is None else []) + \
         [("student", "student", trainer.model)]
     results = evaluate_models(models, tokenizer, data["test"]["source"], data["test"]["target"],
                               num_beams=max(eval_args.eval_num_beams), batch_size=eval_args.eval_batch_size,
                               batch1_samples=0, max_new_tokens=args.max_new_tokens)
+    if teacher_result is not None:
+        results = list(add_speedup([dataclasses.replace(teacher_result), *results]))
     card = make_model_card(teacher_name=args.teacher_model_name_or_path, method=args.method,
                            hyperparameters=args.card_hyperparameters(), results=results, source_lang="src",
                            target_lang="tgt", datasets=os.path.join(work_dir, "data"), eval_split="test")
@@ -160,7 +164,8 @@ def run_demo(size: str = "full", work_dir: str | None = None, seed: int = 0) -> 
     data = load_parallel_data(data_folder, source_lang="src", target_lang="tgt")
 
     baseline = _train_student(work_dir, size, "target", seed, teacher, tokenizer, data)
-    seq_kd = _train_student(work_dir, size, "teacher_target", seed, teacher, tokenizer, data)
+    seq_kd = _train_student(work_dir, size, "teacher_target", seed, teacher, tokenizer, data,
+                            teacher_result=baseline[0])
     results = [dataclasses.replace(baseline[0], model="teacher"),
                dataclasses.replace(baseline[-1], model="student, no KD (baseline)"),
                dataclasses.replace(seq_kd[-1], model="student, Seq-KD")]

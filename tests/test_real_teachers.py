@@ -470,7 +470,8 @@ def test_config_runs_on_the_replica_and_the_student_card_works(family_snapshots,
     blocks = _card_blocks(student / "README.md")
     model_id = re.search(r'AutoModelForSeq2SeqLM.from_pretrained\("([^"]+)"\)', blocks[0]).group(1)
     example = re.search(r'tokenizer\(\["([^"]+)"\]', blocks[0]).group(1)
-    card_call = tokenizer.batch_decode(reference_generate(str(student), [example], src, tgt, num_beams=5),
+    card_call = tokenizer.batch_decode(reference_generate(str(student), [example], src, tgt, num_beams=5,
+                                                         max_new_tokens=256),
                                        skip_special_tokens=True)
     monkeypatch.chdir(tmp_path)
     printed = []

@@ -267,6 +267,11 @@ def test_tiny_demo_produces_students_cards_results_and_the_cache(tiny_demo):
         student_row = next(r for r in rows if r["model"] == "student")
         for key in ("bleu_greedy", "bleu_beam", "chrf", "speedup"):
             assert isinstance(student_row[key], float) and student_row[key] >= 0, key
+        # each card compares its student with the teacher (the Seq-KD run reuses the baseline run's teacher row)
+        teacher = rows[0]
+        assert teacher["role"] == "teacher" and "| teacher |" in card
+        assert student_row["speedup"] == pytest.approx(student_row["sent_per_s_greedy_batched"]
+                                                       / teacher["sent_per_s_greedy_batched"])
     teacher_row = json.loads((work / "student_baseline" / "results.json").read_text())[0]
     assert teacher_row["role"] == "teacher" and teacher_row["params"] > student_row["params"]
     table = json.loads((work / "demo_results.json").read_text())
