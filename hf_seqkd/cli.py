@@ -132,7 +132,9 @@ def _yaml_to_argv(path: str) -> list[str]:
 def make_parser(dataclass_types) -> HfArgumentParser:
     """The parser of a recipe (``allow_abbrev=False``: argparse would otherwise take a misspelt prefix such as
     ``--learning_rat`` for the option it abbreviates, silently)."""
-    return HfArgumentParser(dataclass_types, allow_abbrev=False)
+    return HfArgumentParser(dataclass_types, allow_abbrev=False,
+                            epilog="--config FILE.yaml: a YAML file of these options' values, as defaults (options on "
+                                   "the command line win); recipes/configs/ has examples")
 
 
 def parse_args(dataclass_types, argv: list[str] | None = None):

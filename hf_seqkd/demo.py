@@ -174,6 +174,8 @@ def run_demo(size: str = "full", work_dir: str | None = None, seed: int = 0) -> 
     columns = ["model", "params", "bleu_greedy", "bleu_greedy_p_value", "bleu_beam", "chrf",
                "sent_per_s_greedy_batched", "speedup_over_beam"]
     print("\n" + markdown_table(results, columns) + "\n" + signature_line(results))
+    print("Speed-up over beam: the model's greedy decoding against the teacher's beam search (batched sentences per "
+          "second; Kim & Rush's comparison).")
     teacher_row, base, kd = results
     gain = kd.bleu_greedy - base.bleu_greedy
     verdict = ("beats" if gain > 0 else "does NOT beat") + (

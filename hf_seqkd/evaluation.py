@@ -329,8 +329,9 @@ class EvaluationResult:
     device: str | None = None
     dataset: str | None = None
     split: str | None = None
-    hypotheses_greedy: list[str] | None = None
-    hypotheses_beam: list[str] | None = None
+    # left out of repr(): printing a result would print every translation of the test set
+    hypotheses_greedy: list[str] | None = field(default=None, repr=False)
+    hypotheses_beam: list[str] | None = field(default=None, repr=False)
     extra: dict = field(default_factory=dict)
 
     @property

@@ -212,3 +212,16 @@ def test_beam_output_probability_is_the_product_of_the_models_token_probabilitie
     assert len(set(lengths)) > 1, lengths
     np.testing.assert_allclose(got, expected, rtol=1e-4)
     assert model.training is False
+
+
+def test_printing_a_result_leaves_out_the_translations():
+    """``print(evaluate_model(...))`` (the README's quick start) shows the scores, not every translation of the test
+    set; the translations stay on the result and in ``to_dict``."""
+    from hf_seqkd.evaluation import EvaluationResult
+
+    hypotheses = [f"sentence number {i}" for i in range(300)]
+    result = EvaluationResult(model="student", bleu_greedy=31.5, hypotheses_greedy=hypotheses,
+                              hypotheses_beam=hypotheses)
+    text = repr(result)
+    assert "bleu_greedy=31.5" in text and "sentence number" not in text
+    assert result.to_dict()["hypotheses_greedy"] == hypotheses

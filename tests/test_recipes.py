@@ -400,3 +400,10 @@ def test_seqkd_corpus_from_a_ctranslate2_teacher(tiny_demo, tmp_path):
     assert corpus.num_rows == 1500 and all(isinstance(t, str) for t in corpus.column("teacher_target").to_pylist())
     assert json.loads((cache / entry / "settings.json").read_text())["dtype"].startswith("ctranslate2:")
     assert AutoModelForSeq2SeqLM.from_pretrained(tmp_path / "student").config.d_model == 32
+
+
+@pytest.mark.parametrize("recipe_name", ["seq_kd", "prune"])
+def test_help_names_the_config_option(recipe_name, capsys):
+    with pytest.raises(SystemExit):
+        load_recipe(recipe_name).main(["--help"])
+    assert "--config FILE.yaml" in capsys.readouterr().out
