@@ -21,6 +21,12 @@ training on the same data to tell the candidate causes apart (results in ``bench
     # the study's fine-tune (Seq-Inter + Word-KD from the seq_kd student, until validation BLEU stops improving)
     # with CKD's hidden-state loss or the hybrid objective added: do they help the deployed student?
     python bench/deploy_probe.py finetune --variant ckd_skip
+    # another shape through the study's recipe: its trial continued to convergence (Seq-KD), the study's fine-tune
+    # from it, then its test BLEU and decoding speed beside the teacher and the deployed student, in both engines
+    python bench/deploy_probe.py trial --shapes 128,2,1,512,4
+    python bench/deploy_probe.py continue --shapes 128,2,1,512,4 --epochs 30
+    python bench/deploy_probe.py finetune --variant plain --shapes 128,2,1,512,4
+    python bench/deploy_probe.py compare --shapes 128,2,1,512,4     # on a quiet machine
     # shapes timed as the study's shapes stage times them (random weights, batch 1, against the teacher's beam);
     # the table in probes/shapes.json (run it on a quiet machine)
     python bench/deploy_probe.py shapes --shapes 128,2,2,512,4 128,2,1,512,4 128,6,1,512,4
@@ -85,11 +91,41 @@ def gold_args(study, deploy, shape, output: str, warmup_steps: int) -> list[str]
 
 # the fine-tune's variants: the cpu study's CKD and hybrid settings (bench/multi30k.py) on the study's fine-tune
 FINETUNE_VARIANTS = {
+    "plain": dict(alpha=0.5, extra_args=()),  # the study's own fine-tune: 0.5 CE + 0.5 Word-KD on Seq-Inter targets
     # Wu et al. 2020 (the authors' example weights, as the cpu study): (1 - 0.2 - 0.7) CE + 0.2 Word-KD + 0.7 L_ckd
     "ckd_skip": dict(alpha=0.2, extra_args=("--intermediate_loss_weight", "0.7", "--layer_mapping", "skip")),
     # Wei et al. 2024: the Word-KD term becomes alpha * [g L_token + (1 - g) L_sentence], one learned gate
     "hybrid": dict(alpha=0.5, extra_args=("--hybrid_gate", "scalar")),
 }
+
+
+def compare_shapes(study, deploy, students: list[str], out: str) -> dict:
+    """Test BLEU (the study's evaluation) and decoding speed (its ``decode_speed``, both engines, the teacher's beam
+    search as the reference) of ``students`` (folders) beside the teacher and the deployed student; written to
+    ``<out>.json``."""
+    from hf_seqkd.export import to_ctranslate2
+
+    missing = [s for s in students if not os.path.isfile(os.path.join(s, "config.json"))]
+    if missing:
+        raise SystemExit(f"compare: no trained student in {', '.join(missing)}; run `finetune --variant plain "
+                         "--shapes ...` first")
+    deployed = study.deployed_student()
+    models = [("teacher", study.teacher_dir), (deployed, study.student_dir(deployed))]
+    models += [(os.path.basename(s), s) for s in students]
+
+    def ct2_dir(name):
+        return os.path.join(out, "ctranslate2", name)
+
+    for name, folder in models:
+        to_ctranslate2(folder, ct2_dir(name), quantization="int8", force=True)
+    speed = study.decode_speed(models, ct2_dir=ct2_dir)
+    rows = study.evaluate(models + [(f"{n}_ct2_int8", ct2_dir(n)) for n, _ in models],
+                          output_dir=os.path.join(out, "report"))
+    result = {"models": dict(models), "decode_speed": speed, "evaluation": rows}
+    with open(out + ".json", "w") as f:
+        json.dump(result, f, indent=2, default=str)
+    print(f"[probe] compare: {out}.json", flush=True)
+    return result
 
 
 def parse_shape(text: str) -> tuple:
@@ -105,9 +141,10 @@ def parse_shape(text: str) -> tuple:
 
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("probe", choices=("trial", "continue", "gold", "prune", "shapes", "finetune"))
+    parser.add_argument("probe", choices=("trial", "continue", "gold", "prune", "shapes", "finetune", "compare"))
     parser.add_argument("--shapes", nargs="+", default=(),
-                        help="trial, continue, gold, shapes: d_model,encoder,decoder,ffn,heads")
+                        help="trial, continue, gold, shapes, compare (and finetune: from the continued trial instead "
+                             "of the study's seq_kd student): d_model,encoder,decoder,ffn,heads")
     parser.add_argument("--sparsity", type=float, default=0.5, help="prune: the fraction of weights set to zero")
     parser.add_argument("--variant", choices=sorted(FINETUNE_VARIANTS), default="ckd_skip",
                         help="finetune: the objective added to the study's fine-tune")
@@ -116,6 +153,10 @@ def main(argv=None):
     parser.add_argument("--learning_rate", type=float, default=None,
                         help="trial, continue: instead of the study's student_lr (1e-3)")
     parser.add_argument("--embedding_std", choices=("transformers", "fairseq"), default="transformers")
+    parser.add_argument("--preset", default="deploy", choices=sorted(load_deploy().PRESETS),
+                        help="the study's preset (its work folder records it)")
+    parser.add_argument("--set", nargs="*", default=(), metavar="KEY=VALUE", dest="overrides",
+                        help="the study's other --set settings, as it was run")
     parser.add_argument("--work_dir", default="runs/multi30k_deploy")
     parser.add_argument("--teacher_study", default="runs/multi30k_cpu")
     parser.add_argument("--data_dir", default=None)
@@ -126,8 +167,10 @@ def main(argv=None):
 
     torch.set_num_threads(args.threads)
     deploy = load_deploy()
-    study = deploy.DeployStudy("deploy", os.path.abspath(args.work_dir), args.data_dir or deploy.multi30k.DEFAULT_DATA,
-                               {"teacher_study": os.path.abspath(args.teacher_study)})
+    overrides = {**deploy.multi30k.parse_overrides(args.overrides),
+                 "teacher_study": os.path.abspath(args.teacher_study)}
+    study = deploy.DeployStudy(args.preset, os.path.abspath(args.work_dir),
+                               args.data_dir or deploy.multi30k.DEFAULT_DATA, overrides)
     if args.probe == "gold" and args.embedding_std == "fairseq":
         import hf_seqkd.cli
 
@@ -138,17 +181,30 @@ def main(argv=None):
                                        study.p["prune_max_epochs"], study.p["patience"])
         print(f"[probe] pruned to {args.sparsity:g}: {history}", flush=True)
         return
-    if args.probe == "finetune":  # the study's fine-tune stage with CKD or the hybrid added, in probes/
-        output = os.path.join(study.work_dir, "probes", f"finetune_{args.variant}")
-        result = study.train_converged(study.STUDENT, kd_target="seq_inter_target", init="seq_kd", output=output,
-                                       **FINETUNE_VARIANTS[args.variant])
-        with open(os.path.join(output, "probe.json"), "w") as f:
-            json.dump({"variant": args.variant, **FINETUNE_VARIANTS[args.variant], **result}, f, indent=2)
-        print(f"[probe] finetune {args.variant}: best validation BLEU {result['best_validation_bleu']}", flush=True)
-        return
-    if not args.shapes:
-        raise SystemExit(f"{args.probe}: --shapes is required (d_model,encoder,decoder,ffn,heads, one or more)")
     shapes = {text: parse_shape(text) for text in args.shapes}
+    lr = "" if args.learning_rate is None else f"_lr{args.learning_rate:g}"
+    probes = os.path.join(study.work_dir, "probes")
+    if args.probe == "finetune":  # the study's fine-tune stage (CKD or the hybrid added), in probes/
+        starts = {f"finetune_{args.variant}": "seq_kd"}  # the study's Seq-KD student
+        if shapes:  # or the probe's continued trials of other shapes
+            starts = {f"finetune_{args.variant}_{deploy.shape_name(s)}{lr}":
+                      os.path.join(probes, f"continued_{deploy.shape_name(s)}{lr}") for s in shapes.values()}
+        for name, init in starts.items():
+            if os.path.isabs(init) and not os.path.isdir(init):
+                raise SystemExit(f"finetune: no continued trial in {init}; run `continue --shapes ...` first")
+            output = os.path.join(probes, name)
+            result = study.train_converged(study.STUDENT, kd_target="seq_inter_target", init=init, output=output,
+                                           **FINETUNE_VARIANTS[args.variant])
+            with open(os.path.join(output, "probe.json"), "w") as f:
+                json.dump({"variant": args.variant, **FINETUNE_VARIANTS[args.variant], **result}, f, indent=2)
+            print(f"[probe] {name}: best validation BLEU {result['best_validation_bleu']}", flush=True)
+        return
+    if not shapes:
+        raise SystemExit(f"{args.probe}: --shapes is required (d_model,encoder,decoder,ffn,heads, one or more)")
+    if args.probe == "compare":  # the fine-tuned shapes beside the teacher and the deployed student
+        compare_shapes(study, deploy, [os.path.join(probes, f"finetune_plain_{deploy.shape_name(s)}{lr}")
+                                       for s in shapes.values()], os.path.join(probes, "compare"))
+        return
     if args.probe == "shapes":
         study.p["shapes"] = tuple(shapes.values())
         result = study.measure_shapes(os.path.join(study.work_dir, "probes", "shapes"))
@@ -156,7 +212,6 @@ def main(argv=None):
             json.dump(result, f, indent=2)
         print("\n".join(deploy.shapes_table(result, study.p["num_beams"])), flush=True)
         return
-    lr = "" if args.learning_rate is None else f"_lr{args.learning_rate:g}"
     if args.learning_rate is not None:
         study.p["student_lr"] = args.learning_rate
     for text, shape in shapes.items():

@@ -617,14 +617,15 @@ class Study:
                 models.append((f"{name}_ct2_int8", folder))
         return models
 
-    def evaluate(self):
+    def evaluate(self, models: list[tuple[str, str]] | None = None, output_dir: str | None = None):
         """The evaluate stage: every model that exists so far (a partial study is evaluated with what it has; rerun
-        with ``--redo evaluate`` once more stages are done)."""
-        argv = ["--models", *[f"{name}={path}" for name, path in self.model_list()],
+        with ``--redo evaluate`` once more stages are done), or ``models`` (name, folder), into ``output_dir``
+        (default ``<work_dir>/report``)."""
+        argv = ["--models", *[f"{name}={path}" for name, path in (models or self.model_list())],
                 "--dataset", self.data_dir, "--source_lang", SOURCE_LANG, "--target_lang", TARGET_LANG,
                 "--test_split", TEST_SPLIT, "--num_beams", str(EVAL_BEAMS),
                 "--batch1_samples", str(self.p["batch1_samples"]), "--batch1_beam", self.p["batch1_beam"],
-                "--tokenizer", self.tokenizer_dir, "--output_dir", os.path.join(self.work_dir, "report")]
+                "--tokenizer", self.tokenizer_dir, "--output_dir", output_dir or os.path.join(self.work_dir, "report")]
         argv += self.test_sample_args()
         return load_recipe("evaluate").main(argv)
 

@@ -291,8 +291,8 @@ class DeployStudy(multi30k.Study):
     def distillation_args(self, kd_target: str, alpha: float, shape=None, init: str | None = None) -> list[str]:
         argv = ["--teacher_model_name_or_path", self.teacher_dir, "--kd_target", kd_target, "--alpha", str(alpha),
                 "--teacher_dtype", self.p["teacher_dtype"]]
-        if init:
-            argv += ["--init_student_from", self.student_dir(init)]
+        if init:  # a stage's name, or a folder (bench/deploy_probe.py's students)
+            argv += ["--init_student_from", init if os.path.isabs(init) else self.student_dir(init)]
         else:
             argv += multi30k.student_shape_args(*(shape or self.stage_result("shape_trials")["shape"]))
         return argv + self.common_data_args() + self.no_final_evaluation() + self.seqkd_args()
@@ -438,15 +438,18 @@ class DeployStudy(multi30k.Study):
                    if os.path.isdir(self.ct2_dir(name))]
         return models
 
-    def decode_speed(self):
-        """``bench/decode_speed.py`` in each engine: the teacher first (the reference, also with beam search)."""
+    def decode_speed(self, models: list[tuple[str, str]] | None = None, ct2_dir=None):
+        """``bench/decode_speed.py`` in each engine: the teacher first (the reference, also with beam search);
+        ``models`` (name, Transformers folder; default :meth:`deployed_models`) with their CTranslate2 int8 exports
+        in ``ct2_dir(name)`` (default :meth:`ct2_dir`)."""
         module, p, out = load_bench("decode_speed"), self.p, {}
         import torch
 
+        ct2_dir = ct2_dir or self.ct2_dir
         for engine, suffix in (("transformers", ""), ("ctranslate2_int8", "_ct2_int8")):
-            models = [(name + suffix, self.ct2_dir(name) if suffix else folder)
-                      for name, folder in self.deployed_models()]
-            argv = ["--models", *[f"{n}={f}" for n, f in models], "--beam_models", models[0][0],
+            models_here = [(name + suffix, ct2_dir(name) if suffix else folder)
+                           for name, folder in (models or self.deployed_models())]
+            argv = ["--models", *[f"{n}={f}" for n, f in models_here], "--beam_models", models_here[0][0],
                     "--num_beams", str(p["num_beams"]), "--data_dir", self.data_dir,
                     "--rounds", str(p["speed_rounds"]), "--batch1_sentences", str(p["speed_batch1_sentences"]),
                     "--batched_sentences", str(p["speed_batched_sentences"]), "--threads",

@@ -159,3 +159,21 @@ def test_every_stage_runs_end_to_end_on_tiny_models(deploy, tmp_path, monkeypatc
     assert [r["name"] for r in timed["rows"]] == ["d32_e2_d1_f64_h4", "d32_e1_d1_f64_h4"]
     assert all(r["speedup"]["transformers"] > 0 and r["speedup"]["ctranslate2"] > 0 for r in timed["rows"])
     assert not (probe_dir / "shapes").exists()  # the study's own shape folder is not touched
+
+    # another shape through the study's recipe (trial, continued, fine-tuned), then compared with the teacher and the
+    # deployed student in both engines, on the smoke study itself (its preset and settings)
+    on_study = ["--preset", "deploy_smoke", "--set", "train_samples=None", "--work_dir", str(work),
+                "--teacher_study", str(teacher_study), "--data_dir", str(data)]
+    with pytest.raises(SystemExit, match="no trained student"):
+        probe.main(["compare", "--shapes", "32,2,1,64,4", *on_study])
+    for step in (["trial"], ["continue", "--epochs", "2"], ["finetune", "--variant", "plain"], ["compare"]):
+        probe.main([*step, "--shapes", "32,2,1,64,4", *on_study])
+    compared = json.loads((work / "probes" / "compare.json").read_text())
+    name = "finetune_plain_d32_e2_d1_f64_h4"
+    assert list(compared["models"]) == ["teacher", study.deployed_student(), name]
+    assert compared["decode_speed"]["transformers"]["rows"][name]["speedup_over_reference_beam_batch1"] > 0
+    assert compared["decode_speed"]["ctranslate2_int8"]["rows"][f"{name}_ct2_int8"][
+        "speedup_over_reference_beam_batch1"] > 0
+    assert {r["model"] for r in compared["evaluation"]} >= {name, f"{name}_ct2_int8", "teacher"}
+    finetuned = json.loads((work / "probes" / name / "probe.json").read_text())
+    assert finetuned["init"] == str(work / "probes" / "continued_d32_e2_d1_f64_h4")
