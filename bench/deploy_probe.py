@@ -89,12 +89,13 @@ def gold_args(study, deploy, shape, output: str, warmup_steps: int) -> list[str]
             "--report_to", "none", "--seed", "0", "--disable_tqdm", "true"]
 
 
-# the fine-tune's variants: the cpu study's CKD and hybrid settings (bench/multi30k.py) on the study's fine-tune
+# the fine-tune's variants: the study's own, and CKD or the hybrid objective added (bench/multi30k.py's settings)
 FINETUNE_VARIANTS = {
     "plain": dict(alpha=0.5, extra_args=()),  # the study's own fine-tune: 0.5 CE + 0.5 Word-KD on Seq-Inter targets
     # Wu et al. 2020 (the authors' example weights, as the cpu study): (1 - 0.2 - 0.7) CE + 0.2 Word-KD + 0.7 L_ckd
     "ckd_skip": dict(alpha=0.2, extra_args=("--intermediate_loss_weight", "0.7", "--layer_mapping", "skip")),
-    # Wei et al. 2024: the Word-KD term becomes alpha * [g L_token + (1 - g) L_sentence], one learned gate
+    # Wei et al. 2024: the Word-KD term becomes alpha * [g L_token + (1 - g) L_sentence], one learned gate (the
+    # fine-tune's alpha 0.5; the cpu study's hybrid, on gold targets, has alpha 1.0)
     "hybrid": dict(alpha=0.5, extra_args=("--hybrid_gate", "scalar")),
 }
 
@@ -107,8 +108,8 @@ def compare_shapes(study, deploy, students: list[str], out: str) -> dict:
 
     missing = [s for s in students if not os.path.isfile(os.path.join(s, "config.json"))]
     if missing:
-        raise SystemExit(f"compare: no trained student in {', '.join(missing)}; run `finetune --variant plain "
-                         "--shapes ...` first")
+        raise SystemExit(f"compare: no trained student in {', '.join(missing)}; run `finetune --shapes ...` (with "
+                         "the same --variant and --learning_rate) first")
     deployed = study.deployed_student()
     models = [("teacher", study.teacher_dir), (deployed, study.student_dir(deployed))]
     models += [(os.path.basename(s), s) for s in students]
@@ -146,19 +147,21 @@ def main(argv=None):
                         help="trial, continue, gold, shapes, compare (and finetune: from the continued trial instead "
                              "of the study's seq_kd student): d_model,encoder,decoder,ffn,heads")
     parser.add_argument("--sparsity", type=float, default=0.5, help="prune: the fraction of weights set to zero")
-    parser.add_argument("--variant", choices=sorted(FINETUNE_VARIANTS), default="ckd_skip",
-                        help="finetune: the objective added to the study's fine-tune")
+    parser.add_argument("--variant", choices=sorted(FINETUNE_VARIANTS), default="plain",
+                        help="finetune, compare: the fine-tune's objective (plain: the study's own)")
     parser.add_argument("--epochs", type=int, default=10, help="continue: the most epochs in all")
     parser.add_argument("--warmup_steps", type=int, default=300, help="gold: the learning rate's warm-up")
     parser.add_argument("--learning_rate", type=float, default=None,
-                        help="trial, continue: instead of the study's student_lr (1e-3)")
+                        help="trial, continue: instead of the study's student_lr (1e-3); finetune --shapes, compare: "
+                             "the trials at that rate are the ones read")
     parser.add_argument("--embedding_std", choices=("transformers", "fairseq"), default="transformers")
-    parser.add_argument("--preset", default="deploy", choices=sorted(load_deploy().PRESETS),
-                        help="the study's preset (its work folder records it)")
+    parser.add_argument("--preset", default=None, choices=sorted(load_deploy().PRESETS),
+                        help="the study's preset (default: the one its work folder records, else deploy)")
     parser.add_argument("--set", nargs="*", default=(), metavar="KEY=VALUE", dest="overrides",
-                        help="the study's other --set settings, as it was run")
+                        help="preset settings (default: those the study's work folder records)")
     parser.add_argument("--work_dir", default="runs/multi30k_deploy")
-    parser.add_argument("--teacher_study", default="runs/multi30k_cpu")
+    parser.add_argument("--teacher_study", default=None,
+                        help="the study whose teacher is used (default: the one the work folder records)")
     parser.add_argument("--data_dir", default=None)
     parser.add_argument("--threads", type=int, default=1)
     args = parser.parse_args(argv)
@@ -167,9 +170,16 @@ def main(argv=None):
 
     torch.set_num_threads(args.threads)
     deploy = load_deploy()
-    overrides = {**deploy.multi30k.parse_overrides(args.overrides),
-                 "teacher_study": os.path.abspath(args.teacher_study)}
-    study = deploy.DeployStudy(args.preset, os.path.abspath(args.work_dir),
+    work_dir = os.path.abspath(args.work_dir)
+    recorded = {"preset": "deploy", "overrides": {}}  # a study's settings, as its work folder records them
+    if os.path.isfile(os.path.join(work_dir, "settings.json")):
+        with open(os.path.join(work_dir, "settings.json")) as f:
+            recorded = json.load(f)
+    overrides = {**recorded["overrides"], **deploy.multi30k.parse_overrides(args.overrides)}
+    if args.teacher_study:
+        overrides["teacher_study"] = os.path.abspath(args.teacher_study)
+    # settings other than the recorded ones are refused by the study ("holds a study with ...")
+    study = deploy.DeployStudy(args.preset or recorded["preset"], work_dir,
                                args.data_dir or deploy.multi30k.DEFAULT_DATA, overrides)
     if args.probe == "gold" and args.embedding_std == "fairseq":
         import hf_seqkd.cli
@@ -190,8 +200,9 @@ def main(argv=None):
             starts = {f"finetune_{args.variant}_{deploy.shape_name(s)}{lr}":
                       os.path.join(probes, f"continued_{deploy.shape_name(s)}{lr}") for s in shapes.values()}
         for name, init in starts.items():
-            if os.path.isabs(init) and not os.path.isdir(init):
-                raise SystemExit(f"finetune: no continued trial in {init}; run `continue --shapes ...` first")
+            if os.path.isabs(init) and not os.path.isfile(os.path.join(init, "config.json")):
+                raise SystemExit(f"finetune: no finished continued trial in {init}; run (or finish) `continue "
+                                 "--shapes ...` first")
             output = os.path.join(probes, name)
             result = study.train_converged(study.STUDENT, kd_target="seq_inter_target", init=init, output=output,
                                            **FINETUNE_VARIANTS[args.variant])
@@ -202,7 +213,7 @@ def main(argv=None):
     if not shapes:
         raise SystemExit(f"{args.probe}: --shapes is required (d_model,encoder,decoder,ffn,heads, one or more)")
     if args.probe == "compare":  # the fine-tuned shapes beside the teacher and the deployed student
-        compare_shapes(study, deploy, [os.path.join(probes, f"finetune_plain_{deploy.shape_name(s)}{lr}")
+        compare_shapes(study, deploy, [os.path.join(probes, f"finetune_{args.variant}_{deploy.shape_name(s)}{lr}")
                                        for s in shapes.values()], os.path.join(probes, "compare"))
         return
     if args.probe == "shapes":

@@ -11,7 +11,7 @@ from typing import Optional
 
 import torch
 from transformers import Seq2SeqTrainingArguments
-from transformers.utils import logging
+from transformers.utils import is_torch_bf16_gpu_available, is_torch_xla_available, logging
 
 from .distributed import check_teacher_sharding
 from .evaluation import resolve_bleu_tokenize
@@ -298,11 +298,13 @@ class DistillationTrainingArguments(Seq2SeqTrainingArguments):
             # unless use_cpu is set: every process would train the whole model alone and write the same folder.
             self.use_cpu = True
             logger.info("WORLD_SIZE > 1 and no accelerator: use_cpu=True (distributed training on CPUs, gloo)")
-        if (self.bf16 or self.bf16_full_eval) and not self.use_cpu and not _has_accelerator():
-            # Transformers' own message ("Your setup doesn't support bf16/gpu") does not say which setting to change
-            raise ValueError("bf16=True (mixed precision on a GPU; the recipes' Hub configs set it) but this machine "
-                             "has no GPU: pass --bf16 false to train in float32 on the CPU (or --use_cpu true to "
-                             "train in bfloat16 on the CPU, which most CPUs run slowly)")
+        if ((self.bf16 or self.bf16_full_eval) and not self.use_cpu and not is_torch_bf16_gpu_available()
+                and not is_torch_xla_available()):
+            # where Transformers refuses it too, with a message ("Your setup doesn't support bf16/gpu") that does not
+            # say which setting to change
+            raise ValueError("bf16=True (mixed precision on a GPU with bfloat16, Ampere or newer; the recipes' Hub "
+                             "configs set it) but this machine has no such GPU: pass --bf16 false to train in float32 "
+                             "(or --use_cpu true to train in bfloat16 on the CPU, which most CPUs run slowly)")
         super().__post_init__()
         self._check_early_stopping()
         self._check_teacher()

@@ -118,13 +118,20 @@ _EXAMPLES = {"de": "Ein Satz, der übersetzt werden soll.", "fr": "Une phrase à
              "es": "Una frase para traducir.", "en": "A sentence to translate."}
 
 
+# the card's generate examples set the length (a saved student has no max_length: generate would stop at 20 tokens),
+# as the pipeline's default does, capped at the student's position table
+CARD_MAX_NEW_TOKENS = 256
+
+
 def card_usage(languages, model, tokenizer) -> dict:
     """What a student's model card shows of how to call it (the ``usage`` of :func:`make_model_card`): the
-    direction's codes, prefix and forced token (:meth:`~hf_seqkd.languages.Languages.usage`) and the CTranslate2
+    direction's codes, prefix and forced token (:meth:`~hf_seqkd.languages.Languages.usage`), the CTranslate2
     options that decode as ``model.generation_config`` says
-    (:func:`~hf_seqkd.export.ctranslate2_decoding_options`)."""
+    (:func:`~hf_seqkd.export.ctranslate2_decoding_options`) and ``max_new_tokens`` (``CARD_MAX_NEW_TOKENS`` capped
+    at the student's position table)."""
     options = ctranslate2_decoding_options(model.generation_config, tokenizer, languages.forced_bos_token)
-    return {**languages.usage(), "ctranslate2_options": options}
+    return {**languages.usage(), "ctranslate2_options": options,
+            "max_new_tokens": cap_max_new_tokens(model, CARD_MAX_NEW_TOKENS)}
 
 
 def _usage_strings(usage: Mapping[str, Any]) -> dict[str, str]:
@@ -141,6 +148,7 @@ def _usage_strings(usage: Mapping[str, Any]) -> dict[str, str]:
         "generate_kwargs": f', forced_bos_token_id=tokenizer.convert_tokens_to_ids("{bos}")' if bos else "",
         "pipeline_kwargs": languages,
         "ctranslate2_kwargs": "".join(f", {key}={value!r}" for key, value in options.items()),
+        "max_new_tokens": str(usage.get("max_new_tokens") or CARD_MAX_NEW_TOKENS),
     }
 
 
@@ -183,8 +191,8 @@ def make_model_card(
         eval_dataset, eval_split: what the results are on (default: the first of ``datasets``, else ``"custom"``).
         hub_model_id: the id used in the usage examples (default ``model_name``).
         usage: how the student is called: ``source_prefix``, ``src_lang`` / ``tgt_lang`` (tokenizer language codes),
-            ``forced_bos_token`` (the target-language token ``generate`` must force), ``ctranslate2_options`` (see
-            :func:`card_usage`).
+            ``forced_bos_token`` (the target-language token ``generate`` must force), ``ctranslate2_options`` and
+            ``max_new_tokens`` (see :func:`card_usage`).
     """
 
     hyperparameters = dict(hyperparameters or {})
@@ -337,7 +345,7 @@ class TranslationPipeline(_Pipeline):
 
     _pipeline_calls_generate = True
     # used for what neither the call nor the model's generation config sets (else generate's max_length=20)
-    _default_generation_config = _GenerationConfig(max_new_tokens=256) if _GenerationConfig else None
+    _default_generation_config = _GenerationConfig(max_new_tokens=CARD_MAX_NEW_TOKENS) if _GenerationConfig else None
     _load_processor = False
     _load_image_processor = False
     _load_feature_extractor = False

@@ -678,11 +678,12 @@ class DistillationTrainer(Seq2SeqTrainer):
         if not self.args.predict_with_generate or prediction_loss_only:
             return super().prediction_step(model, inputs, prediction_loss_only, ignore_keys=ignore_keys, **gen_kwargs)
         inputs = {k: v for k, v in inputs.items() if k not in EXTRA_LABEL_COLUMNS}
-        kept = copy.deepcopy(self.model.generation_config)
+        student = self.accelerator.unwrap_model(self.model)  # FSDP1 / XLA-FSDP: self.model is the wrapper
+        kept = copy.deepcopy(student.generation_config)
         try:
             return super().prediction_step(model, inputs, prediction_loss_only, ignore_keys=ignore_keys, **gen_kwargs)
         finally:
-            self.model.generation_config = kept
+            student.generation_config = kept
 
     # --------------------------------------------------------------------------------------------- logging
     def _record(self, name: str, value) -> None:

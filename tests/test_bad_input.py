@@ -98,8 +98,16 @@ def test_prune_recipe_refuses_a_misspelt_test_split(teacher_dir, data_dir, tmp_p
 def test_bf16_without_a_gpu_names_the_setting_to_change(teacher_dir, data_dir, tmp_path, no_long_work, monkeypatch):
     """The Hub configs set ``bf16: true``; on a machine without a GPU the recipe says to pass ``--bf16 false``
     (Transformers alone says "Your setup doesn't support bf16/gpu")."""
+    from hf_seqkd import DistillationTrainingArguments
+
+    with pytest.raises(ValueError, match=r"bf16=True .* no such GPU: pass --bf16 false"):
+        load_recipe("seq_kd").main(_argv(teacher_dir, data_dir, tmp_path, "--bf16", "true"))
+    # where Transformers takes bf16, so does hf_seqkd: on the CPU when asked for (use_cpu), on a bf16 GPU
+    assert DistillationTrainingArguments(output_dir=str(tmp_path), bf16=True, use_cpu=True, report_to=[]).bf16
+    import transformers.training_args
+
     import hf_seqkd.config
 
-    monkeypatch.setattr(hf_seqkd.config, "_has_accelerator", lambda: False)
-    with pytest.raises(ValueError, match=r"bf16=True .* no GPU: pass --bf16 false"):
-        load_recipe("seq_kd").main(_argv(teacher_dir, data_dir, tmp_path, "--bf16", "true"))
+    for module in (transformers.training_args, hf_seqkd.config):
+        monkeypatch.setattr(module, "is_torch_bf16_gpu_available", lambda *a, **k: True)
+    assert DistillationTrainingArguments(output_dir=str(tmp_path), bf16=True, report_to=[]).bf16

@@ -162,11 +162,14 @@ def test_every_stage_runs_end_to_end_on_tiny_models(deploy, tmp_path, monkeypatc
 
     # another shape through the study's recipe (trial, continued, fine-tuned), then compared with the teacher and the
     # deployed student in both engines, on the smoke study itself (its preset and settings)
-    on_study = ["--preset", "deploy_smoke", "--set", "train_samples=None", "--work_dir", str(work),
-                "--teacher_study", str(teacher_study), "--data_dir", str(data)]
+    on_study = ["--work_dir", str(work), "--data_dir", str(data)]  # the preset and settings: the folder's record
+    with pytest.raises(ValueError, match="holds a study with"):  # other settings than the study's are refused
+        probe.main(["compare", "--shapes", "32,2,1,64,4", *on_study, "--preset", "deploy"])
     with pytest.raises(SystemExit, match="no trained student"):
         probe.main(["compare", "--shapes", "32,2,1,64,4", *on_study])
-    for step in (["trial"], ["continue", "--epochs", "2"], ["finetune", "--variant", "plain"], ["compare"]):
+    with pytest.raises(SystemExit, match="no finished continued trial"):
+        probe.main(["finetune", "--shapes", "32,2,1,64,4", *on_study])
+    for step in (["trial"], ["continue", "--epochs", "2"], ["finetune"], ["compare"]):
         probe.main([*step, "--shapes", "32,2,1,64,4", *on_study])
     compared = json.loads((work / "probes" / "compare.json").read_text())
     name = "finetune_plain_d32_e2_d1_f64_h4"

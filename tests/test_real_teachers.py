@@ -28,7 +28,7 @@ from transformers import AutoModelForSeq2SeqLM, AutoTokenizer
 from hf_seqkd import DistillationTrainer, DistillationTrainingArguments, GenerationSettings, build_seqkd_dataset
 from hf_seqkd.data import decoder_inputs_from_labels
 from hf_seqkd.evaluation import timed_decode
-from hf_seqkd.generation import ScoreRecorder, translate
+from hf_seqkd.generation import ScoreRecorder, cap_max_new_tokens, translate
 from hf_seqkd.hub import translation_pipeline
 from hf_seqkd.languages import check_single_direction, resolve_languages
 from hf_seqkd.students import make_student
@@ -470,8 +470,10 @@ def test_config_runs_on_the_replica_and_the_student_card_works(family_snapshots,
     blocks = _card_blocks(student / "README.md")
     model_id = re.search(r'AutoModelForSeq2SeqLM.from_pretrained\("([^"]+)"\)', blocks[0]).group(1)
     example = re.search(r'tokenizer\(\["([^"]+)"\]', blocks[0]).group(1)
+    limit = int(re.search(r"max_new_tokens=(\d+)", blocks[0]).group(1))  # the length is set, within the positions
+    assert limit == cap_max_new_tokens(AutoModelForSeq2SeqLM.from_pretrained(student), 256)
     card_call = tokenizer.batch_decode(reference_generate(str(student), [example], src, tgt, num_beams=5,
-                                                         max_new_tokens=256),
+                                                         max_new_tokens=limit),
                                        skip_special_tokens=True)
     monkeypatch.chdir(tmp_path)
     printed = []

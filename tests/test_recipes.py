@@ -59,7 +59,7 @@ def offline_parse(monkeypatch):
 
     monkeypatch.setattr(socket.socket, "connect", no_network)
     monkeypatch.setattr(transformers.training_args, "is_torch_bf16_gpu_available", lambda *a, **k: True)
-    monkeypatch.setattr(hf_seqkd.config, "_has_accelerator", lambda: True)  # hf_seqkd's own bf16 check
+    monkeypatch.setattr(hf_seqkd.config, "is_torch_bf16_gpu_available", lambda *a, **k: True)  # hf_seqkd's check
 
     def parse(recipe_name, argv):
         recipe = load_recipe(recipe_name)
