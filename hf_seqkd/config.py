@@ -82,7 +82,10 @@ class DistillationTrainingArguments(Seq2SeqTrainingArguments):
     trainer, the recipes and the model card ask them.
 
     Under `torchrun` (or `accelerate launch` with several processes) on a machine without an accelerator, `use_cpu`
-    is switched on, so that the processes train together (gloo) instead of each training alone.
+    is switched on, so that the processes train together (gloo) instead of each training alone; without an
+    accelerator `dataloader_pin_memory` is switched off (it only speeds up copies to a device). `bf16=True` where
+    Transformers cannot train in it (no bf16 GPU, no TPU, `use_cpu` off) raises `ValueError` saying to pass
+    `--bf16 false`.
 
     Parameters:
         > Teacher
@@ -298,6 +301,8 @@ class DistillationTrainingArguments(Seq2SeqTrainingArguments):
             # unless use_cpu is set: every process would train the whole model alone and write the same folder.
             self.use_cpu = True
             logger.info("WORLD_SIZE > 1 and no accelerator: use_cpu=True (distributed training on CPUs, gloo)")
+        if self.dataloader_pin_memory and not _has_accelerator():  # pinned memory serves only a device's copies:
+            self.dataloader_pin_memory = False                    # torch warns at every data loader otherwise
         if ((self.bf16 or self.bf16_full_eval) and not self.use_cpu and not is_torch_bf16_gpu_available()
                 and not is_torch_xla_available()):
             # where Transformers refuses it too, with a message ("Your setup doesn't support bf16/gpu") that does not

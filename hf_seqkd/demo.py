@@ -53,7 +53,7 @@ def _train_teacher(folder: str, data_folder: str, size: dict, seed: int) -> str:
     d_model, layers, ffn, steps = size["teacher"]
     teacher = tiny_seq2seq_model(tokenizer, "marian", d_model=d_model, encoder_layers=layers, decoder_layers=layers,
                                  ffn_dim=ffn, attention_heads=4, dropout=0.1, seed=seed)
-    print(f"[demo] training the teacher ({d_model}-wide, {layers}+{layers} layers) for {steps} steps")
+    print(f"\n[demo] training the teacher ({d_model}-wide, {layers}+{layers} layers) for {steps} steps")
     args = DistillationTrainingArguments(output_dir=os.path.join(folder, "run"), alpha=0.0, max_steps=steps,
                                          per_device_train_batch_size=64, learning_rate=2e-3, warmup_steps=steps // 10,
                                          label_smoothing_factor=0.1, report_to=[], save_strategy="no",
@@ -100,7 +100,7 @@ def _train_student(work_dir: str, size: str, kd_target: str, seed: int, teacher,
     from .hub import make_model_card, save_student
 
     argv = student_arguments(work_dir, size, kd_target, seed)
-    print(f"[demo] training the {'baseline' if kd_target == 'target' else 'Seq-KD'} student on '{kd_target}' "
+    print(f"\n[demo] training the {'baseline' if kd_target == 'target' else 'Seq-KD'} student on '{kd_target}' "
           f"(the same as: python recipes/seq_kd.py {' '.join(argv)})")
     model_args, _, eval_args, args = parse_args((ModelArguments, DataArguments, EvalArguments,
                                                   DistillationTrainingArguments), argv)

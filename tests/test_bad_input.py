@@ -111,3 +111,15 @@ def test_bf16_without_a_gpu_names_the_setting_to_change(teacher_dir, data_dir, t
     for module in (transformers.training_args, hf_seqkd.config):
         monkeypatch.setattr(module, "is_torch_bf16_gpu_available", lambda *a, **k: True)
     assert DistillationTrainingArguments(output_dir=str(tmp_path), bf16=True, report_to=[]).bf16
+
+
+def test_no_pinned_memory_without_an_accelerator(tmp_path, monkeypatch):
+    """Pinning serves only copies to a device: off without one (torch warns at every data loader otherwise), left as
+    asked with one."""
+    import hf_seqkd.config
+    from hf_seqkd import DistillationTrainingArguments
+
+    monkeypatch.setattr(hf_seqkd.config, "_has_accelerator", lambda: False)
+    assert not DistillationTrainingArguments(output_dir=str(tmp_path), report_to=[]).dataloader_pin_memory
+    monkeypatch.setattr(hf_seqkd.config, "_has_accelerator", lambda: True)
+    assert DistillationTrainingArguments(output_dir=str(tmp_path), report_to=[]).dataloader_pin_memory
