@@ -104,8 +104,6 @@ def compare_shapes(study, deploy, students: list[str], out: str) -> dict:
     """Test BLEU (the study's evaluation) and decoding speed (its ``decode_speed``, both engines, the teacher's beam
     search as the reference) of ``students`` (folders) beside the teacher and the deployed student; written to
     ``<out>.json``."""
-    from hf_seqkd.export import to_ctranslate2
-
     missing = [s for s in students if not os.path.isfile(os.path.join(s, "config.json"))]
     if missing:
         raise SystemExit(f"compare: no trained student in {', '.join(missing)}; run `finetune --shapes ...` (with "
@@ -117,8 +115,7 @@ def compare_shapes(study, deploy, students: list[str], out: str) -> dict:
     def ct2_dir(name):
         return os.path.join(out, "ctranslate2", name)
 
-    for name, folder in models:
-        to_ctranslate2(folder, ct2_dir(name), quantization="int8", force=True)
+    study.export_ctranslate2(models, ct2_dir=ct2_dir)
     speed = study.decode_speed(models, ct2_dir=ct2_dir)
     rows = study.evaluate(models + [(f"{n}_ct2_int8", ct2_dir(n)) for n, _ in models],
                           output_dir=os.path.join(out, "report"))
@@ -171,10 +168,7 @@ def main(argv=None):
     torch.set_num_threads(args.threads)
     deploy = load_deploy()
     work_dir = os.path.abspath(args.work_dir)
-    recorded = {"preset": "deploy", "overrides": {}}  # a study's settings, as its work folder records them
-    if os.path.isfile(os.path.join(work_dir, "settings.json")):
-        with open(os.path.join(work_dir, "settings.json")) as f:
-            recorded = json.load(f)
+    recorded = deploy.multi30k.recorded_settings(work_dir) or {"preset": "deploy", "overrides": {}}
     overrides = {**recorded["overrides"], **deploy.multi30k.parse_overrides(args.overrides)}
     if args.teacher_study:
         overrides["teacher_study"] = os.path.abspath(args.teacher_study)
@@ -185,15 +179,15 @@ def main(argv=None):
         import hf_seqkd.cli
 
         hf_seqkd.cli.make_student_from_config = fairseq_embedding_init(hf_seqkd.cli.make_student_from_config)
+    probes = os.path.join(study.work_dir, "probes")
     if args.probe == "prune":  # the study's prune_oneshot stage at another sparsity, in probes/
         study.p["sparsity"] = args.sparsity
-        history = study.prune_deployed(os.path.join(study.work_dir, "probes", "prune_oneshot"),
+        history = study.prune_deployed(os.path.join(probes, "prune_oneshot"),
                                        study.p["prune_max_epochs"], study.p["patience"])
         print(f"[probe] pruned to {args.sparsity:g}: {history}", flush=True)
         return
     shapes = {text: parse_shape(text) for text in args.shapes}
     lr = "" if args.learning_rate is None else f"_lr{args.learning_rate:g}"
-    probes = os.path.join(study.work_dir, "probes")
     if args.probe == "finetune":  # the study's fine-tune stage (CKD or the hybrid added), in probes/
         starts = {f"finetune_{args.variant}": "seq_kd"}  # the study's Seq-KD student
         if shapes:  # or the probe's continued trials of other shapes
@@ -218,8 +212,8 @@ def main(argv=None):
         return
     if args.probe == "shapes":
         study.p["shapes"] = tuple(shapes.values())
-        result = study.measure_shapes(os.path.join(study.work_dir, "probes", "shapes"))
-        with open(os.path.join(study.work_dir, "probes", "shapes.json"), "w") as f:
+        result = study.measure_shapes(os.path.join(probes, "shapes"))
+        with open(os.path.join(probes, "shapes.json"), "w") as f:
             json.dump(result, f, indent=2)
         print("\n".join(deploy.shapes_table(result, study.p["num_beams"])), flush=True)
         return
@@ -227,13 +221,13 @@ def main(argv=None):
         study.p["student_lr"] = args.learning_rate
     for text, shape in shapes.items():
         name = deploy.shape_name(shape)
-        trial = os.path.join(study.work_dir, "probes", f"trial_{name}{lr}")
+        trial = os.path.join(probes, f"trial_{name}{lr}")
         if args.probe == "trial":
             study.run_recipe("seq_kd", study.seq_kd_args(trial, study.p["trial_epochs"], shape), trial)
             print(f"[probe] {name}: validation BLEU {study.validation_bleu(deploy.last_checkpoint(trial)):.2f} "
                   f"after {study.p['trial_epochs']} epochs", flush=True)
         elif args.probe == "continue":
-            output = os.path.join(study.work_dir, "probes", f"continued_{name}{lr}")
+            output = os.path.join(probes, f"continued_{name}{lr}")
             if not os.path.isdir(output):
                 # the probe's own trial of this shape and learning rate, else the study's trial of the shape (at the
                 # study's rate: a checkpoint's optimizer and schedule keep the rate it was trained with)
@@ -245,7 +239,7 @@ def main(argv=None):
                 shutil.copytree(last, os.path.join(output, os.path.basename(last)))
             study.run_recipe("seq_kd", study.seq_kd_args(output, args.epochs, shape), output)
         else:
-            output = os.path.join(study.work_dir, "probes", f"gold_{name}_w{args.warmup_steps}_{args.embedding_std}")
+            output = os.path.join(probes, f"gold_{name}_w{args.warmup_steps}_{args.embedding_std}")
             deploy.multi30k.load_recipe("seq_kd").main(gold_args(study, deploy, shape, output, args.warmup_steps))
 
 

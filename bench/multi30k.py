@@ -202,6 +202,16 @@ def _write_json(path: str, data: dict) -> None:
     os.replace(tmp, path)
 
 
+def recorded_settings(work_dir: str) -> dict | None:
+    """The preset and overrides a study's work folder was made with (``{"preset": ..., "overrides": {...}}``, from
+    its ``settings.json``); ``None`` for a folder without one."""
+    path = os.path.join(work_dir, "settings.json")
+    if not os.path.exists(path):
+        return None
+    with open(path) as f:
+        return json.load(f)
+
+
 def parse_overrides(items) -> dict:
     """``["split_punctuation=True", "student_epochs=5"]`` -> a dict of preset settings (Python literals; anything
     else is a string). Raises ``ValueError`` on an item without ``=``."""
@@ -261,15 +271,13 @@ class Study:
             teacher_study if os.path.isabs(teacher_study) else os.path.join(REPO, teacher_study))
         os.makedirs(self.stage_dir, exist_ok=True)
         # a work folder holds one study: resuming it with other settings would mix two studies' stages
-        settings = os.path.join(self.work_dir, "settings.json")
         mine = json.loads(json.dumps({"preset": preset, "overrides": overrides}, default=str))
-        if os.path.exists(settings):
-            with open(settings) as f:
-                earlier = json.load(f)
+        earlier = recorded_settings(self.work_dir)
+        if earlier is not None:
             if earlier != mine:
                 raise ValueError(f"{self.work_dir} holds a study with {earlier}, not {mine}: use another --work_dir")
         elif os.listdir(self.stage_dir) == []:
-            _write_json(settings, mine)
+            _write_json(os.path.join(self.work_dir, "settings.json"), mine)
         self.tokenizer_dir = os.path.join(self.teacher_study_dir, "tokenizer")
         self.teacher_dir = os.path.join(self.teacher_study_dir, "teacher")
         self.cache_dir = os.path.join(self.teacher_study_dir, "seqkd_cache")

@@ -426,11 +426,14 @@ class DeployStudy(multi30k.Study):
     def ct2_dir(self, name: str) -> str:
         return os.path.join(self.work_dir, "ctranslate2", name)
 
-    def export_ctranslate2(self):
+    def export_ctranslate2(self, models: list[tuple[str, str]] | None = None, ct2_dir=None):
+        """``models`` (name, Transformers folder; default :meth:`deployed_models`) in CTranslate2 int8, each in
+        ``ct2_dir(name)`` (default :meth:`ct2_dir`)."""
         from hf_seqkd.export import to_ctranslate2
 
-        return {name: to_ctranslate2(folder, self.ct2_dir(name), quantization="int8", force=True)
-                for name, folder in self.deployed_models()}
+        ct2_dir = ct2_dir or self.ct2_dir
+        return {name: to_ctranslate2(folder, ct2_dir(name), quantization="int8", force=True)
+                for name, folder in (models or self.deployed_models())}
 
     def model_list(self):
         models = self.deployed_models()
