@@ -209,6 +209,11 @@ class DeployStudy(multi30k.Study):
             ct2[name] = os.path.join(shape_dir, f"{name}_ct2_int8")
             to_ctranslate2(folder, ct2[name], quantization="int8", force=True)
             models[name] = model
+        if len(models) == 1:  # before timing the teacher alone
+            sizes = ", ".join(f"{r['name']}: {r['params']:,}" for r in rows)
+            raise ValueError(f"no shape is within the parameter budget of {budget:,} ({p['max_params_ratio']} x the "
+                             f"teacher's {teacher_params:,}): {sizes}; give smaller shapes (the preset's `shapes`, or "
+                             "`deploy_probe.py shapes --shapes ...`)")
         sources = load_parallel_data(self.data_dir, source_lang=multi30k.SOURCE_LANG,
                                      target_lang=multi30k.TARGET_LANG,
                                      splits=[VALIDATION_SPLIT])[VALIDATION_SPLIT]["source"][:p["shape_sentences"]]

@@ -154,6 +154,8 @@ def test_every_stage_runs_end_to_end_on_tiny_models(deploy, tmp_path, monkeypatc
     common = ["--work_dir", str(probe_dir), "--teacher_study", str(teacher_study), "--data_dir", str(data)]
     with pytest.raises(SystemExit, match="5 positive integers"):
         probe.main(["shapes", "--shapes", "32,1,1,64", *common])
+    with pytest.raises(ValueError, match=r"no shape is within the parameter budget .*d512_e6_d6_f2048_h8: .*--shapes"):
+        probe.main(["shapes", "--shapes", "512,6,6,2048,8", *common])  # larger than the tiny teacher
     probe.main(["shapes", "--shapes", "32,2,1,64,4", "32,1,1,64,4", *common])
     timed = json.loads((probe_dir / "probes" / "shapes.json").read_text())
     assert [r["name"] for r in timed["rows"]] == ["d32_e2_d1_f64_h4", "d32_e1_d1_f64_h4"]
