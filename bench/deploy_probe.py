@@ -21,6 +21,9 @@ training on the same data to tell the candidate causes apart (results in ``bench
     # the study's fine-tune (Seq-Inter + Word-KD from the seq_kd student, until validation BLEU stops improving)
     # with CKD's hidden-state loss or the hybrid objective added: do they help the deployed student?
     python bench/deploy_probe.py finetune --variant ckd_skip
+    # a finished variant's greedy validation BLEU against the study's own fine-tune, with sacrebleu's paired
+    # bootstrap p-value (probes/validate_<variant>.json): is the difference more than the split's noise?
+    python bench/deploy_probe.py validate --variant ckd_skip
     # another shape through the study's recipe: its trial continued to convergence (Seq-KD), the study's fine-tune
     # from it, then its test BLEU and decoding speed beside the teacher and the deployed student, in both engines
     python bench/deploy_probe.py trial --shapes 128,2,1,512,4
@@ -100,6 +103,31 @@ FINETUNE_VARIANTS = {
 }
 
 
+def validate_variant(study, deploy, variant_dir: str, out: str) -> dict:
+    """Greedy validation BLEU of a fine-tune variant (``variant_dir``) and of the study's own fine-tune, with the
+    paired bootstrap p-value of the difference (:func:`hf_seqkd.significance.paired_test`, sacrebleu's 1,000
+    resamples); written to ``out`` (JSON)."""
+    from hf_seqkd.significance import paired_test
+
+    if not os.path.isfile(os.path.join(variant_dir, "config.json")):
+        raise SystemExit(f"validate: no finished fine-tune in {variant_dir}; run (or finish) `finetune --variant "
+                         f"{os.path.basename(variant_dir).removeprefix('finetune_')}` first")
+    study_dir = study.student_dir(study.STUDENT)
+    scores = {name: study.validation_scores(folder) for name, folder in
+              ((study.STUDENT, study_dir), (os.path.basename(variant_dir), variant_dir))}
+    references = scores[study.STUDENT]["references"]
+    tested, signatures = paired_test([(name, s["hypotheses"]) for name, s in scores.items()], references)
+    result = {"split": deploy.VALIDATION_SPLIT, "decoding": "greedy", "signatures": signatures,
+              "systems": [{"name": t.name, "bleu": t.bleu, "bleu_ci": t.bleu_ci, "bleu_p_value": t.bleu_p_value,
+                           "chrf": t.chrf} for t in tested]}
+    with open(out, "w") as f:
+        json.dump(result, f, indent=2)
+    for t in tested:
+        p = "" if t.bleu_p_value is None else f", p = {t.bleu_p_value:.3f} against {study.STUDENT}"
+        print(f"[probe] validation {t.name}: BLEU {t.bleu:.2f} ± {t.bleu_ci:.2f}{p}", flush=True)
+    return result
+
+
 def compare_shapes(study, deploy, students: list[str], out: str) -> dict:
     """Test BLEU (the study's evaluation) and decoding speed (its ``decode_speed``, both engines, the teacher's beam
     search as the reference) of ``students`` (folders) beside the teacher and the deployed student; written to
@@ -139,13 +167,14 @@ def parse_shape(text: str) -> tuple:
 
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("probe", choices=("trial", "continue", "gold", "prune", "shapes", "finetune", "compare"))
+    parser.add_argument("probe", choices=("trial", "continue", "gold", "prune", "shapes", "finetune", "validate",
+                                          "compare"))
     parser.add_argument("--shapes", nargs="+", default=(),
                         help="trial, continue, gold, shapes, compare (and finetune: from the continued trial instead "
                              "of the study's seq_kd student): d_model,encoder,decoder,ffn,heads")
     parser.add_argument("--sparsity", type=float, default=0.5, help="prune: the fraction of weights set to zero")
     parser.add_argument("--variant", choices=sorted(FINETUNE_VARIANTS), default="plain",
-                        help="finetune, compare: the fine-tune's objective (plain: the study's own)")
+                        help="finetune, validate, compare: the fine-tune's objective (plain: the study's own)")
     parser.add_argument("--epochs", type=int, default=10, help="continue: the most epochs in all")
     parser.add_argument("--warmup_steps", type=int, default=300, help="gold: the learning rate's warm-up")
     parser.add_argument("--learning_rate", type=float, default=None,
@@ -203,6 +232,10 @@ def main(argv=None):
             with open(os.path.join(output, "probe.json"), "w") as f:
                 json.dump({"variant": args.variant, **FINETUNE_VARIANTS[args.variant], **result}, f, indent=2)
             print(f"[probe] {name}: best validation BLEU {result['best_validation_bleu']}", flush=True)
+        return
+    if args.probe == "validate":
+        validate_variant(study, deploy, os.path.join(probes, f"finetune_{args.variant}"),
+                         os.path.join(probes, f"validate_{args.variant}.json"))
         return
     if not shapes:
         raise SystemExit(f"{args.probe}: --shapes is required (d_model,encoder,decoder,ffn,heads, one or more)")

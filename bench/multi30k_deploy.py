@@ -256,6 +256,11 @@ class DeployStudy(multi30k.Study):
 
     def validation_bleu(self, model_dir: str) -> float:
         """Greedy BLEU of a saved model on the whole validation split (``evaluate_translation``)."""
+        return self.validation_scores(model_dir)["bleu"]
+
+    def validation_scores(self, model_dir: str) -> dict:
+        """:func:`~hf_seqkd.evaluation.evaluate_translation` of a saved model, greedy, on the whole validation split,
+        with its ``hypotheses`` and the split's ``references``."""
         from transformers import AutoModelForSeq2SeqLM, AutoTokenizer
 
         from hf_seqkd import load_parallel_data
@@ -264,9 +269,10 @@ class DeployStudy(multi30k.Study):
         validation = load_parallel_data(self.data_dir, source_lang=multi30k.SOURCE_LANG,
                                         target_lang=multi30k.TARGET_LANG, splits=[VALIDATION_SPLIT])[VALIDATION_SPLIT]
         model = AutoModelForSeq2SeqLM.from_pretrained(model_dir).eval()
-        return evaluate_translation(model, AutoTokenizer.from_pretrained(self.tokenizer_dir),
-                                    list(validation["source"]), list(validation["target"]), num_beams=1,
-                                    batch_size=self.p["eval_batch_size"], max_new_tokens=96)["bleu"]
+        scores = evaluate_translation(model, AutoTokenizer.from_pretrained(self.tokenizer_dir),
+                                      list(validation["source"]), list(validation["target"]), num_beams=1,
+                                      batch_size=self.p["eval_batch_size"], max_new_tokens=96, return_hypotheses=True)
+        return {**scores, "references": list(validation["target"])}
 
     def trial_dir(self, shape) -> str:
         return os.path.join(self.work_dir, "trials", shape_name(shape))

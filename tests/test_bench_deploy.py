@@ -181,4 +181,16 @@ def test_every_stage_runs_end_to_end_on_tiny_models(deploy, tmp_path, monkeypatc
         "speedup_over_reference_beam_batch1"] > 0
     assert {r["model"] for r in compared["evaluation"]} >= {name, f"{name}_ct2_int8", "teacher"}
     finetuned = json.loads((work / "probes" / name / "probe.json").read_text())
+
+    # a fine-tune variant against the study's own fine-tune on the validation split, with the paired test's p-value
+    with pytest.raises(SystemExit, match="no finished fine-tune in .*finetune_hybrid"):
+        probe.main(["validate", "--variant", "hybrid", *on_study])
+    probe.main(["finetune", "--variant", "hybrid", *on_study])
+    probe.main(["validate", "--variant", "hybrid", *on_study])
+    validated = json.loads((work / "probes" / "validate_hybrid.json").read_text())
+    own, hybrid = validated["systems"]
+    assert (own["name"], hybrid["name"]) == (study.STUDENT, "finetune_hybrid")
+    assert own["bleu_p_value"] is None and 0 < hybrid["bleu_p_value"] <= 1
+    assert own["bleu"] == pytest.approx(study.validation_bleu(study.student_dir(study.STUDENT)))
+    assert hybrid["bleu"] == pytest.approx(study.validation_bleu(str(work / "probes" / "finetune_hybrid")))
     assert finetuned["init"] == str(work / "probes" / "continued_d32_e2_d1_f64_h4")
