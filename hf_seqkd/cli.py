@@ -37,7 +37,7 @@ class ModelArguments:
     """
 
     tokenizer_name_or_path: Optional[str] = field(default=None,
-                                                  metadata={"help": "Tokenizer (default: the teacher's)."})
+                                                  metadata={"help": "Tokenizer; None: the teacher's."})
     init_student_from: Optional[str] = field(default=None, metadata={"help": "Continue from this saved student."})
     student_init: str = field(default="copy", metadata={"help": "copy (teacher layers) or config (random init)."})
     student_encoder_layers: Optional[int] = field(default=None, metadata={"help": "Student encoder depth."})
