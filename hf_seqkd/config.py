@@ -147,8 +147,7 @@ class DistillationTrainingArguments(Seq2SeqTrainingArguments):
         max_source_length (`int`, *optional*, defaults to `256`):
             Sources are truncated to this many tokens (the number of truncated sentences is logged).
         max_target_length (`int`, *optional*, defaults to `256`):
-            Targets are truncated to this many tokens; validation with `predict_with_generate` lets translations
-            run this long (unless `generation_max_length` is set), capped at the student's position table.
+            Targets are truncated to this many tokens.
         source_prefix (`str`, *optional*, defaults to `""`):
             Text put before every source, e.g. T5's `"translate German to English: "`; empty: the model's own prefix
             for the language pair when it has one (T5's `task_specific_params`).
@@ -190,8 +189,9 @@ class DistillationTrainingArguments(Seq2SeqTrainingArguments):
             K, the size of the teacher's K-best list; `seq_inter_target` needs K > 1 (the paper: 35, with a beam of
             35). At most `num_beams` (an error otherwise, never a silent rewrite).
         max_new_tokens (`int`, *optional*, defaults to `128`):
-            The longest translation the run generates: the corpus, the hybrid objective's teacher decoding and the
-            recipes' final evaluation.
+            The longest translation the run generates: the corpus, the hybrid objective's teacher decoding,
+            validation with `predict_with_generate` (unless `generation_max_length` is set) and the recipes' final
+            evaluation.
         generation_batch_size (`int`, *optional*, defaults to `64`):
             The most sentences per `generate` call while building the corpus.
         max_tokens_per_batch (`int` or `None`, *optional*, defaults to `None`):
@@ -258,8 +258,7 @@ class DistillationTrainingArguments(Seq2SeqTrainingArguments):
     teacher_tail: str = field(default="bucket", metadata={"help": "bucket or uniform: the stored loss's tail."})
     # data preparation
     max_source_length: int = field(default=256, metadata={"help": "Source truncation length (tokens)."})
-    max_target_length: int = field(default=256, metadata={"help": "Target truncation length (tokens); also the "
-                                                                   "validation generation limit."})
+    max_target_length: int = field(default=256, metadata={"help": "Target truncation length (tokens)."})
     source_prefix: str = field(default="", metadata={"help": "Text put before every source (T5's task prefix)."})
     src_lang: Optional[str] = field(default=None, metadata={"help": "Source language code of the tokenizer "
                                                                     "(deu_Latn, de_DE, de)."})
@@ -277,7 +276,7 @@ class DistillationTrainingArguments(Seq2SeqTrainingArguments):
     num_return_sequences: int = field(default=1, metadata={"help": "K of the teacher's K-best list (Seq-Inter: K > 1, "
                                                                    "at most num_beams)."})
     max_new_tokens: int = field(default=128, metadata={"help": "The longest translation generated (corpus, hybrid, "
-                                                               "final evaluation)."})
+                                                               "validation, final evaluation)."})
     generation_batch_size: int = field(default=64, metadata={"help": "Sentences per generate call (corpus)."})
     max_tokens_per_batch: Optional[int] = field(default=None, metadata={"help": "Token budget per generate call."})
     seq_inter_metric: str = field(default="bleu", metadata={"help": "bleu or chrf."})

@@ -648,9 +648,9 @@ class DistillationTrainer(Seq2SeqTrainer):
 
     def validation_generation_kwargs(self, gen_kwargs: dict | None = None) -> dict:
         """The ``generate`` settings of validation: the caller's, else ``generation_max_length`` /
-        ``generation_num_beams``, else ``max_new_tokens = max_target_length`` and greedy search (not the student's
-        ``generation_config.max_length``, 20 for a model built from a config); the length always capped at the
-        student's position table."""
+        ``generation_num_beams``, else the run's ``max_new_tokens`` (the final evaluation's limit, so that validation
+        measures what it measures) and greedy search (not the student's ``generation_config.max_length``, 20 for a
+        model built from a config); the length always capped at the student's position table."""
         kwargs = dict(gen_kwargs or {})
         student = self.accelerator.unwrap_model(self.model)
         positions = max_target_positions(student)
@@ -658,7 +658,7 @@ class DistillationTrainer(Seq2SeqTrainer):
             if self.args.generation_max_length is not None:
                 kwargs["max_length"] = self.args.generation_max_length
             else:
-                kwargs["max_new_tokens"] = self.args.max_target_length
+                kwargs["max_new_tokens"] = self.args.max_new_tokens
         if kwargs.get("max_new_tokens") is not None:
             kwargs["max_new_tokens"] = cap_max_new_tokens(student, kwargs["max_new_tokens"])
         elif positions is not None:  # max_length counts the decoder start token too

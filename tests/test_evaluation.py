@@ -130,32 +130,20 @@ def test_translations_do_not_depend_on_the_batching_even_with_left_padding(token
     assert beam_one == beam_batched
 
 
-@pytest.mark.parametrize("sampling", ["random", "group_by_length"])
-def test_validation_lets_translations_run_as_long_as_the_targets(tmp_path, tokenizer, toy_corpus, sampling):
-    """A copy task with 12-35-token targets and a student whose generation config says max_length=20 (every model
-    built from a config): a model that reproduces each reference scores 100 in validation, as it would in the final
-    evaluation, instead of being cut at 20 tokens. The 'model' is the reference itself, emitted by a stand-in
-    generate that honours the limit it is given. With length-grouped training batches too (Transformers 5 groups
-    the evaluation set as well, and the predictions then met other sentences' references)."""
+def _copy_task(tokenizer, toy_corpus):
+    """25 texts of 5-29 words as their own translations, and a student whose ``generate`` is a stand-in that emits
+    each source's reference (honouring the limit it is given; 20 tokens without one, as ``generate`` does when
+    neither the call nor the generation config sets a length)."""
     from datasets import Dataset
 
-    from hf_seqkd import (
-        DistillationDataCollator,
-        DistillationTrainer,
-        prepare_distillation_dataset,
-        tiny_seq2seq_model,
-    )
-
-    from _helpers import training_args
+    from hf_seqkd import prepare_distillation_dataset, tiny_seq2seq_model
 
     words = " ".join(toy_corpus["train"]["target"]).split()
     texts = [" ".join(words[i:i + n]) for i, n in zip(range(0, 400, 20), range(5, 30))]
-    data = Dataset.from_dict({"source": texts, "target": texts})
-    encoded = prepare_distillation_dataset(data, tokenizer)
+    encoded = prepare_distillation_dataset(Dataset.from_dict({"source": texts, "target": texts}), tokenizer)
     lengths = [len(x) for x in encoded["labels"]]
-    assert min(lengths) <= 14 and max(lengths) >= 30
     student = tiny_seq2seq_model(tokenizer, "marian", d_model=16, encoder_layers=1, decoder_layers=1, seed=0)
-    default_limit = 20  # what generate() uses when neither the call nor the generation config sets a length
+    default_limit = 20
     answers = {tuple(s): y for s, y in zip(encoded["input_ids"], encoded["labels"])}
     start, pad = student.config.decoder_start_token_id, tokenizer.pad_token_id
 
@@ -167,16 +155,49 @@ def test_validation_lets_translations_run_as_long_as_the_targets(tmp_path, token
         return torch.tensor([r + [pad] * (width - len(r)) for r in rows])
 
     student.generate = generate
-    trainer = DistillationTrainer(model=student, train_dataset=encoded, eval_dataset=encoded,
-                                  data_collator=DistillationDataCollator(tokenizer, student),
-                                  processing_class=tokenizer,
-                                  compute_metrics=make_compute_metrics(tokenizer, references=texts),
-                                  args=training_args(tmp_path, alpha=0.0, predict_with_generate=True,
-                                                     per_device_eval_batch_size=8,
-                                                     train_sampling_strategy=sampling))
-    metrics = trainer.evaluate()
+    return texts, encoded, lengths, student
+
+
+def _validating_trainer(tmp_path, tokenizer, texts, encoded, student, **kw):
+    from hf_seqkd import DistillationDataCollator, DistillationTrainer
+
+    from _helpers import training_args
+
+    return DistillationTrainer(model=student, train_dataset=encoded, eval_dataset=encoded,
+                               data_collator=DistillationDataCollator(tokenizer, student), processing_class=tokenizer,
+                               compute_metrics=make_compute_metrics(tokenizer, references=texts),
+                               args=training_args(tmp_path, alpha=0.0, predict_with_generate=True,
+                                                  per_device_eval_batch_size=8, **kw))
+
+
+@pytest.mark.parametrize("sampling", ["random", "group_by_length"])
+def test_validation_lets_translations_run_as_long_as_the_targets(tmp_path, tokenizer, toy_corpus, sampling):
+    """A copy task with 12-35-token targets and a student whose generation config says max_length=20 (every model
+    built from a config): a model that reproduces each reference scores 100 in validation, as it would in the final
+    evaluation, instead of being cut at 20 tokens. The 'model' is the reference itself, emitted by a stand-in
+    generate that honours the limit it is given. With length-grouped training batches too (Transformers 5 groups
+    the evaluation set as well, and the predictions then met other sentences' references)."""
+    texts, encoded, lengths, student = _copy_task(tokenizer, toy_corpus)
+    assert min(lengths) <= 14 and max(lengths) >= 30
+    metrics = _validating_trainer(tmp_path, tokenizer, texts, encoded, student,
+                                  train_sampling_strategy=sampling).evaluate()
     assert metrics["eval_bleu"] == pytest.approx(100.0)
     assert metrics["eval_gen_len"] == pytest.approx(sum(lengths) / len(lengths))
+
+
+def test_validation_stops_translations_where_the_final_evaluation_stops(tmp_path, tokenizer, toy_corpus):
+    """Validation generates up to the run's ``max_new_tokens``, the final evaluation's limit, not up to the longer
+    ``max_target_length`` (a student whose outputs run on used to score differently in validation, where it chose
+    the checkpoint, than in the final evaluation): the same BLEU as ``evaluate_translation`` at that limit."""
+    from hf_seqkd.evaluation import evaluate_translation
+
+    texts, encoded, lengths, student = _copy_task(tokenizer, toy_corpus)
+    limit = 12
+    metrics = _validating_trainer(tmp_path, tokenizer, texts, encoded, student, max_new_tokens=limit,
+                                  max_target_length=64).evaluate()
+    assert metrics["eval_gen_len"] == pytest.approx(sum(min(n, limit) for n in lengths) / len(lengths))
+    final = evaluate_translation(student, tokenizer, texts, texts, max_new_tokens=limit, batch_size=8)["bleu"]
+    assert metrics["eval_bleu"] == pytest.approx(final) and final < 90
 
 
 @pytest.mark.parametrize("num_beams", [1, 3])
