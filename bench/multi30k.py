@@ -191,6 +191,9 @@ def load_recipe(name: str):
 
 HEARTBEAT_SECONDS = 15
 EVAL_BEAMS = 5  # the beam size of the evaluation's beam-search columns
+# the longest translation, everywhere the study generates: the teacher's corpus, validation while training, the
+# recipe's final evaluation and the evaluate stage (one limit, so that validation measures what the test measures)
+MAX_NEW_TOKENS = 128
 STUDY_COMMAND_ENV = "MULTI30K_STUDY_COMMAND"
 
 
@@ -475,7 +478,7 @@ class Study:
         p = self.p
         args = ["--num_beams", str(max(p["num_beams"], p["nbest_size"])), "--num_return_sequences",
                 str(p["nbest_size"]), "--generation_batch_size", str(p["generation_batch_size"]),
-                "--seqkd_cache_dir", self.cache_dir, "--max_new_tokens", "96"]
+                "--seqkd_cache_dir", self.cache_dir, "--max_new_tokens", str(MAX_NEW_TOKENS)]
         if p["max_tokens_per_batch"]:
             args += ["--max_tokens_per_batch", str(p["max_tokens_per_batch"])]
         if p["corpus_backend"] == "ctranslate2":  # the students find the corpus this teacher built in the cache
@@ -512,7 +515,7 @@ class Study:
         else:
             teacher = AutoModelForSeq2SeqLM.from_pretrained(self.teacher_dir)
         generation = GenerationSettings(num_beams=max(p["num_beams"], p["nbest_size"]),
-                                        num_return_sequences=p["nbest_size"], max_new_tokens=96,
+                                        num_return_sequences=p["nbest_size"], max_new_tokens=MAX_NEW_TOKENS,
                                         generation_batch_size=p["generation_batch_size"],
                                         max_tokens_per_batch=p["max_tokens_per_batch"])
         out = build_seqkd_dataset(train, teacher, tokenizer, generation, seq_inter=p["nbest_size"] > 1,
@@ -631,7 +634,7 @@ class Study:
         (default ``<work_dir>/report``)."""
         argv = ["--models", *[f"{name}={path}" for name, path in (models or self.model_list())],
                 "--dataset", self.data_dir, "--source_lang", SOURCE_LANG, "--target_lang", TARGET_LANG,
-                "--test_split", TEST_SPLIT, "--num_beams", str(EVAL_BEAMS),
+                "--test_split", TEST_SPLIT, "--num_beams", str(EVAL_BEAMS), "--max_new_tokens", str(MAX_NEW_TOKENS),
                 "--batch1_samples", str(self.p["batch1_samples"]), "--batch1_beam", self.p["batch1_beam"],
                 "--tokenizer", self.tokenizer_dir, "--output_dir", output_dir or os.path.join(self.work_dir, "report")]
         argv += self.test_sample_args()

@@ -271,7 +271,8 @@ class DeployStudy(multi30k.Study):
         model = AutoModelForSeq2SeqLM.from_pretrained(model_dir).eval()
         scores = evaluate_translation(model, AutoTokenizer.from_pretrained(self.tokenizer_dir),
                                       list(validation["source"]), list(validation["target"]), num_beams=1,
-                                      batch_size=self.p["eval_batch_size"], max_new_tokens=96, return_hypotheses=True)
+                                      batch_size=self.p["eval_batch_size"], max_new_tokens=multi30k.MAX_NEW_TOKENS,
+                                      return_hypotheses=True)
         return {**scores, "references": list(validation["target"])}
 
     def trial_dir(self, shape) -> str:
