@@ -97,6 +97,10 @@ FINETUNE_VARIANTS = {
     "plain": dict(alpha=0.5, extra_args=()),  # the study's own fine-tune: 0.5 CE + 0.5 Word-KD on Seq-Inter targets
     # Wu et al. 2020 (the authors' example weights, as the cpu study): (1 - 0.2 - 0.7) CE + 0.2 Word-KD + 0.7 L_ckd
     "ckd_skip": dict(alpha=0.2, extra_args=("--intermediate_loss_weight", "0.7", "--layer_mapping", "skip")),
+    # the same hidden-state loss at a smaller weight, with CE and Word-KD weighted equally as in the study's own
+    # fine-tune: 0.35 CE + 0.35 Word-KD + 0.3 L_ckd (Adam is nearly blind to the loss's overall scale, so this is the
+    # plain fine-tune plus 0.43 x L_ckd): whether the hidden-state loss or ckd_skip's small CE weight costs BLEU
+    "ckd_skip_even": dict(alpha=0.35, extra_args=("--intermediate_loss_weight", "0.3", "--layer_mapping", "skip")),
     # Wei et al. 2024: the Word-KD term becomes alpha * [g L_token + (1 - g) L_sentence], one learned gate (the
     # fine-tune's alpha 0.5; the cpu study's hybrid, on gold targets, has alpha 1.0)
     "hybrid": dict(alpha=0.5, extra_args=("--hybrid_gate", "scalar")),

@@ -13,6 +13,7 @@ from .losses import distillation_loss, fused_ce_and_distillation_loss, sequence_
 from .seqkd import build_seqkd_dataset, make_length_batches, model_fingerprint, select_seq_inter
 from .students import (
     count_parameters,
+    freeze_unsaved_parameters,
     layers_to_copy,
     make_student,
     make_student_from_config,
@@ -27,9 +28,9 @@ __all__ = [
     "load_parallel_data", "prepare_distillation_dataset", "read_lines", "EvaluationResult", "corpus_scores",
     "evaluate_model", "evaluate_translation", "make_compute_metrics", "GenerationSettings", "translate",
     "distillation_loss", "fused_ce_and_distillation_loss", "sequence_cross_entropy", "build_seqkd_dataset",
-    "make_length_batches", "model_fingerprint", "select_seq_inter", "count_parameters", "layers_to_copy",
-    "make_student", "make_student_from_config", "tiny_seq2seq_model", "train_tokenizer", "make_toy_corpus",
-    "DistillationTrainer", "check_shared_vocabulary",
+    "make_length_batches", "model_fingerprint", "select_seq_inter", "count_parameters", "freeze_unsaved_parameters",
+    "layers_to_copy", "make_student", "make_student_from_config", "tiny_seq2seq_model", "train_tokenizer",
+    "make_toy_corpus", "DistillationTrainer", "check_shared_vocabulary",
 ]
 
 __version__ = "0.1.0"

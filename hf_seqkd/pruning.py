@@ -26,10 +26,10 @@ Weight classes (:func:`weight_class`, from parameter names of Marian, BART/mBART
 * ``"other"``: any other weight matrix (pruned like the rest).
 * ``"positions"``: learned position embeddings (BART) and T5's relative attention biases. Not pruned unless
   named in ``include`` (they encode positions, not words or features, and are a tiny share of a model).
-  Marian's sinusoidal position tables are frozen parameters (``requires_grad=False``) and never pruned.
+  Marian's sinusoidal position tables are never pruned (fixed, and not saved: ``_keys_to_ignore_on_save``).
 
 Layer norms and biases (every parameter of fewer than two dimensions) are never pruned, nor are parameters
-with ``requires_grad=False`` (Marian's sinusoidal position table).
+with ``requires_grad=False`` or left out of the saved model (Marian's sinusoidal position table).
 
 Masks: the pruned weights are set to zero in place and stay plain tensors (checkpoints and ``save_pretrained`` load
 as plain models); the keep-masks live on the model (``model.hf_seqkd_pruning_masks``) and are held by a gradient hook,
@@ -103,10 +103,10 @@ def weight_class(name: str) -> str:
 
 def _prunable(model: nn.Module, classifier: Callable[[str], str]) -> dict[str, tuple[str, nn.Parameter]]:
     """name -> (class, parameter) for every distinct trainable matrix (tied tensors once, first name)."""
-    out = {}
+    out, unsaved = {}, set(getattr(model, "_keys_to_ignore_on_save", None) or ())
     for name, param in model.named_parameters():  # remove_duplicate=True: a tied tensor appears once
-        if param.dim() < 2 or not param.requires_grad:
-            continue  # biases, layer norms, fixed (sinusoidal) position tables
+        if param.dim() < 2 or not param.requires_grad or name in unsaved:
+            continue  # biases, layer norms, fixed (sinusoidal) position tables (trainable once loaded: Transformers 5)
         out[name] = (classifier(name), param)
     return out
 
@@ -236,7 +236,8 @@ def prune_model(
             ``sparsity``) or ``"class_distribution"`` (threshold ``lambda * std`` per class).
         include: which weights to prune: ``None`` = the classes in ``DEFAULT_PRUNED_CLASSES`` (all but
             ``"positions"``), an iterable of class names from ``WEIGHT_CLASSES``, or a callable
-            ``(name, parameter) -> bool``. Biases, layer norms and frozen parameters are never pruned.
+            ``(name, parameter) -> bool``. Biases, layer norms, frozen parameters and parameters the model does not
+            save (Marian's sinusoidal position tables) are never pruned.
         classifier: ``name -> class`` replacing :func:`weight_class` (e.g. to split encoder/decoder classes).
 
     Returns:

@@ -27,6 +27,7 @@ __all__ = [
     "train_tokenizer",
     "tiny_seq2seq_model",
     "count_parameters",
+    "freeze_unsaved_parameters",
 ]
 
 # Shleifer & Rush 2020 (Table 10 / their LAYERS_TO_COPY): which teacher layers a k-layer student copies.
@@ -312,3 +313,20 @@ def count_parameters(model: torch.nn.Module, *, nonzero: bool = False) -> int:
         seen.add(id(p))
         total += int(torch.count_nonzero(p).item()) if nonzero else p.numel()
     return total
+
+
+def freeze_unsaved_parameters(model: torch.nn.Module) -> list[str]:
+    """Freeze (``requires_grad=False``) the parameters that ``save_pretrained`` leaves out, the model class's
+    ``_keys_to_ignore_on_save`` (Marian's sinusoidal position tables, recomputed when a model is loaded); returns
+    their names.
+
+    A model built from a config has them frozen, but Transformers 5 loads them trainable, so a trainer would update
+    them and the saved model would differ from the one it trained and validated (``DistillationTrainer`` calls
+    this on its student). Other models are left as they are (an empty list)."""
+    ignored = set(getattr(model, "_keys_to_ignore_on_save", None) or ())
+    frozen = []
+    for name, param in model.named_parameters():
+        if name in ignored and param.requires_grad:
+            param.requires_grad_(False)
+            frozen.append(name)
+    return frozen

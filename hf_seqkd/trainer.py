@@ -33,6 +33,7 @@ from .hybrid import TeacherSequenceCache, hybrid_loss
 from .languages import Languages, check_single_direction, resolve_languages
 from .losses import StoredDistributions, distillation_loss, fused_ce_and_distillation_loss, sequence_cross_entropy
 from .seqkd import build_seqkd_dataset
+from .students import freeze_unsaved_parameters
 from .teacher_distributions import (
     STORED_COLUMNS,
     build_teacher_distributions,
@@ -214,6 +215,10 @@ class DistillationTrainer(Seq2SeqTrainer):
         self.teacher_sequences = TeacherSequenceCache(  # generation_max_length counts the decoder start token
             max_new_tokens=None if args.generation_max_length is None else max(1, args.generation_max_length - 1))
         self._check_auxiliary_settings(args)
+        if model is not None:  # parameters the saved student would not keep are not trained
+            frozen = freeze_unsaved_parameters(model)
+            if frozen:
+                logger.info(f"Not trained (the saved student recomputes them): {', '.join(frozen)}")
         if args.early_stopping_patience is not None:
             kwargs["callbacks"] = list(kwargs.get("callbacks") or []) + [EarlyStoppingCallback(
                 early_stopping_patience=args.early_stopping_patience,

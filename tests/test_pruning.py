@@ -402,3 +402,19 @@ def test_gradual_pruning_resumed_from_a_checkpoint_keeps_its_masks(tiny_marian, 
     assert seen == pytest.approx([0.8] * 4, abs=1.5 / total)
     with pytest.raises(ValueError, match="load_best_model_at_end"):
         run(copy.deepcopy(initial), eval_strategy="steps", eval_steps=4, load_best_model_at_end=True)
+
+
+def test_a_loaded_marian_models_sinusoidal_position_tables_are_never_pruned(tmp_path, tiny_marian):
+    """Transformers 5 loads them trainable; they are not saved (recomputed on loading), so pruning them, even with
+    positions named in ``include``, would give a saved model whose masks do not hold."""
+    from transformers import MarianMTModel
+
+    tiny_marian.save_pretrained(tmp_path)
+    model = MarianMTModel.from_pretrained(tmp_path)
+    tables = {n: p.detach().clone() for n, p in model.named_parameters() if "embed_positions" in n}
+    assert len(tables) == 2
+    masks = prune_model(model, sparsity=0.9, include=["positions", "attention"])
+    assert masks and not any("embed_positions" in n for n in masks)
+    for name, p in model.named_parameters():
+        if name in tables:
+            assert torch.equal(p.detach(), tables[name])

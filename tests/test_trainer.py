@@ -349,3 +349,25 @@ def test_validation_with_generate_leaves_the_students_generation_config_as_it_wa
         saved = settings(json.load(f))
     assert "max_length" not in saved
     assert saved == before
+
+
+def test_the_saved_student_is_the_trained_one_for_a_loaded_marian_model(tmp_path, train_set, tiny_marian, tokenizer):
+    """Transformers 5 loads Marian's sinusoidal position tables as trainable parameters, but ``save_pretrained``
+    leaves them out (they are recomputed when the model is loaded): trained, they made the saved student differ from
+    the one trained and validated. The student loaded from disk, trained at a high learning rate, saved and loaded
+    again gives the logits the trained student gave."""
+    from hf_seqkd import DistillationDataCollator
+
+    tiny_marian.save_pretrained(tmp_path / "init")
+    student = type(tiny_marian).from_pretrained(tmp_path / "init")
+    trainer = DistillationTrainer(model=student, train_dataset=train_set,
+                                  data_collator=DistillationDataCollator(tokenizer, student),
+                                  args=_args(tmp_path / "run", alpha=0.0, learning_rate=5e-2, max_steps=5))
+    assert not student.model.encoder.embed_positions.weight.requires_grad
+    trainer.train()
+    trainer.save_model(str(tmp_path / "trained"))
+    batch = _batch(train_set, tokenizer, student)
+    reloaded = type(tiny_marian).from_pretrained(tmp_path / "trained").eval()
+    with torch.no_grad():
+        expected = student.eval()(**batch).logits
+        torch.testing.assert_close(reloaded(**batch).logits, expected, rtol=0, atol=1e-6)
