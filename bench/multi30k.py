@@ -410,7 +410,7 @@ class Study:
     def common_data_args(self) -> list[str]:
         args = ["--dataset", self.data_dir, "--source_lang", SOURCE_LANG, "--target_lang", TARGET_LANG,
                 "--eval_split", "", "--max_source_length", "128",
-                "--max_target_length", "128"]
+                "--max_target_length", "128", "--max_new_tokens", str(MAX_NEW_TOKENS)]
         if self.p["train_samples"]:
             args += ["--max_train_samples", str(self.p["train_samples"])]
         return args
@@ -478,7 +478,7 @@ class Study:
         p = self.p
         args = ["--num_beams", str(max(p["num_beams"], p["nbest_size"])), "--num_return_sequences",
                 str(p["nbest_size"]), "--generation_batch_size", str(p["generation_batch_size"]),
-                "--seqkd_cache_dir", self.cache_dir, "--max_new_tokens", str(MAX_NEW_TOKENS)]
+                "--seqkd_cache_dir", self.cache_dir]
         if p["max_tokens_per_batch"]:
             args += ["--max_tokens_per_batch", str(p["max_tokens_per_batch"])]
         if p["corpus_backend"] == "ctranslate2":  # the students find the corpus this teacher built in the cache

@@ -189,9 +189,9 @@ class DistillationTrainingArguments(Seq2SeqTrainingArguments):
             K, the size of the teacher's K-best list; `seq_inter_target` needs K > 1 (the paper: 35, with a beam of
             35). At most `num_beams` (an error otherwise, never a silent rewrite).
         max_new_tokens (`int`, *optional*, defaults to `128`):
-            The longest translation the run generates: the corpus, the hybrid objective's teacher decoding,
-            validation with `predict_with_generate` (unless `generation_max_length` is set) and the recipes' final
-            evaluation.
+            The longest translation the run generates: the corpus, validation with `predict_with_generate` (unless
+            `generation_max_length` is set) and the recipes' final evaluation (the hybrid objective's teacher
+            decoding has its own limit, see `hybrid_gate`).
         generation_batch_size (`int`, *optional*, defaults to `64`):
             The most sentences per `generate` call while building the corpus.
         max_tokens_per_batch (`int` or `None`, *optional*, defaults to `None`):
@@ -275,7 +275,7 @@ class DistillationTrainingArguments(Seq2SeqTrainingArguments):
     num_beams: int = field(default=5, metadata={"help": "The teacher's beam size for the Seq-KD corpus."})
     num_return_sequences: int = field(default=1, metadata={"help": "K of the teacher's K-best list (Seq-Inter: K > 1, "
                                                                    "at most num_beams)."})
-    max_new_tokens: int = field(default=128, metadata={"help": "The longest translation generated (corpus, hybrid, "
+    max_new_tokens: int = field(default=128, metadata={"help": "The longest translation generated (corpus, "
                                                                "validation, final evaluation)."})
     generation_batch_size: int = field(default=64, metadata={"help": "Sentences per generate call (corpus)."})
     max_tokens_per_batch: Optional[int] = field(default=None, metadata={"help": "Token budget per generate call."})

@@ -232,6 +232,13 @@ class DistillationTrainer(Seq2SeqTrainer):
         self.distillation_modules = self._build_distillation_modules(args, model, teacher_model)
 
     # ----------------------------------------------------------------------------------------------- set-up
+    def call_model_init(self, trial=None):
+        """``Trainer.call_model_init``, the new student's unsaved parameters frozen (as ``__init__`` does for
+        ``model``)."""
+        model = super().call_model_init(trial)
+        freeze_unsaved_parameters(model)
+        return model
+
     @staticmethod
     def _resolve_languages(args, tokenizer, teacher, student) -> Languages:
         """The run's translation direction (:func:`~hf_seqkd.languages.resolve_languages`): set on the tokenizer

@@ -131,7 +131,7 @@ def test_translations_do_not_depend_on_the_batching_even_with_left_padding(token
 
 
 def _copy_task(tokenizer, toy_corpus):
-    """25 texts of 5-29 words as their own translations, and a student whose ``generate`` is a stand-in that emits
+    """20 texts of 5-24 words as their own translations, and a student whose ``generate`` is a stand-in that emits
     each source's reference (honouring the limit it is given; 20 tokens without one, as ``generate`` does when
     neither the call nor the generation config sets a length)."""
     from datasets import Dataset

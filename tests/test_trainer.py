@@ -371,3 +371,23 @@ def test_the_saved_student_is_the_trained_one_for_a_loaded_marian_model(tmp_path
     with torch.no_grad():
         expected = student.eval()(**batch).logits
         torch.testing.assert_close(reloaded(**batch).logits, expected, rtol=0, atol=1e-6)
+
+
+def test_a_student_from_model_init_has_its_unsaved_parameters_frozen(tmp_path, train_set, tiny_marian, tokenizer):
+    """The same freezing for a student that ``model_init`` builds (in ``__init__`` and again in ``train``)."""
+    from hf_seqkd import DistillationDataCollator
+
+    tiny_marian.save_pretrained(tmp_path / "init")
+    built = []
+
+    def model_init():
+        built.append(type(tiny_marian).from_pretrained(tmp_path / "init"))
+        return built[-1]
+
+    trainer = DistillationTrainer(model_init=model_init, train_dataset=train_set,
+                                  data_collator=DistillationDataCollator(tokenizer, tiny_marian),
+                                  args=_args(tmp_path / "run", alpha=0.0, max_steps=1))
+    trainer.train()
+    assert len(built) == 2
+    for model in built:
+        assert not any(p.requires_grad for n, p in model.named_parameters() if "embed_positions" in n)
