@@ -46,7 +46,7 @@ import torch
 from torch import nn
 from transformers.utils import logging
 
-from .students import count_parameters
+from .students import count_parameters, unsaved_parameter_names
 
 logger = logging.get_logger(__name__)
 
@@ -103,7 +103,7 @@ def weight_class(name: str) -> str:
 
 def _prunable(model: nn.Module, classifier: Callable[[str], str]) -> dict[str, tuple[str, nn.Parameter]]:
     """name -> (class, parameter) for every distinct trainable matrix (tied tensors once, first name)."""
-    out, unsaved = {}, set(getattr(model, "_keys_to_ignore_on_save", None) or ())
+    out, unsaved = {}, unsaved_parameter_names(model)
     for name, param in model.named_parameters():  # remove_duplicate=True: a tied tensor appears once
         if param.dim() < 2 or not param.requires_grad or name in unsaved:
             continue  # biases, layer norms, fixed (sinusoidal) position tables (trainable once loaded: Transformers 5)

@@ -315,6 +315,12 @@ def count_parameters(model: torch.nn.Module, *, nonzero: bool = False) -> int:
     return total
 
 
+def unsaved_parameter_names(model: torch.nn.Module) -> set[str]:
+    """The names ``save_pretrained`` leaves out of a model's weights (its class's ``_keys_to_ignore_on_save``:
+    Marian's sinusoidal position tables); empty for other models."""
+    return set(getattr(model, "_keys_to_ignore_on_save", None) or ())
+
+
 def freeze_unsaved_parameters(model: torch.nn.Module) -> list[str]:
     """Freeze (``requires_grad=False``) the parameters that ``save_pretrained`` leaves out, the model class's
     ``_keys_to_ignore_on_save`` (Marian's sinusoidal position tables, recomputed when a model is loaded); returns
@@ -323,7 +329,7 @@ def freeze_unsaved_parameters(model: torch.nn.Module) -> list[str]:
     A model built from a config has them frozen, but Transformers 5 loads them trainable, so a trainer would update
     them and the saved model would differ from the one it trained and validated (``DistillationTrainer`` calls
     this on its student). Other models are left as they are (an empty list)."""
-    ignored = set(getattr(model, "_keys_to_ignore_on_save", None) or ())
+    ignored = unsaved_parameter_names(model)
     frozen = []
     for name, param in model.named_parameters():
         if name in ignored and param.requires_grad:

@@ -215,10 +215,8 @@ class DistillationTrainer(Seq2SeqTrainer):
         self.teacher_sequences = TeacherSequenceCache(  # generation_max_length counts the decoder start token
             max_new_tokens=None if args.generation_max_length is None else max(1, args.generation_max_length - 1))
         self._check_auxiliary_settings(args)
-        if model is not None:  # parameters the saved student would not keep are not trained
-            frozen = freeze_unsaved_parameters(model)
-            if frozen:
-                logger.info(f"Not trained (the saved student recomputes them): {', '.join(frozen)}")
+        if model is not None:  # (a student from model_init: call_model_init)
+            self._freeze_unsaved(model)
         if args.early_stopping_patience is not None:
             kwargs["callbacks"] = list(kwargs.get("callbacks") or []) + [EarlyStoppingCallback(
                 early_stopping_patience=args.early_stopping_patience,
@@ -235,9 +233,15 @@ class DistillationTrainer(Seq2SeqTrainer):
     def call_model_init(self, trial=None):
         """``Trainer.call_model_init``, the new student's unsaved parameters frozen (as ``__init__`` does for
         ``model``)."""
-        model = super().call_model_init(trial)
-        freeze_unsaved_parameters(model)
-        return model
+        return self._freeze_unsaved(super().call_model_init(trial))
+
+    @staticmethod
+    def _freeze_unsaved(student):
+        """The parameters the saved student would not keep are not trained (:func:`freeze_unsaved_parameters`)."""
+        frozen = freeze_unsaved_parameters(student)
+        if frozen:
+            logger.info(f"Not trained (the saved student recomputes them): {', '.join(frozen)}")
+        return student
 
     @staticmethod
     def _resolve_languages(args, tokenizer, teacher, student) -> Languages:
