@@ -18,6 +18,9 @@ training on the same data to tell the candidate causes apart (results in ``bench
     # the deployed student pruned once to another sparsity, retrained as the study's prune_oneshot stage (80%); each
     # sparsity's model, card and training state in probes/prune_oneshot/sparsity-<percent> (results.json: the last)
     python bench/deploy_probe.py prune --sparsity 0.5
+    # the same at 80%, retrained with the objective of the student's own fine-tune (Seq-Inter targets, 0.5 CE +
+    # 0.5 Word-KD) instead of the study's cross-entropy on the Seq-KD corpus (probes/prune_oneshot_word_kd)
+    python bench/deploy_probe.py prune --sparsity 0.8 --retrain word_kd
     # the study's fine-tune (Seq-Inter + Word-KD from the seq_kd student, until validation BLEU stops improving)
     # with CKD's hidden-state loss or the hybrid objective added: do they help the deployed student?
     python bench/deploy_probe.py finetune --variant ckd_skip
@@ -92,6 +95,11 @@ def gold_args(study, deploy, shape, output: str, warmup_steps: int) -> list[str]
             "--generation_num_beams", "1", "--per_device_eval_batch_size", "64", "--logging_steps", "50",
             "--report_to", "none", "--seed", "0", "--disable_tqdm", "true"]
 
+
+# the retraining objectives after pruning: the study's (cross-entropy on the Seq-KD corpus) and the one the deployed
+# student was fine-tuned with (FINETUNE_VARIANTS["plain"]: Seq-Inter targets, 0.5 CE + 0.5 Word-KD)
+RETRAIN_OBJECTIVES = {"study": dict(kd_target="teacher_target", alpha=0.0),
+                      "word_kd": dict(kd_target="seq_inter_target", alpha=0.5)}
 
 # the fine-tune's variants: the study's own, and CKD or the hybrid objective added (bench/multi30k.py's settings)
 FINETUNE_VARIANTS = {
@@ -178,6 +186,9 @@ def main(argv=None):
                         help="trial, continue, gold, shapes, compare (and finetune: from the continued trial instead "
                              "of the study's seq_kd student): d_model,encoder,decoder,ffn,heads")
     parser.add_argument("--sparsity", type=float, default=0.5, help="prune: the fraction of weights set to zero")
+    parser.add_argument("--retrain", choices=sorted(RETRAIN_OBJECTIVES), default="study",
+                        help="prune: the retraining objective (study: the prune_oneshot stage's; word_kd: the "
+                             "deployed student's fine-tune objective)")
     parser.add_argument("--variant", choices=sorted(FINETUNE_VARIANTS), default="plain",
                         help="finetune, validate, compare: the fine-tune's objective (plain: the study's own)")
     parser.add_argument("--epochs", type=int, default=10, help="continue: the most epochs in all")
@@ -216,8 +227,9 @@ def main(argv=None):
     probes = os.path.join(study.work_dir, "probes")
     if args.probe == "prune":  # the study's prune_oneshot stage at another sparsity, in probes/
         study.p["sparsity"] = args.sparsity
-        history = study.prune_deployed(os.path.join(probes, "prune_oneshot"),
-                                       study.p["prune_max_epochs"], study.p["patience"])
+        folder = "prune_oneshot" + ("" if args.retrain == "study" else f"_{args.retrain}")
+        history = study.prune_deployed(os.path.join(probes, folder), study.p["prune_max_epochs"], study.p["patience"],
+                                       **RETRAIN_OBJECTIVES[args.retrain])
         print(f"[probe] pruned to {args.sparsity:g}: {history}", flush=True)
         return
     shapes = {text: parse_shape(text) for text in args.shapes}

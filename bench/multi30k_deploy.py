@@ -375,11 +375,14 @@ class DeployStudy(multi30k.Study):
                 "seconds_this_attempt": time.perf_counter() - start, **training_history(output)}
 
     # 5. pruning with retraining until recovery -------------------------------------------------------------------
-    def prune_args(self, model_dir: str, output: str, epochs: int, patience: int | None, events: int = 1) -> list:
+    def prune_args(self, model_dir: str, output: str, epochs: int, patience: int | None, events: int = 1,
+                   kd_target: str = "teacher_target", alpha: float = 0.0) -> list:
+        """The prune recipe's arguments; retraining on the Seq-KD corpus with cross-entropy alone unless
+        ``kd_target`` / ``alpha`` say otherwise (``bench/deploy_probe.py prune --retrain``)."""
         p = self.p
         argv = ["--model_name_or_path", model_dir, "--teacher_model_name_or_path", self.teacher_dir,
-                "--sparsities", str(p["sparsity"]), "--pruning_scope", "class_blind", "--kd_target", "teacher_target",
-                "--alpha", "0", "--test_split", "none", "--eval_num_beams", "1"]
+                "--sparsities", str(p["sparsity"]), "--pruning_scope", "class_blind", "--kd_target", kd_target,
+                "--alpha", str(alpha), "--test_split", "none", "--eval_num_beams", "1"]
         if events > 1:
             argv += ["--pruning_events", str(events), "--pruning_ramp", str(p["gradual_ramp"])]
         else:  # a final pruned model: its card carries its test results beside the unpruned student's
@@ -397,12 +400,13 @@ class DeployStudy(multi30k.Study):
 
         return os.path.join(output, sparsity_name(self.p["sparsity"]))
 
-    def prune_deployed(self, output: str, epochs: int, patience: int | None, events: int = 1) -> dict:
-        """The deployed student pruned to ``sparsity`` (in ``events`` steps) and retrained, written under ``output``
-        (resuming from its checkpoints); its training history and the student it started from."""
+    def prune_deployed(self, output: str, epochs: int, patience: int | None, events: int = 1, **objective) -> dict:
+        """The deployed student pruned to ``sparsity`` (in ``events`` steps) and retrained (``objective``:
+        ``kd_target`` and ``alpha`` of :meth:`prune_args`), written under ``output`` (resuming from its checkpoints);
+        its training history and the student it started from."""
         init = self.deployed_student()
-        self.run_recipe("prune", self.prune_args(self.student_dir(init), output, epochs, patience, events=events),
-                        self.pruned_in(output))
+        self.run_recipe("prune", self.prune_args(self.student_dir(init), output, epochs, patience, events=events,
+                                                 **objective), self.pruned_in(output))
         return {"init": init, **training_history(self.pruned_in(output))}
 
     def prune_oneshot(self):

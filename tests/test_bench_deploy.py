@@ -194,3 +194,13 @@ def test_every_stage_runs_end_to_end_on_tiny_models(deploy, tmp_path, monkeypatc
     assert own["bleu"] == pytest.approx(study.validation_bleu(study.student_dir(study.STUDENT)))
     assert hybrid["bleu"] == pytest.approx(study.validation_bleu(str(work / "probes" / "finetune_hybrid")))
     assert finetuned["init"] == str(work / "probes" / "continued_d32_e2_d1_f64_h4")
+
+    # pruning retrained with the deployed student's own fine-tune objective (Seq-Inter targets, 0.5 Word-KD)
+    probe.main(["prune", "--sparsity", "0.8", "--retrain", "word_kd", *on_study])
+    retrained = study.pruned_in(str(work / "probes" / "prune_oneshot_word_kd"))
+    report = sparsity_report(AutoModelForSeq2SeqLM.from_pretrained(retrained))
+    assert pruned_sparsity(report) == pytest.approx(0.8, abs=0.01)
+    import torch
+
+    args = torch.load(os.path.join(deploy.last_checkpoint(retrained), "training_args.bin"), weights_only=False)
+    assert (args.kd_target, args.alpha) == ("seq_inter_target", 0.5)
