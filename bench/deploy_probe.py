@@ -97,18 +97,21 @@ def gold_args(study, deploy, shape, output: str, warmup_steps: int) -> list[str]
 
 
 # the retraining objectives after pruning: the study's (cross-entropy on the Seq-KD corpus) and the one the deployed
-# student was fine-tuned with (FINETUNE_VARIANTS["plain"]: Seq-Inter targets, 0.5 CE + 0.5 Word-KD)
+# student of runs/multi30k_deploy_v2 was fine-tuned with (FINETUNE_VARIANTS["plain"]: Seq-Inter targets, 0.5 CE +
+# 0.5 Word-KD)
 RETRAIN_OBJECTIVES = {"study": dict(kd_target="teacher_target", alpha=0.0),
                       "word_kd": dict(kd_target="seq_inter_target", alpha=0.5)}
 
 # the fine-tune's variants: the study's own, and CKD or the hybrid objective added (bench/multi30k.py's settings)
 FINETUNE_VARIANTS = {
-    "plain": dict(alpha=0.5, extra_args=()),  # the study's own fine-tune: 0.5 CE + 0.5 Word-KD on Seq-Inter targets
+    # the study's fine-tune before L_ckd joined it (2026-12-07): 0.5 CE + 0.5 Word-KD on Seq-Inter targets
+    "plain": dict(alpha=0.5, extra_args=()),
     # Wu et al. 2020 (the authors' example weights, as the cpu study): (1 - 0.2 - 0.7) CE + 0.2 Word-KD + 0.7 L_ckd
     "ckd_skip": dict(alpha=0.2, extra_args=("--intermediate_loss_weight", "0.7", "--layer_mapping", "skip")),
     # the same hidden-state loss at a smaller weight, with CE and Word-KD weighted equally as in the study's own
     # fine-tune: 0.35 CE + 0.35 Word-KD + 0.3 L_ckd (Adam is nearly blind to the loss's overall scale, so this is the
-    # plain fine-tune plus 0.43 x L_ckd): whether the hidden-state loss or ckd_skip's small CE weight costs BLEU
+    # plain fine-tune plus 0.43 x L_ckd): whether the hidden-state loss or ckd_skip's small CE weight costs BLEU;
+    # the study's own fine-tune since it won on validation (multi30k_deploy.DEPLOY's finetune_* settings)
     "ckd_skip_even": dict(alpha=0.35, extra_args=("--intermediate_loss_weight", "0.3", "--layer_mapping", "skip")),
     # Wei et al. 2024: the Word-KD term becomes alpha * [g L_token + (1 - g) L_sentence], one learned gate (the
     # fine-tune's alpha 0.5; the cpu study's hybrid, on gold targets, has alpha 1.0)
@@ -187,10 +190,11 @@ def main(argv=None):
                              "of the study's seq_kd student): d_model,encoder,decoder,ffn,heads")
     parser.add_argument("--sparsity", type=float, default=0.5, help="prune: the fraction of weights set to zero")
     parser.add_argument("--retrain", choices=sorted(RETRAIN_OBJECTIVES), default="study",
-                        help="prune: the retraining objective (study: the prune_oneshot stage's; word_kd: the "
-                             "deployed student's fine-tune objective)")
+                        help="prune: the retraining objective (study: the prune_oneshot stage's; word_kd: Seq-Inter "
+                             "targets, 0.5 CE + 0.5 Word-KD)")
     parser.add_argument("--variant", choices=sorted(FINETUNE_VARIANTS), default="plain",
-                        help="finetune, validate, compare: the fine-tune's objective (plain: the study's own)")
+                        help="finetune, validate, compare: the fine-tune's objective (plain: Word-KD alone; "
+                             "ckd_skip_even: the study's own)")
     parser.add_argument("--epochs", type=int, default=10, help="continue: the most epochs in all")
     parser.add_argument("--warmup_steps", type=int, default=300, help="gold: the learning rate's warm-up")
     parser.add_argument("--learning_rate", type=float, default=None,

@@ -21,9 +21,10 @@ the gpu preset's for ``deploy_gpu``), and runs its own stages, each resumable li
  3. ``seq_kd``      the winning trial continued on the teacher's beam output (Seq-KD) until validation BLEU stops
                     improving (``patience`` evaluations, one per epoch; the best checkpoint kept): a trial is the
                     first ``trial_epochs`` of this stage, with the same arguments;
- 4. ``seq_inter_word_kd``  fine-tuned on the Seq-Inter targets with Word-KD (Kim & Rush's best), until it stops
-                    improving the same way; the better of it and ``seq_kd`` on validation BLEU is the deployed
-                    student (``deployed_student``), which the next stages prune, export and judge;
+ 4. ``seq_inter_word_kd_ckd``  fine-tuned on the Seq-Inter targets with Word-KD (Kim & Rush's best) and CKD's
+                    hidden-state loss (Wu et al. 2020; ``finetune_objective``), until it stops improving the same
+                    way; the better of it and ``seq_kd`` on validation BLEU is the deployed student
+                    (``deployed_student``), which the next stages prune, export and judge;
  5. ``prune_oneshot`` class-blind magnitude pruning to ``sparsity`` at once, then retraining with the masks held until
                     validation BLEU stops improving (Kim & Rush Sec. 5.3; See et al. 2016);
     ``prune_gradual`` the same target reached in ``gradual_events`` steps over ``gradual_epochs`` of retraining (Zhu &
@@ -82,6 +83,9 @@ DEPLOY = dict(
     # caps on the stages that stop early (patience evaluations without a better validation BLEU); the 2026-12-07 run's
     # fine-tune and retraining after pruning were still improving at a cap of 10
     max_epochs=30, patience=3, finetune_max_epochs=30, prune_max_epochs=30,
+    # stage 4's objective: 0.35 CE + 0.35 Word-KD + 0.3 L_ckd (skip map), chosen on the validation split over Word-KD
+    # alone (0.5 CE + 0.5 Word-KD: 37.31 against 38.38, paired p = 0.029; bench/deploy_probe.py, bench/RESULTS.md)
+    finetune_alpha=0.35, finetune_ckd_weight=0.3, finetune_layer_mapping="skip",
     sparsity=0.8, gradual_events=8, gradual_epochs=2, gradual_ramp=0.75,
     speed_rounds=5, speed_batch1_sentences=100, speed_batched_sentences=320, eval_batch_size=64,
 )
@@ -137,13 +141,14 @@ class DeployStudy(multi30k.Study):
     script = os.path.abspath(__file__)
 
     # --------------------------------------------------------------------------------------------- stages
-    STUDENT = "seq_inter_word_kd"  # the deployable student: Seq-KD, then the Seq-Inter fine-tune with Word-KD
+    # the deployable student: Seq-KD, then the Seq-Inter fine-tune with Word-KD and CKD's hidden-state loss
+    STUDENT = "seq_inter_word_kd_ckd"
 
     def stages(self):
         return [("shapes", self.measure_shapes), ("shape_trials", self.shape_trials),
                 ("seq_kd", self.train_seq_kd),
-                (self.STUDENT, lambda: self.train_converged(self.STUDENT, kd_target="seq_inter_target", alpha=0.5,
-                                                            init="seq_kd", card=True)),
+                (self.STUDENT, lambda: self.train_converged(self.STUDENT, kd_target="seq_inter_target", init="seq_kd",
+                                                            card=True, **self.finetune_objective())),
                 ("prune_oneshot", self.prune_oneshot), ("prune_gradual", self.prune_gradual),
                 ("prune_gradual_retrain", self.prune_gradual_retrain), ("ctranslate2", self.export_ctranslate2),
                 ("decode_speed", self.decode_speed), ("evaluate", self.evaluate)]
@@ -373,6 +378,15 @@ class DeployStudy(multi30k.Study):
                         + (self.card_evaluation_args() if card else []), output)
         return {"kd_target": kd_target, "alpha": alpha, "init": init, "max_epochs": epochs, "learning_rate": lr,
                 "seconds_this_attempt": time.perf_counter() - start, **training_history(output)}
+
+    def finetune_objective(self) -> dict:
+        """Stage 4's loss weights, ``train_converged``'s ``alpha`` and ``extra_args``: (1 - ``finetune_alpha`` -
+        ``finetune_ckd_weight``) CE + ``finetune_alpha`` Word-KD + ``finetune_ckd_weight`` L_ckd (Wu et al. 2020's
+        loss, ``hf_seqkd.intermediate``; the encoder's layers mapped by ``finetune_layer_mapping``)."""
+        p = self.p
+        ckd = (("--intermediate_loss_weight", str(p["finetune_ckd_weight"]), "--layer_mapping",
+                p["finetune_layer_mapping"]) if p["finetune_ckd_weight"] else ())
+        return {"alpha": p["finetune_alpha"], "extra_args": ckd}
 
     # 5. pruning with retraining until recovery -------------------------------------------------------------------
     def prune_args(self, model_dir: str, output: str, epochs: int, patience: int | None, events: int = 1,

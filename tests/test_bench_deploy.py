@@ -81,7 +81,7 @@ def test_the_deployed_student_is_the_better_training_stage_on_validation(deploy,
     assert study.deployed_student() == study.STUDENT
     finish(study.STUDENT, None)  # no validation score recorded: the staged student, as the study's design says
     assert study.deployed_student() == study.STUDENT
-    assert any("Deployed (pruned, exported, judged): `seq_inter_word_kd`" in line for line in study.report_lines())
+    assert any("Deployed (pruned, exported, judged): `seq_inter_word_kd_ckd`" in line for line in study.report_lines())
 
 
 def test_every_stage_runs_end_to_end_on_tiny_models(deploy, tmp_path, monkeypatch):
@@ -120,6 +120,14 @@ def test_every_stage_runs_end_to_end_on_tiny_models(deploy, tmp_path, monkeypatc
     assert history["continued_from"] == study.trial_dir(trials["shape"])
     assert [epoch for epoch, _ in history["validation_bleu_per_epoch"]][:2] == [1.0, 2.0]
     assert history["best_validation_bleu"] is not None
+
+    # the fine-tune's objective is the preset's: 0.35 CE + 0.35 Word-KD + 0.3 L_ckd (skip map) on Seq-Inter targets
+    import torch
+
+    args = torch.load(os.path.join(deploy.last_checkpoint(study.student_dir(study.STUDENT)), "training_args.bin"),
+                      weights_only=False)
+    assert (args.kd_target, args.alpha, args.intermediate_loss_weight, args.layer_mapping) == (
+        "seq_inter_target", 0.35, 0.3, "skip")
 
     for stage in ("prune_oneshot", "prune_gradual", "prune_gradual_retrain"):
         report = sparsity_report(AutoModelForSeq2SeqLM.from_pretrained(study.pruned_dir(stage)))
@@ -195,12 +203,10 @@ def test_every_stage_runs_end_to_end_on_tiny_models(deploy, tmp_path, monkeypatc
     assert hybrid["bleu"] == pytest.approx(study.validation_bleu(str(work / "probes" / "finetune_hybrid")))
     assert finetuned["init"] == str(work / "probes" / "continued_d32_e2_d1_f64_h4")
 
-    # pruning retrained with the deployed student's own fine-tune objective (Seq-Inter targets, 0.5 Word-KD)
+    # pruning retrained with Word-KD on Seq-Inter targets (0.5 CE + 0.5 Word-KD) instead of CE on the Seq-KD corpus
     probe.main(["prune", "--sparsity", "0.8", "--retrain", "word_kd", *on_study])
     retrained = study.pruned_in(str(work / "probes" / "prune_oneshot_word_kd"))
     report = sparsity_report(AutoModelForSeq2SeqLM.from_pretrained(retrained))
     assert pruned_sparsity(report) == pytest.approx(0.8, abs=0.01)
-    import torch
-
     args = torch.load(os.path.join(deploy.last_checkpoint(retrained), "training_args.bin"), weights_only=False)
     assert (args.kd_target, args.alpha) == ("seq_inter_target", 0.5)
