@@ -129,6 +129,9 @@ def validate_variant(study, deploy, variant_dir: str, out: str) -> dict:
         raise SystemExit(f"validate: no finished fine-tune in {variant_dir}; run (or finish) `finetune --variant "
                          f"{os.path.basename(variant_dir).removeprefix('finetune_')}` first")
     study_dir = study.student_dir(study.STUDENT)
+    if not os.path.isfile(os.path.join(study_dir, "config.json")):
+        raise SystemExit(f"validate: the study's fine-tune is not in {study_dir} (a work folder from before its "
+                         f"student was named {study.STUDENT}?); run its stage {study.STUDENT} first")
     scores = {name: study.validation_scores(folder) for name, folder in
               ((study.STUDENT, study_dir), (os.path.basename(variant_dir), variant_dir))}
     references = scores[study.STUDENT]["references"]
