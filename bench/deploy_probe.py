@@ -18,20 +18,21 @@ training on the same data to tell the candidate causes apart (results in ``bench
     # the deployed student pruned once to another sparsity, retrained as the study's prune_oneshot stage (80%); each
     # sparsity's model, card and training state in probes/prune_oneshot/sparsity-<percent> (results.json: the last)
     python bench/deploy_probe.py prune --sparsity 0.5
-    # the same at 80%, retrained with the objective of the student's own fine-tune (Seq-Inter targets, 0.5 CE +
-    # 0.5 Word-KD) instead of the study's cross-entropy on the Seq-KD corpus (probes/prune_oneshot_word_kd)
+    # the same at 80%, retrained with the Word-KD-only fine-tune's objective (Seq-Inter targets, 0.5 CE + 0.5
+    # Word-KD) instead of the study's cross-entropy on the Seq-KD corpus (probes/prune_oneshot_word_kd)
     python bench/deploy_probe.py prune --sparsity 0.8 --retrain word_kd
-    # the study's fine-tune (Seq-Inter + Word-KD from the seq_kd student, until validation BLEU stops improving)
-    # with CKD's hidden-state loss or the hybrid objective added: do they help the deployed student?
+    # the fine-tune (Seq-Inter targets from the seq_kd student, until validation BLEU stops improving) with another
+    # objective (FINETUNE_VARIANTS): Word-KD alone (plain: the study's until 2026-12-07), CKD's hidden-state loss at
+    # two weightings (ckd_skip_even, the default, is the study's own since), the hybrid objective
     python bench/deploy_probe.py finetune --variant ckd_skip
-    # a finished variant's greedy validation BLEU against the study's own fine-tune, with sacrebleu's paired
-    # bootstrap p-value (probes/validate_<variant>.json): is the difference more than the split's noise?
+    # a finished variant's greedy validation BLEU against the study's own fine-tune (its stage's student), with
+    # sacrebleu's paired bootstrap p-value (probes/validate_<variant>.json): more than the split's noise?
     python bench/deploy_probe.py validate --variant ckd_skip
     # another shape through the study's recipe: its trial continued to convergence (Seq-KD), the study's fine-tune
     # from it, then its test BLEU and decoding speed beside the teacher and the deployed student, in both engines
     python bench/deploy_probe.py trial --shapes 128,2,1,512,4
     python bench/deploy_probe.py continue --shapes 128,2,1,512,4 --epochs 30
-    python bench/deploy_probe.py finetune --variant plain --shapes 128,2,1,512,4
+    python bench/deploy_probe.py finetune --shapes 128,2,1,512,4
     python bench/deploy_probe.py compare --shapes 128,2,1,512,4     # on a quiet machine
     # shapes timed as the study's shapes stage times them (random weights, batch 1, against the teacher's beam);
     # the table in probes/shapes.json (run it on a quiet machine)
@@ -102,19 +103,19 @@ def gold_args(study, deploy, shape, output: str, warmup_steps: int) -> list[str]
 RETRAIN_OBJECTIVES = {"study": dict(kd_target="teacher_target", alpha=0.0),
                       "word_kd": dict(kd_target="seq_inter_target", alpha=0.5)}
 
-# the fine-tune's variants: the study's own, and CKD or the hybrid objective added (bench/multi30k.py's settings)
+# the fine-tune's objectives: Word-KD alone, with CKD's hidden-state loss, or the hybrid (bench/multi30k.py's settings)
 FINETUNE_VARIANTS = {
     # the study's fine-tune before L_ckd joined it (2026-12-07): 0.5 CE + 0.5 Word-KD on Seq-Inter targets
     "plain": dict(alpha=0.5, extra_args=()),
     # Wu et al. 2020 (the authors' example weights, as the cpu study): (1 - 0.2 - 0.7) CE + 0.2 Word-KD + 0.7 L_ckd
     "ckd_skip": dict(alpha=0.2, extra_args=("--intermediate_loss_weight", "0.7", "--layer_mapping", "skip")),
-    # the same hidden-state loss at a smaller weight, with CE and Word-KD weighted equally as in the study's own
+    # the same hidden-state loss at a smaller weight, with CE and Word-KD weighted equally as in the Word-KD-only
     # fine-tune: 0.35 CE + 0.35 Word-KD + 0.3 L_ckd (Adam is nearly blind to the loss's overall scale, so this is the
     # plain fine-tune plus 0.43 x L_ckd): whether the hidden-state loss or ckd_skip's small CE weight costs BLEU;
     # the study's own fine-tune since it won on validation (multi30k_deploy.DEPLOY's finetune_* settings)
     "ckd_skip_even": dict(alpha=0.35, extra_args=("--intermediate_loss_weight", "0.3", "--layer_mapping", "skip")),
     # Wei et al. 2024: the Word-KD term becomes alpha * [g L_token + (1 - g) L_sentence], one learned gate (the
-    # fine-tune's alpha 0.5; the cpu study's hybrid, on gold targets, has alpha 1.0)
+    # Word-KD-only fine-tune's alpha 0.5; the cpu study's hybrid, on gold targets, has alpha 1.0)
     "hybrid": dict(alpha=0.5, extra_args=("--hybrid_gate", "scalar")),
 }
 
@@ -128,10 +129,10 @@ def validate_variant(study, deploy, variant_dir: str, out: str) -> dict:
     if not os.path.isfile(os.path.join(variant_dir, "config.json")):
         raise SystemExit(f"validate: no finished fine-tune in {variant_dir}; run (or finish) `finetune --variant "
                          f"{os.path.basename(variant_dir).removeprefix('finetune_')}` first")
-    study_dir = study.student_dir(study.STUDENT)
-    if not os.path.isfile(os.path.join(study_dir, "config.json")):
-        raise SystemExit(f"validate: the study's fine-tune is not in {study_dir} (a work folder from before its "
-                         f"student was named {study.STUDENT}?); run its stage {study.STUDENT} first")
+    try:
+        study_dir = study.trained_student_dir(study.STUDENT)
+    except FileNotFoundError as e:
+        raise SystemExit(f"validate: {e}") from None
     scores = {name: study.validation_scores(folder) for name, folder in
               ((study.STUDENT, study_dir), (os.path.basename(variant_dir), variant_dir))}
     references = scores[study.STUDENT]["references"]
@@ -156,7 +157,7 @@ def compare_shapes(study, deploy, students: list[str], out: str) -> dict:
         raise SystemExit(f"compare: no trained student in {', '.join(missing)}; run `finetune --shapes ...` (with "
                          "the same --variant and --learning_rate) first")
     deployed = study.deployed_student()
-    models = [("teacher", study.teacher_dir), (deployed, study.student_dir(deployed))]
+    models = [("teacher", study.teacher_dir), (deployed, study.trained_student_dir(deployed))]
     models += [(os.path.basename(s), s) for s in students]
 
     def ct2_dir(name):
@@ -195,7 +196,7 @@ def main(argv=None):
     parser.add_argument("--retrain", choices=sorted(RETRAIN_OBJECTIVES), default="study",
                         help="prune: the retraining objective (study: the prune_oneshot stage's; word_kd: Seq-Inter "
                              "targets, 0.5 CE + 0.5 Word-KD)")
-    parser.add_argument("--variant", choices=sorted(FINETUNE_VARIANTS), default="plain",
+    parser.add_argument("--variant", choices=sorted(FINETUNE_VARIANTS), default="ckd_skip_even",
                         help="finetune, validate, compare: the fine-tune's objective (plain: Word-KD alone; "
                              "ckd_skip_even: the study's own)")
     parser.add_argument("--epochs", type=int, default=10, help="continue: the most epochs in all")

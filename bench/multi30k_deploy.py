@@ -85,6 +85,7 @@ DEPLOY = dict(
     max_epochs=30, patience=3, finetune_max_epochs=30, prune_max_epochs=30,
     # stage 4's objective: 0.35 CE + 0.35 Word-KD + 0.3 L_ckd (skip map), chosen on the validation split over Word-KD
     # alone (0.5 CE + 0.5 Word-KD: 37.31 against 38.38, paired p = 0.029; bench/deploy_probe.py, bench/RESULTS.md)
+    # (Word-KD alone, as before: --set finetune_alpha=0.5 finetune_ckd_weight=0)
     finetune_alpha=0.35, finetune_ckd_weight=0.3, finetune_layer_mapping="skip",
     sparsity=0.8, gradual_events=8, gradual_epochs=2, gradual_ramp=0.75,
     speed_rounds=5, speed_batch1_sentences=100, speed_batched_sentences=320, eval_batch_size=64,
@@ -293,6 +294,7 @@ class DeployStudy(multi30k.Study):
         BLEU stops improving."""
         import shutil
 
+        self.finetune_objective()  # stage 4's objective checked against the chosen shape before hours of training
         shape = self.stage_result("shape_trials")["shape"]
         output, trial = self.student_dir("seq_kd"), self.trial_dir(shape)
         if not glob.glob(os.path.join(output, "checkpoint-*")):
@@ -376,17 +378,39 @@ class DeployStudy(multi30k.Study):
         self.run_recipe("seq_kd", self.distillation_args(kd_target, alpha, init=init) + list(extra_args)
                         + self.training_args(output, epochs, lr) + self.validation_args(p["patience"])
                         + (self.card_evaluation_args() if card else []), output)
-        return {"kd_target": kd_target, "alpha": alpha, "init": init, "max_epochs": epochs, "learning_rate": lr,
-                "seconds_this_attempt": time.perf_counter() - start, **training_history(output)}
+        return {"kd_target": kd_target, "alpha": alpha, "extra_args": list(extra_args), "init": init,
+                "max_epochs": epochs, "learning_rate": lr, "seconds_this_attempt": time.perf_counter() - start,
+                **training_history(output)}
 
     def finetune_objective(self) -> dict:
         """Stage 4's loss weights, ``train_converged``'s ``alpha`` and ``extra_args``: (1 - ``finetune_alpha`` -
         ``finetune_ckd_weight``) CE + ``finetune_alpha`` Word-KD + ``finetune_ckd_weight`` L_ckd (Wu et al. 2020's
-        loss, ``hf_seqkd.intermediate``; the encoder's layers mapped by ``finetune_layer_mapping``)."""
+        loss, ``hf_seqkd.intermediate``; the encoder's layers mapped by ``finetune_layer_mapping``). Raises
+        ``ValueError`` when L_ckd is on and the chosen shape's encoder has more layers than the teacher's (every map
+        gives each student layer its own teacher layers)."""
         p = self.p
-        ckd = (("--intermediate_loss_weight", str(p["finetune_ckd_weight"]), "--layer_mapping",
-                p["finetune_layer_mapping"]) if p["finetune_ckd_weight"] else ())
+        if not p["finetune_ckd_weight"]:
+            return {"alpha": p["finetune_alpha"], "extra_args": ()}
+        from transformers import AutoConfig
+
+        student = self.stage_result("shape_trials")["shape"][1]
+        teacher = AutoConfig.from_pretrained(self.teacher_dir).encoder_layers
+        if student > teacher:
+            raise ValueError(f"the chosen shape's encoder has {student} layers, the teacher's {teacher}: CKD's layer "
+                             f"maps need at most as many student layers as teacher layers; fine-tune with Word-KD "
+                             f"alone (--set finetune_ckd_weight=0 finetune_alpha=0.5) or keep the shapes' encoders "
+                             f"at {teacher} layers or fewer")
+        ckd = ("--intermediate_loss_weight", str(p["finetune_ckd_weight"]), "--layer_mapping",
+               p["finetune_layer_mapping"])
         return {"alpha": p["finetune_alpha"], "extra_args": ckd}
+
+    def trained_student_dir(self, name: str) -> str:
+        """The folder of stage ``name``'s saved student; ``FileNotFoundError`` if there is none yet."""
+        folder = self.student_dir(name)
+        if not os.path.isfile(os.path.join(folder, "config.json")):
+            raise FileNotFoundError(f"{folder}: no trained student; run the stage {name} first (work folders from "
+                                    f"before 2026-12-07 name the fine-tune's student seq_inter_word_kd)")
+        return folder
 
     # 5. pruning with retraining until recovery -------------------------------------------------------------------
     def prune_args(self, model_dir: str, output: str, epochs: int, patience: int | None, events: int = 1,
@@ -396,7 +420,8 @@ class DeployStudy(multi30k.Study):
         p = self.p
         argv = ["--model_name_or_path", model_dir, "--teacher_model_name_or_path", self.teacher_dir,
                 "--sparsities", str(p["sparsity"]), "--pruning_scope", "class_blind", "--kd_target", kd_target,
-                "--alpha", str(alpha), "--test_split", "none", "--eval_num_beams", "1"]
+                "--alpha", str(alpha), "--teacher_dtype", p["teacher_dtype"], "--test_split", "none",
+                "--eval_num_beams", "1"]
         if events > 1:
             argv += ["--pruning_events", str(events), "--pruning_ramp", str(p["gradual_ramp"])]
         else:  # a final pruned model: its card carries its test results beside the unpruned student's
@@ -419,8 +444,8 @@ class DeployStudy(multi30k.Study):
         ``kd_target`` and ``alpha`` of :meth:`prune_args`), written under ``output`` (resuming from its checkpoints);
         its training history and the student it started from."""
         init = self.deployed_student()
-        self.run_recipe("prune", self.prune_args(self.student_dir(init), output, epochs, patience, events=events,
-                                                 **objective), self.pruned_in(output))
+        self.run_recipe("prune", self.prune_args(self.trained_student_dir(init), output, epochs, patience,
+                                                 events=events, **objective), self.pruned_in(output))
         return {"init": init, **training_history(self.pruned_in(output))}
 
     def prune_oneshot(self):

@@ -84,6 +84,34 @@ def test_the_deployed_student_is_the_better_training_stage_on_validation(deploy,
     assert any("Deployed (pruned, exported, judged): `seq_inter_word_kd_ckd`" in line for line in study.report_lines())
 
 
+def test_the_fine_tune_objective_is_the_presets_and_checked_against_the_chosen_shape(deploy, tmp_path):
+    from transformers import MarianConfig
+
+    teacher_study = tmp_path / "teacher_study"
+    MarianConfig(encoder_layers=2, decoder_layers=2, d_model=16, vocab_size=32).save_pretrained(
+        str(teacher_study / "teacher"))
+
+    def study_with(shape, **overrides):
+        study = deploy.DeployStudy("deploy_smoke", str(tmp_path / f"work_{shape[1]}_{len(overrides)}"),
+                                   str(tmp_path / "data"), {"teacher_study": str(teacher_study), **overrides})
+        with open(study.marker("shape_trials"), "w") as f:
+            json.dump({"stage": "shape_trials", "result": {"shape": list(shape)}}, f)
+        return study
+
+    assert study_with((32, 2, 1, 64, 4)).finetune_objective() == {
+        "alpha": 0.35, "extra_args": ("--intermediate_loss_weight", "0.3", "--layer_mapping", "skip")}
+    deeper = study_with((32, 3, 1, 64, 4))
+    with pytest.raises(ValueError, match="encoder has 3 layers, the teacher's 2.*finetune_ckd_weight=0"):
+        deeper.finetune_objective()
+    with pytest.raises(ValueError, match="encoder has 3 layers"):  # before the Seq-KD stage's hours of training
+        deeper.train_seq_kd()
+    # Word-KD alone, as the error suggests: no CKD arguments, whatever the depth
+    assert study_with((32, 3, 1, 64, 4), finetune_ckd_weight=0, finetune_alpha=0.5).finetune_objective() == {
+        "alpha": 0.5, "extra_args": ()}
+    with pytest.raises(FileNotFoundError, match="no trained student; run the stage seq_inter_word_kd_ckd first"):
+        deeper.trained_student_dir(deeper.STUDENT)
+
+
 def test_every_stage_runs_end_to_end_on_tiny_models(deploy, tmp_path, monkeypatch):
     from transformers import AutoModelForSeq2SeqLM
 
@@ -116,6 +144,7 @@ def test_every_stage_runs_end_to_end_on_tiny_models(deploy, tmp_path, monkeypatc
     d_model, encoder, decoder, _, _ = trials["shape"]
     assert (student.config.d_model, student.config.encoder_layers, student.config.decoder_layers) == \
         (d_model, encoder, decoder)
+    assert study.stage_result(study.STUDENT)["extra_args"] == list(study.finetune_objective()["extra_args"])
     history = study.stage_result("seq_kd")  # the winning trial's epoch, then more: it continued the trial
     assert history["continued_from"] == study.trial_dir(trials["shape"])
     assert [epoch for epoch, _ in history["validation_bleu_per_epoch"]][:2] == [1.0, 2.0]
@@ -182,7 +211,7 @@ def test_every_stage_runs_end_to_end_on_tiny_models(deploy, tmp_path, monkeypatc
     for step in (["trial"], ["continue", "--epochs", "2"], ["finetune"], ["compare"]):
         probe.main([*step, "--shapes", "32,2,1,64,4", *on_study])
     compared = json.loads((work / "probes" / "compare.json").read_text())
-    name = "finetune_plain_d32_e2_d1_f64_h4"
+    name = "finetune_ckd_skip_even_d32_e2_d1_f64_h4"
     assert list(compared["models"]) == ["teacher", study.deployed_student(), name]
     assert compared["decode_speed"]["transformers"]["rows"][name]["speedup_over_reference_beam_batch1"] > 0
     assert compared["decode_speed"]["ctranslate2_int8"]["rows"][f"{name}_ct2_int8"][
