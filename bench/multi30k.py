@@ -6,6 +6,7 @@
     python bench/multi30k.py --preset cpu --list          # the stages and whether they are done
     python bench/multi30k.py --preset cpu5_sequence       # every method 5 epochs, split over two presets that
     python bench/multi30k.py --preset cpu5_word           #   reuse the cpu study's teacher (``teacher_study``)
+    python bench/multi30k.py --preset cpu_converged       # the baseline and Seq-KD students with early stopping
 
 (The deployable student, issue 17, is ``bench/multi30k_deploy.py``: a study of its own built on this one.)
 
@@ -87,6 +88,9 @@ PRESETS = {
         sparsities=(0.5, 0.8, 0.9), prune_epochs=1, batch1_samples=200, bf16=False, test_samples=None,
         teacher_dtype="bfloat16", corpus_backend="ctranslate2", batch1_beam="first",
         split_punctuation=True, student_jobs=2, teacher_study=None, students=None,
+        # None: each student stage trains its fixed epochs; a number: it stops once validation BLEU (greedy, every
+        # epoch) has not improved for that many epochs, its best checkpoint kept, the epochs a cap
+        student_patience=None, eval_batch_size=64,
         # the stages the claims compare, trained with every seed (the teacher and its corpus are fixed: see the
         # docstring); the first seed's stage keeps the plain name, the others are `<stage>_seed<seed>`. The CKD maps
         # run once: six more 30-minute stages did not fit the 2-core machine's budget, so the CKD claim stays "not
@@ -103,7 +107,7 @@ PRESETS = {
         max_tokens_per_batch=None, ckd_mappings=("skip", "regular_comb", "overlap_comb", "cross_comb"),
         sparsities=(0.5, 0.8, 0.9), prune_epochs=3, batch1_samples=500, bf16=True, test_samples=None,
         teacher_dtype="bfloat16", corpus_backend="transformers", batch1_beam="all", split_punctuation=True,
-        student_jobs=1, teacher_study=None, students=None, seeds=(0, 1, 2),
+        student_jobs=1, teacher_study=None, students=None, student_patience=None, eval_batch_size=64, seeds=(0, 1, 2),
         seeded_stages=("baseline", "word_kd", "seq_kd", "seq_kd_word_kd", "baseline_seq_inter",
                        "seq_kd_seq_inter_word_kd", "ckd_skip", "ckd_regular_comb", "ckd_overlap_comb",
                        "ckd_cross_comb", "hybrid"),
@@ -118,7 +122,8 @@ PRESETS = {
         max_tokens_per_batch=None, ckd_mappings=("skip", "regular_comb"),
         sparsities=(0.5, 0.8), prune_epochs=1, batch1_samples=20, bf16=False, test_samples=100,
         teacher_dtype="bfloat16", corpus_backend="ctranslate2", batch1_beam="first", split_punctuation=True,
-        student_jobs=2, teacher_study=None, students=None, seeds=(0, 1), seeded_stages=("baseline", "seq_kd"),
+        student_jobs=2, teacher_study=None, students=None, student_patience=None, eval_batch_size=16, seeds=(0, 1),
+        seeded_stages=("baseline", "seq_kd"),
     ),
 }
 
@@ -143,8 +148,14 @@ PRESETS["cpu5_sequence"] = dict(
 PRESETS["cpu5_word"] = dict(
     PRESETS["cpu"], teacher_study="runs/multi30k_cpu", student_epochs=5, seeds=(0,), seeded_stages=(),
     students=("word_kd", "ckd_skip", "ckd_regular_comb", "hybrid"))
+# The reference comparison with early stopping instead of a fixed epoch count (the issue's "5 epochs, or early
+# stopping"): the baseline and the Seq-KD student of the reference's shape, each trained until validation BLEU has not
+# improved for 3 epochs (at most 30), the best checkpoint kept; the cpu study's teacher and corpus, one seed.
+PRESETS["cpu_converged"] = dict(
+    PRESETS["cpu"], teacher_study="runs/multi30k_cpu", student_epochs=30, student_patience=3, seeds=(0,),
+    seeded_stages=(), students=("baseline", "seq_kd"))
 
-SOURCE_LANG, TARGET_LANG, TEST_SPLIT = "de", "en", "test_2016_flickr"
+SOURCE_LANG, TARGET_LANG, TEST_SPLIT, VALIDATION_SPLIT = "de", "en", "test_2016_flickr", "validation"
 
 
 def write_stand_in_corpus(folder: str, num_train: int = 400, num_test: int = 40, seed: int = 0) -> str:
@@ -555,9 +566,26 @@ class Study:
             argv += [f"--{key}", str(value)]
         argv += self.common_data_args() + self.no_final_evaluation() + self.seqkd_args()
         argv += self.training_args(self.student_dir(name), epochs, lr, seed)
+        if p["student_patience"] is not None:  # until validation BLEU stops improving, `epochs` the cap
+            argv += self.validation_args(p["student_patience"])
         load_recipe("seq_kd").main(argv)
-        return {"kd_target": kd_target, "alpha": alpha, "init": init, **extra, "epochs": epochs, "learning_rate": lr,
-                "seed": self.p["seeds"][0] if seed is None else seed}
+        result = {"kd_target": kd_target, "alpha": alpha, "init": init, **extra, "epochs": epochs, "learning_rate": lr,
+                  "seed": self.p["seeds"][0] if seed is None else seed}
+        if p["student_patience"] is not None:
+            result.update(patience=p["student_patience"], **training_history(self.student_dir(name)))
+        return result
+
+    def validation_args(self, patience: int | None = None) -> list[str]:
+        """The recipe's arguments for greedy validation BLEU every epoch (one checkpoint per epoch, the last two
+        kept); with ``patience``, early stopping after that many epochs without a better one, the best checkpoint
+        loaded at the end (and kept)."""
+        argv = ["--eval_split", VALIDATION_SPLIT, "--eval_strategy", "epoch", "--save_strategy", "epoch",
+                "--save_total_limit", "2", "--predict_with_generate", "true", "--generation_num_beams", "1",
+                "--per_device_eval_batch_size", str(self.p["eval_batch_size"])]
+        if patience is not None:
+            argv += ["--load_best_model_at_end", "true", "--metric_for_best_model", "bleu", "--greater_is_better",
+                     "true", "--early_stopping_patience", str(patience)]
+        return argv
 
     def outcome_settings(self, stage: str) -> dict:
         """What changed a stage's outcome in earlier runs, recorded with it: torch's thread count, the teacher's
@@ -976,6 +1004,20 @@ def study_wall_seconds(records: list[dict]) -> float | None:
         total += max(0.0, stop - max(start, end))
         end = max(end, stop)
     return total + sum(r["seconds"] - r["seconds_last_attempt"] for r in records)
+
+
+def training_history(output_dir: str) -> dict:
+    """What a finished training run did: its epochs, the validation BLEU of each evaluation and the best one
+    (from ``trainer_state.json`` of its last checkpoint)."""
+    states = sorted(glob.glob(os.path.join(output_dir, "checkpoint-*", "trainer_state.json")),
+                    key=lambda p: int(os.path.basename(os.path.dirname(p)).rsplit("-", 1)[-1]))
+    if not states:
+        return {}
+    with open(states[-1]) as f:
+        state = json.load(f)
+    bleu = [(e.get("epoch"), e["eval_bleu"]) for e in state.get("log_history", []) if "eval_bleu" in e]
+    return {"epochs_trained": state.get("epoch"), "validation_bleu_per_epoch": bleu,
+            "best_validation_bleu": state.get("best_metric"), "best_checkpoint": state.get("best_model_checkpoint")}
 
 
 def machine() -> str:

@@ -88,7 +88,7 @@ DEPLOY = dict(
     # (Word-KD alone, as before: --set finetune_alpha=0.5 finetune_ckd_weight=0)
     finetune_alpha=0.35, finetune_ckd_weight=0.3, finetune_layer_mapping="skip",
     sparsity=0.8, gradual_events=8, gradual_epochs=2, gradual_ramp=0.75,
-    speed_rounds=5, speed_batch1_sentences=100, speed_batched_sentences=320, eval_batch_size=64,
+    speed_rounds=5, speed_batch1_sentences=100, speed_batched_sentences=320,
 )
 PRESETS = {
     # the cpu study's teacher (3 x 256) and training settings; one thread per job
@@ -103,10 +103,10 @@ PRESETS = {
         reference_shape=(32, 1, 1, 64, 4),
         max_params_ratio=1.0, shape_tokens=4, shape_sentences=3, shape_rounds=2, shape_trials=2, trial_epochs=1,
         max_epochs=2, patience=1, finetune_max_epochs=1, prune_max_epochs=1, gradual_events=2, gradual_epochs=1,
-        speed_rounds=1, speed_batch1_sentences=3, speed_batched_sentences=6, eval_batch_size=16)),
+        speed_rounds=1, speed_batch1_sentences=3, speed_batched_sentences=6)),
 }
 
-VALIDATION_SPLIT = "validation"
+VALIDATION_SPLIT = multi30k.VALIDATION_SPLIT
 
 
 def shape_name(shape) -> str:
@@ -304,7 +304,7 @@ class DeployStudy(multi30k.Study):
         self.run_recipe("seq_kd", self.seq_kd_args(output, self.p["max_epochs"], shape), output)
         return {"kd_target": "teacher_target", "alpha": 0.0, "shape": shape, "continued_from": trial,
                 "max_epochs": self.p["max_epochs"], "learning_rate": self.p["student_lr"],
-                "seconds_this_attempt": time.perf_counter() - start, **training_history(output)}
+                "seconds_this_attempt": time.perf_counter() - start, **multi30k.training_history(output)}
 
     # 3-4. staged training to convergence ----------------------------------------------------------------------------
     def distillation_args(self, kd_target: str, alpha: float, shape=None, init: str | None = None) -> list[str]:
@@ -315,16 +315,6 @@ class DeployStudy(multi30k.Study):
         else:
             argv += multi30k.student_shape_args(*(shape or self.stage_result("shape_trials")["shape"]))
         return argv + self.common_data_args() + self.no_final_evaluation() + self.seqkd_args()
-
-    def validation_args(self, patience: int | None = None) -> list[str]:
-        """Greedy validation BLEU every epoch, the best checkpoint kept; with ``patience``, early stopping."""
-        argv = ["--eval_split", VALIDATION_SPLIT, "--eval_strategy", "epoch", "--save_strategy", "epoch",
-                "--save_total_limit", "2", "--predict_with_generate", "true", "--generation_num_beams", "1",
-                "--per_device_eval_batch_size", str(self.p["eval_batch_size"])]
-        if patience is not None:
-            argv += ["--load_best_model_at_end", "true", "--metric_for_best_model", "bleu", "--greater_is_better",
-                     "true", "--early_stopping_patience", str(patience)]
-        return argv
 
     def run_recipe(self, recipe: str, argv: list[str], checkpoints_in: str):
         """Run ``recipes/<recipe>.py``, resuming from the latest checkpoint in ``checkpoints_in`` (``training_args``
@@ -380,7 +370,7 @@ class DeployStudy(multi30k.Study):
                         + (self.card_evaluation_args() if card else []), output)
         return {"kd_target": kd_target, "alpha": alpha, "extra_args": list(extra_args), "init": init,
                 "max_epochs": epochs, "learning_rate": lr, "seconds_this_attempt": time.perf_counter() - start,
-                **training_history(output)}
+                **multi30k.training_history(output)}
 
     def finetune_objective(self) -> dict:
         """Stage 4's loss weights, ``train_converged``'s ``alpha`` and ``extra_args``: (1 - ``finetune_alpha`` -
@@ -446,7 +436,7 @@ class DeployStudy(multi30k.Study):
         init = self.deployed_student()
         self.run_recipe("prune", self.prune_args(self.trained_student_dir(init), output, epochs, patience,
                                                  events=events, **objective), self.pruned_in(output))
-        return {"init": init, **training_history(self.pruned_in(output))}
+        return {"init": init, **multi30k.training_history(self.pruned_in(output))}
 
     def prune_oneshot(self):
         return self.prune_deployed(os.path.join(self.work_dir, "prune_oneshot"), self.p["prune_max_epochs"],
@@ -463,7 +453,7 @@ class DeployStudy(multi30k.Study):
         output = os.path.join(self.work_dir, "prune_gradual_retrain")
         self.run_recipe("prune", self.prune_args(self.pruned_dir("prune_gradual"), output, p["prune_max_epochs"],
                                                  p["patience"]), self.pruned_dir("prune_gradual_retrain"))
-        return training_history(self.pruned_dir("prune_gradual_retrain"))
+        return multi30k.training_history(self.pruned_dir("prune_gradual_retrain"))
 
     # 6-8. export, speed, evaluation ------------------------------------------------------------------------------
     def deployed_models(self) -> list[tuple[str, str]]:
@@ -584,22 +574,6 @@ def time_fixed_length(models: dict, ct2_dirs: dict, tokenizer, sources: list[str
             seconds["ctranslate2"][name].append(time.perf_counter() - start)
         print(f"[deploy] shape timing: round {r + 1}/{rounds}", flush=True)
     return seconds
-
-
-def training_history(output_dir: str) -> dict:
-    """What a finished training run did: its epochs, the validation BLEU of each evaluation and the best one
-    (from ``trainer_state.json`` of its last checkpoint)."""
-    import json
-
-    states = sorted(glob.glob(os.path.join(output_dir, "checkpoint-*", "trainer_state.json")),
-                    key=lambda p: int(os.path.basename(os.path.dirname(p)).rsplit("-", 1)[-1]))
-    if not states:
-        return {}
-    with open(states[-1]) as f:
-        state = json.load(f)
-    bleu = [(e.get("epoch"), e["eval_bleu"]) for e in state.get("log_history", []) if "eval_bleu" in e]
-    return {"epochs_trained": state.get("epoch"), "validation_bleu_per_epoch": bleu,
-            "best_validation_bleu": state.get("best_metric"), "best_checkpoint": state.get("best_model_checkpoint")}
 
 
 def resuming(argv: list[str], checkpoints_in: str) -> list[str]:

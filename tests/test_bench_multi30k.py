@@ -181,3 +181,29 @@ def test_a_preset_can_reuse_another_studys_teacher_and_run_some_methods(multi30k
     own = multi30k.Study("cpu", str(tmp_path / "own"), "data")  # the cpu study trains its own teacher
     assert [n for n, _ in own.stages()][:4] == ["tokenizer", "teacher", "teacher_ctranslate2", "seqkd_corpus"]
     own.check_teacher_study()
+
+
+def test_with_student_patience_each_student_trains_until_validation_bleu_stops_improving(multi30k, tmp_path,
+                                                                                        monkeypatch):
+    """cpu_converged: the recipe validates greedily every epoch, stops after `student_patience` epochs without a
+    better validation BLEU and keeps the best checkpoint, `student_epochs` a cap; without it (cpu5_*), fixed epochs."""
+    from hf_seqkd.cli import parse_args
+
+    arguments = multi30k.load_recipe("seq_kd").ARGUMENTS
+    calls = []
+    monkeypatch.setattr(multi30k, "load_recipe", lambda name: type("Recipe", (), {"main": staticmethod(calls.append)}))
+    parsed = {}
+    for preset in ("cpu_converged", "cpu5_sequence"):
+        study = multi30k.Study(preset, str(tmp_path / preset), str(tmp_path / "data"))
+        result = dict(study.stages())["baseline"]()
+        _, data_args, _, args = parse_args(arguments, calls[-1])  # as the recipe reads them
+        parsed[preset] = (data_args, args, result)
+    data_args, args, result = parsed["cpu_converged"]
+    assert (data_args.eval_split, args.eval_strategy, args.save_strategy) == ("validation", "epoch", "epoch")
+    assert args.predict_with_generate and args.generation_num_beams == 1
+    assert args.load_best_model_at_end and args.metric_for_best_model == "bleu" and args.greater_is_better
+    assert (args.early_stopping_patience, args.num_train_epochs) == (3, 30)
+    assert result["patience"] == 3 and result["epochs"] == 30
+    data_args, args, result = parsed["cpu5_sequence"]
+    assert data_args.eval_split in ("", None) and args.eval_strategy == "no" and not args.load_best_model_at_end
+    assert args.early_stopping_patience is None and args.num_train_epochs == 5 and "patience" not in result
