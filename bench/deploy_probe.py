@@ -112,7 +112,8 @@ FINETUNE_VARIANTS = {
     # the same hidden-state loss at a smaller weight, with CE and Word-KD weighted equally as in the Word-KD-only
     # fine-tune: 0.35 CE + 0.35 Word-KD + 0.3 L_ckd (Adam is nearly blind to the loss's overall scale, so this is the
     # plain fine-tune plus 0.43 x L_ckd): whether the hidden-state loss or ckd_skip's small CE weight costs BLEU;
-    # the study's own fine-tune since it won on validation (multi30k_deploy.DEPLOY's finetune_* settings)
+    # the deploy preset's fine-tune since it won on validation (multi30k_deploy.DEPLOY's finetune_* settings, which
+    # tests/test_bench_deploy.py checks against this entry)
     "ckd_skip_even": dict(alpha=0.35, extra_args=("--intermediate_loss_weight", "0.3", "--layer_mapping", "skip")),
     # Wei et al. 2024: the Word-KD term becomes alpha * [g L_token + (1 - g) L_sentence], one learned gate (the
     # Word-KD-only fine-tune's alpha 0.5; the cpu study's hybrid, on gold targets, has alpha 1.0)
@@ -129,10 +130,7 @@ def validate_variant(study, deploy, variant_dir: str, out: str) -> dict:
     if not os.path.isfile(os.path.join(variant_dir, "config.json")):
         raise SystemExit(f"validate: no finished fine-tune in {variant_dir}; run (or finish) `finetune --variant "
                          f"{os.path.basename(variant_dir).removeprefix('finetune_')}` first")
-    try:
-        study_dir = study.trained_student_dir(study.STUDENT)
-    except FileNotFoundError as e:
-        raise SystemExit(f"validate: {e}") from None
+    study_dir = study.trained_student_dir(study.STUDENT)
     scores = {name: study.validation_scores(folder) for name, folder in
               ((study.STUDENT, study_dir), (os.path.basename(variant_dir), variant_dir))}
     references = scores[study.STUDENT]["references"]
@@ -215,7 +213,14 @@ def main(argv=None):
     parser.add_argument("--data_dir", default=None)
     parser.add_argument("--threads", type=int, default=1)
     args = parser.parse_args(argv)
+    try:
+        run_probe(args)
+    except FileNotFoundError as e:  # a stage's student the probe reads is not there yet (trained_student_dir)
+        raise SystemExit(f"{args.probe}: {e}") from None
 
+
+def run_probe(args) -> None:
+    """The probe ``args.probe`` (``main``'s parsed arguments)."""
     import torch
 
     torch.set_num_threads(args.threads)

@@ -100,6 +100,11 @@ def test_the_fine_tune_objective_is_the_presets_and_checked_against_the_chosen_s
 
     assert study_with((32, 2, 1, 64, 4)).finetune_objective() == {
         "alpha": 0.35, "extra_args": ("--intermediate_loss_weight", "0.3", "--layer_mapping", "skip")}
+    # deploy_probe's ckd_skip_even, documented as the preset's objective, is the preset's
+    spec = importlib.util.spec_from_file_location("bench_deploy_probe", os.path.join(ROOT, "bench", "deploy_probe.py"))
+    probe = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(probe)
+    assert probe.FINETUNE_VARIANTS["ckd_skip_even"] == study_with((32, 2, 1, 64, 4)).finetune_objective()
     deeper = study_with((32, 3, 1, 64, 4))
     with pytest.raises(ValueError, match="encoder has 3 layers, the teacher's 2.*finetune_ckd_weight=0"):
         deeper.finetune_objective()
@@ -110,6 +115,11 @@ def test_the_fine_tune_objective_is_the_presets_and_checked_against_the_chosen_s
         "alpha": 0.5, "extra_args": ()}
     with pytest.raises(FileNotFoundError, match="no trained student; run the stage seq_inter_word_kd_ckd first"):
         deeper.trained_student_dir(deeper.STUDENT)
+    # the probes that read the study's student stop with the same message, as a clear exit (no traceback)
+    os.makedirs(os.path.join(deeper.work_dir, "probes", "finetune_hybrid"))
+    open(os.path.join(deeper.work_dir, "probes", "finetune_hybrid", "config.json"), "w").close()
+    with pytest.raises(SystemExit, match="validate: .*no trained student; run the stage seq_inter_word_kd_ckd"):
+        probe.main(["validate", "--variant", "hybrid", "--work_dir", deeper.work_dir, "--data_dir", "data"])
 
 
 def test_every_stage_runs_end_to_end_on_tiny_models(deploy, tmp_path, monkeypatch):
