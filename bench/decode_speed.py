@@ -72,6 +72,10 @@ def main(argv=None) -> dict:
     parser.add_argument("--max_new_tokens", type=int, default=128)
     parser.add_argument("--threads", type=int, default=0, help="torch (and CTranslate2) threads; 0: torch's default")
     parser.add_argument("--ct2_tokenizer", default=None, help="tokenizer for CTranslate2 folders")
+    parser.add_argument("--step_cost", action="store_true",
+                        help="also time every row at batch 1 stopped after one decoding step (max_new_tokens 1): a "
+                             "sentence's cost up to its first step (tokenization, the encoder, the first step, the "
+                             "call's own work) and the cost of each further step, (t - t_first) / output tokens")
     args = parser.parse_args(argv)
     if min(args.rounds, args.batch1_sentences, args.batched_sentences, args.num_beams) < 1:
         parser.error("--rounds, --batch1_sentences, --batched_sentences and --num_beams must be at least 1")
@@ -100,15 +104,17 @@ def main(argv=None) -> dict:
     rows = [(name, name, 1) for name in models]
     rows += [(f"{name}, beam {args.num_beams}", name, args.num_beams) for name in models if name in args.beam_models]
     runs = {"batch1": (1, args.batch1_sentences), "batched": (args.batch_size, args.batched_sentences)}
-    seconds = {run: {label: [] for label, _, _ in rows} for run in runs}
-    tokens = {run: {label: 0 for label, _, _ in rows} for run in runs}
+    timed = dict(runs, **({"first_step": (1, args.batch1_sentences)} if args.step_cost else {}))
+    seconds = {run: {label: [] for label, _, _ in rows} for run in timed}
+    tokens = {run: {label: 0 for label, _, _ in rows} for run in timed}
     at_limit = {label: 0 for label, _, _ in rows}
     for r in range(args.rounds):
         for label, name, beams in rotate(rows, r):
             model, tok = models[name]
-            for run, (batch_size, count) in runs.items():
+            for run, (batch_size, count) in timed.items():
                 out = timed_decode(model, tok, sources[:count], references[:count], num_beams=beams,
-                                   batch_size=batch_size, max_new_tokens=args.max_new_tokens)
+                                   batch_size=batch_size,
+                                   max_new_tokens=1 if run == "first_step" else args.max_new_tokens)
                 seconds[run][label].append(out["seconds"])
                 tokens[run][label] = out["target_tokens"]  # deterministic decoding: the same output every round
                 if run == "batched":
@@ -148,9 +154,29 @@ def main(argv=None) -> dict:
             cells += [summary(over_beam[run][label]) for run in runs]
         print(f"| {label} | " + " | ".join(cells) + " |")
         results[label] = result
+    if args.step_cost:
+        step_cost_table(results, seconds, tokens, args.batch1_sentences)
     return {"reference": reference, "reference_beam": reference_beam, "rounds": args.rounds,
             "batch1_sentences": args.batch1_sentences, "batched_sentences": args.batched_sentences,
             "batch_size": args.batch_size, "threads": torch.get_num_threads(), "rows": results}
+
+
+def step_cost_table(results: dict, seconds: dict, tokens: dict, sentences: int) -> None:
+    """``--step_cost``: per row, the median milliseconds per sentence at batch 1, up to the first decoding step and
+    per further step ((t - t_first) / output tokens: a sentence of n output tokens takes n + 1 steps, the last one
+    choosing the end token); printed, and added to ``results``' rows (``ms_per_sentence_batch1``,
+    ``ms_first_step_batch1``, ``ms_per_further_step_batch1``)."""
+    print("\nBatch 1, milliseconds per sentence (medians over the rounds): the whole translation, up to its first "
+          "decoding step (tokenization, the encoder, one step, the call's own work) and per further step.\n")
+    print("| model | ms per sentence | ms up to the first step | output tokens per sentence | ms per further step |")
+    print("| --- | ---: | ---: | ---: | ---: |")
+    for label, row in results.items():
+        whole = statistics.median(seconds["batch1"][label]) * 1000 / sentences
+        first = statistics.median(seconds["first_step"][label]) * 1000 / sentences
+        per_sentence = tokens["batch1"][label] / sentences
+        step = (whole - first) / per_sentence if per_sentence else float("nan")
+        row.update(ms_per_sentence_batch1=whole, ms_first_step_batch1=first, ms_per_further_step_batch1=step)
+        print(f"| {label} | {whole:.2f} | {first:.2f} | {per_sentence:.1f} | {step:.3f} |")
 
 
 if __name__ == "__main__":

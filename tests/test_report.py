@@ -442,3 +442,41 @@ def test_decode_speed_bench_pairs_rounds_and_counts_outputs_at_the_limit(trained
         expected = sum(n >= limit - 1 for n in lengths)
         assert int(rows[name][6]) == expected, name
     assert expected > 0  # the random model does hit the limit, so the column is checked on a non-zero count
+
+
+def test_decode_speed_step_cost_splits_a_sentence_into_its_first_step_and_each_further_step(trained_dir, data_dir,
+                                                                                           capsys, monkeypatch):
+    """--step_cost: each row also timed at batch 1 with one decoding step; the table's per-step cost is
+    (t - t_first) / output tokens, recomputed here from the timed calls themselves."""
+    import statistics
+
+    spec = importlib.util.spec_from_file_location("bench_decode_speed", os.path.join(ROOT, "bench", "decode_speed.py"))
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    calls = []
+
+    def recording(*args, **kwargs):
+        out = bench_timed_decode(*args, **kwargs)
+        calls.append((kwargs.get("batch_size"), kwargs.get("max_new_tokens"), len(args[2]), out))
+        return out
+
+    bench_timed_decode = bench.timed_decode
+    monkeypatch.setattr(bench, "timed_decode", recording)
+    result = bench.main(["--models", f"trained={trained_dir}", "--data_dir", str(data_dir), "--split", "test",
+                         "--source_lang", "src", "--target_lang", "tgt", "--rounds", "3", "--batch1_sentences", "4",
+                         "--batched_sentences", "8", "--batch_size", "4", "--max_new_tokens", "16", "--threads", "1",
+                         "--step_cost"])
+    calls = calls[1:]  # the untimed warm-up
+    first = [out for batch, limit, n, out in calls if (batch, limit) == (1, 1)]
+    whole = [out for batch, limit, n, out in calls if (batch, limit) == (1, 16)]
+    assert len(first) == len(whole) == 3
+    assert all(k <= 1 for out in first for k in out["target_lengths"])  # one step: at most one token each
+    row = result["rows"]["trained"]
+    ms_whole = statistics.median(o["seconds"] for o in whole) * 1000 / 4
+    ms_first = statistics.median(o["seconds"] for o in first) * 1000 / 4
+    per_sentence = whole[0]["target_tokens"] / 4
+    assert per_sentence > 1
+    assert row["ms_per_sentence_batch1"] == pytest.approx(ms_whole)
+    assert row["ms_first_step_batch1"] == pytest.approx(ms_first)
+    assert row["ms_per_further_step_batch1"] == pytest.approx((ms_whole - ms_first) / per_sentence)
+    assert "| trained | " in capsys.readouterr().out.split("ms per further step")[1]
