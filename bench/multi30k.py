@@ -610,9 +610,30 @@ class Study:
         """The papers' claims checked on the evaluation's rows (by model name): :func:`_findings`."""
         return _findings(rows, self.test_references(), tokenize)
 
+    def stage_result(self, stage: str) -> dict:
+        """The result a finished stage recorded (its marker's ``result``)."""
+        with open(self.marker(stage)) as f:
+            return json.load(f)["result"]
+
     def report_lines(self) -> list[str]:
-        """More Markdown for the report, after the stage times (none here; the deploy study adds its measurements)."""
-        return []
+        """More Markdown for the report, after the stage times: the validation BLEU per epoch of the students trained
+        until it stopped improving (``student_patience``; the deploy study adds its measurements)."""
+        return self.validation_history_lines([name for name, _ in self.student_specs()])
+
+    def validation_history_lines(self, stages) -> list[str]:
+        """For each finished stage of ``stages`` that validated every epoch: its validation BLEU per epoch, the best,
+        the epochs trained (Markdown lines)."""
+        lines = []
+        for stage in stages:
+            history = self.stage_result(stage) if self.done(stage) else {}
+            if "validation_bleu_per_epoch" not in (history or {}):
+                continue
+            scores = ", ".join(f"{b:.2f}" for _, b in history["validation_bleu_per_epoch"])
+            best, epochs = history.get("best_validation_bleu"), history.get("epochs_trained")
+            lines += ["", f"`{stage}`: validation BLEU (greedy) per epoch {scores}; best "
+                          + (f"{best:.2f}" if best is not None else "(none)")
+                          + (f", {epochs:g} epochs trained." if epochs is not None else ".")]
+        return lines
 
     def extra_results(self) -> dict:
         """More of the study's results for its JSON file (none here; the deploy study adds its measurements)."""

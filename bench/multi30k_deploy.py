@@ -162,12 +162,6 @@ class DeployStudy(multi30k.Study):
         return {"prune_oneshot": [self.STUDENT], "prune_gradual": [self.STUDENT],
                 "prune_gradual_retrain": ["prune_gradual"]}
 
-    def stage_result(self, stage: str) -> dict:
-        import json
-
-        with open(self.marker(stage)) as f:
-            return json.load(f)["result"]
-
     def deployed_student(self) -> str:
         """The stage whose student is deployed (pruned, exported, judged against the targets): the staged student
         (``STUDENT``), unless its fine-tune ended below the Seq-KD student it started from on validation BLEU (the
@@ -523,15 +517,8 @@ class DeployStudy(multi30k.Study):
         if self.done("seq_kd") and self.done(self.STUDENT):
             lines += ["", f"Deployed (pruned, exported, judged): `{self.deployed_student()}`, the better of `seq_kd` "
                           f"and `{self.STUDENT}` on validation BLEU (best checkpoints)."]
-        for stage in ("seq_kd", self.STUDENT, "prune_oneshot", "prune_gradual", "prune_gradual_retrain"):
-            if self.done(stage):
-                history = self.stage_result(stage)
-                scores = ", ".join(f"{b:.2f}" for _, b in history.get("validation_bleu_per_epoch", []))
-                best, epochs = history.get("best_validation_bleu"), history.get("epochs_trained")
-                lines += ["", f"`{stage}`: validation BLEU (greedy) per epoch {scores}; best "
-                              + (f"{best:.2f}" if best is not None else "(none)")
-                              + (f", {epochs:g} epochs trained." if epochs is not None else ".")]
-        return lines
+        return lines + self.validation_history_lines(
+            ("seq_kd", self.STUDENT, "prune_oneshot", "prune_gradual", "prune_gradual_retrain"))
 
     def extra_results(self) -> dict:
         extra = {}

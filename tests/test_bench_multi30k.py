@@ -204,6 +204,13 @@ def test_with_student_patience_each_student_trains_until_validation_bleu_stops_i
     assert args.load_best_model_at_end and args.metric_for_best_model == "bleu" and args.greater_is_better
     assert (args.early_stopping_patience, args.num_train_epochs) == (3, 30)
     assert result["patience"] == 3 and result["epochs"] == 30
+    # the report lists each such student's validation BLEU per epoch (from its stage record)
+    study = multi30k.Study("cpu_converged", str(tmp_path / "cpu_converged"), str(tmp_path / "data"))
+    with open(study.marker("baseline"), "w") as f:
+        json.dump({"result": dict(result, validation_bleu_per_epoch=[[1.0, 20.0], [2.0, 25.5], [3.0, 25.25]],
+                                  best_validation_bleu=25.5, epochs_trained=3.0)}, f)
+    assert [line for line in study.report_lines() if line] == [
+        "`baseline`: validation BLEU (greedy) per epoch 20.00, 25.50, 25.25; best 25.50, 3 epochs trained."]
     data_args, args, result = parsed["cpu5_sequence"]
     assert data_args.eval_split in ("", None) and args.eval_strategy == "no" and not args.load_best_model_at_end
     assert args.early_stopping_patience is None and args.num_train_epochs == 5 and "patience" not in result
