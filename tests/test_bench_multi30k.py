@@ -193,8 +193,11 @@ def test_with_student_patience_each_student_trains_until_validation_bleu_stops_i
     calls = []
     monkeypatch.setattr(multi30k, "load_recipe", lambda name: type("Recipe", (), {"main": staticmethod(calls.append)}))
     parsed = {}
+    teacher_study = {"teacher_study": str(tmp_path / "cpu_study")}  # its CTranslate2 teacher, as the recipe checks
+    os.makedirs(tmp_path / "cpu_study" / "ctranslate2" / "teacher_float32")
+    (tmp_path / "cpu_study" / "ctranslate2" / "teacher_float32" / "model.bin").write_bytes(b"")
     for preset in ("cpu_converged", "cpu5_sequence"):
-        study = multi30k.Study(preset, str(tmp_path / preset), str(tmp_path / "data"))
+        study = multi30k.Study(preset, str(tmp_path / preset), str(tmp_path / "data"), teacher_study)
         result = dict(study.stages())["baseline"]()
         _, data_args, _, args = parse_args(arguments, calls[-1])  # as the recipe reads them
         parsed[preset] = (data_args, args, result)
@@ -205,7 +208,7 @@ def test_with_student_patience_each_student_trains_until_validation_bleu_stops_i
     assert (args.early_stopping_patience, args.num_train_epochs) == (3, 30)
     assert result["patience"] == 3 and result["epochs"] == 30
     # the report lists each such student's validation BLEU per epoch (from its stage record)
-    study = multi30k.Study("cpu_converged", str(tmp_path / "cpu_converged"), str(tmp_path / "data"))
+    study = multi30k.Study("cpu_converged", str(tmp_path / "cpu_converged"), str(tmp_path / "data"), teacher_study)
     with open(study.marker("baseline"), "w") as f:
         json.dump({"result": dict(result, validation_bleu_per_epoch=[[1.0, 20.0], [2.0, 25.5], [3.0, 25.25]],
                                   best_validation_bleu=25.5, epochs_trained=3.0)}, f)
