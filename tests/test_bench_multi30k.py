@@ -217,3 +217,12 @@ def test_with_student_patience_each_student_trains_until_validation_bleu_stops_i
     data_args, args, result = parsed["cpu5_sequence"]
     assert data_args.eval_split in ("", None) and args.eval_strategy == "no" and not args.load_best_model_at_end
     assert args.early_stopping_patience is None and args.num_train_epochs == 5 and "patience" not in result
+
+    # cpu_converged_teacher: its own teacher, trained the same way (at most 40 epochs); the cpu preset's: 5 epochs
+    own = multi30k.Study("cpu_converged_teacher", str(tmp_path / "own"), str(tmp_path / "data"))
+    assert [n for n, _ in own.stages()][:4] == ["tokenizer", "teacher", "teacher_ctranslate2", "seqkd_corpus"]
+    _, data_args, _, args = parse_args(arguments, own.teacher_args(str(tmp_path / "init")))
+    assert (data_args.eval_split, args.eval_strategy, args.load_best_model_at_end) == ("validation", "epoch", True)
+    assert (args.early_stopping_patience, args.num_train_epochs, args.alpha) == (3, 40, 0.0)
+    _, _, _, args = parse_args(arguments, multi30k.Study("cpu", str(tmp_path / "cpu"), "data").teacher_args("init"))
+    assert (args.early_stopping_patience, args.num_train_epochs, args.eval_strategy) == (None, 5, "no")
