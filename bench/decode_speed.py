@@ -13,6 +13,10 @@ beam search: ``--beam_models teacher`` (the first model) adds that column.
 
 ``NAME=PATH`` as for ``recipes/evaluate.py``: a Transformers folder or a CTranslate2 folder (``model.bin``; its
 tokenizer is taken from ``--ct2_tokenizer``, default: the first model's folder). The first model is the reference.
+
+``--step_cost`` splits a sentence's cost at batch 1: every row is also timed stopped after its first decoding step
+(``max_new_tokens`` 1), and the rest, over the output tokens, is the cost of each further output token (for beam
+search an upper bound on a step's cost: the search may run past the length of the hypothesis it returns).
 """
 
 from __future__ import annotations
@@ -54,7 +58,8 @@ def summary(values: list[float]) -> str:
 
 def main(argv=None) -> dict:
     """Time the models, print the table; returns its medians (``rows``: per row label, sentences/s and the paired
-    speed-ups at batch 1 and batched) for programs."""
+    speed-ups at batch 1 and batched; with ``--step_cost`` also :func:`step_cost_table`'s ``ms_*`` values) for
+    programs."""
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--models", nargs="+", required=True, help="NAME=PATH ...; the first is the reference")
     parser.add_argument("--beam_models", nargs="*", default=[],
@@ -75,7 +80,7 @@ def main(argv=None) -> dict:
     parser.add_argument("--step_cost", action="store_true",
                         help="also time every row at batch 1 stopped after one decoding step (max_new_tokens 1): a "
                              "sentence's cost up to its first step (tokenization, the encoder, the first step, the "
-                             "call's own work) and the cost of each further step, (t - t_first) / output tokens")
+                             "call's own work) and the cost of each further output token, (t - t_first) / tokens")
     args = parser.parse_args(argv)
     if min(args.rounds, args.batch1_sentences, args.batched_sentences, args.num_beams) < 1:
         parser.error("--rounds, --batch1_sentences, --batched_sentences and --num_beams must be at least 1")
@@ -100,7 +105,8 @@ def main(argv=None) -> dict:
         models[name] = (model, tok)
         timed_decode(model, tok, sources[:2], references[:2], batch_size=2)  # warm-up, untimed
 
-    # the rows: (label, model name, beams); each is timed at batch 1 and batched in every round
+    # the rows: (label, model name, beams); each is timed at batch 1 and batched in every round (and, with
+    # --step_cost, at batch 1 stopped after one decoding step)
     rows = [(name, name, 1) for name in models]
     rows += [(f"{name}, beam {args.num_beams}", name, args.num_beams) for name in models if name in args.beam_models]
     runs = {"batch1": (1, args.batch1_sentences), "batched": (args.batch_size, args.batched_sentences)}
@@ -162,21 +168,26 @@ def main(argv=None) -> dict:
 
 
 def step_cost_table(results: dict, seconds: dict, tokens: dict, sentences: int) -> None:
-    """``--step_cost``: per row, the median milliseconds per sentence at batch 1, up to the first decoding step and
-    per further step ((t - t_first) / output tokens: a sentence of n output tokens takes n + 1 steps, the last one
-    choosing the end token); printed, and added to ``results``' rows (``ms_per_sentence_batch1``,
-    ``ms_first_step_batch1``, ``ms_per_further_step_batch1``)."""
+    """``--step_cost``: per row, milliseconds per sentence at batch 1 (medians over the rounds) for the whole
+    translation, up to its first decoding step, and per further output token: the median over the rounds of
+    (t - t_first) / output tokens, t and t_first from the same round (a sentence of n output tokens takes n + 1
+    greedy steps, the last choosing the end token). Printed, and added to ``results``' rows
+    (``ms_per_sentence_batch1``, ``ms_first_step_batch1``, ``ms_per_further_token_batch1``; NaN without output)."""
     print("\nBatch 1, milliseconds per sentence (medians over the rounds): the whole translation, up to its first "
-          "decoding step (tokenization, the encoder, one step, the call's own work) and per further step.\n")
-    print("| model | ms per sentence | ms up to the first step | output tokens per sentence | ms per further step |")
+          "decoding step (tokenization, the encoder, one step, the call's own work) and per further output token "
+          "(the difference over the output tokens, paired within each round).\n")
+    print("| model | ms per sentence | ms up to the first step | output tokens per sentence | "
+          "ms per further output token |")
     print("| --- | ---: | ---: | ---: | ---: |")
     for label, row in results.items():
-        whole = statistics.median(seconds["batch1"][label]) * 1000 / sentences
-        first = statistics.median(seconds["first_step"][label]) * 1000 / sentences
+        whole = [t * 1000 / sentences for t in seconds["batch1"][label]]
+        first = [t * 1000 / sentences for t in seconds["first_step"][label]]
         per_sentence = tokens["batch1"][label] / sentences
-        step = (whole - first) / per_sentence if per_sentence else float("nan")
-        row.update(ms_per_sentence_batch1=whole, ms_first_step_batch1=first, ms_per_further_step_batch1=step)
-        print(f"| {label} | {whole:.2f} | {first:.2f} | {per_sentence:.1f} | {step:.3f} |")
+        further = [(w - f) / per_sentence for w, f in zip(whole, first)] if per_sentence else [float("nan")]
+        row.update(ms_per_sentence_batch1=statistics.median(whole), ms_first_step_batch1=statistics.median(first),
+                   ms_per_further_token_batch1=statistics.median(further))
+        print(f"| {label} | {row['ms_per_sentence_batch1']:.2f} | {row['ms_first_step_batch1']:.2f} | "
+              f"{per_sentence:.1f} | {row['ms_per_further_token_batch1']:.3f} |")
 
 
 if __name__ == "__main__":

@@ -213,18 +213,18 @@ def main(argv=None):
     parser.add_argument("--data_dir", default=None)
     parser.add_argument("--threads", type=int, default=1)
     args = parser.parse_args(argv)
+    deploy = load_deploy()
     try:
-        run_probe(args)
-    except FileNotFoundError as e:  # a stage's student the probe reads is not there yet (trained_student_dir)
+        run_probe(args, deploy)
+    except deploy.StageNotTrained as e:  # a stage's student the probe reads is not there yet
         raise SystemExit(f"{args.probe}: {e}") from None
 
 
-def run_probe(args) -> None:
-    """The probe ``args.probe`` (``main``'s parsed arguments)."""
+def run_probe(args, deploy) -> None:
+    """The probe ``args.probe`` (``main``'s parsed arguments; ``deploy``: bench/multi30k_deploy.py)."""
     import torch
 
     torch.set_num_threads(args.threads)
-    deploy = load_deploy()
     work_dir = os.path.abspath(args.work_dir)
     recorded = deploy.multi30k.recorded_settings(work_dir) or {"preset": "deploy", "overrides": {}}
     overrides = {**recorded["overrides"], **deploy.multi30k.parse_overrides(args.overrides)}

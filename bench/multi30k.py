@@ -45,8 +45,9 @@ this size``).
 Each stage writes ``<work_dir>/stages/<stage>.json`` (its result and wall time, interrupted attempts included:
 a heartbeat file keeps the time of an unfinished attempt) when it finishes, and a rerun skips
 finished stages, so a study cut off (end of a session, a crash) continues where it stopped; training stages also
-keep their latest checkpoint and resume from it. ``--report`` writes the results table of a finished (or partial)
-study as Markdown: that is what goes into ``bench/RESULTS.md``.
+keep their latest checkpoint (with ``student_patience`` / ``teacher_patience``, the best one too) and resume from
+it. ``--report`` writes the results table of a finished (or partial) study as Markdown: that is what goes into
+``bench/RESULTS.md``.
 """
 
 from __future__ import annotations
@@ -285,6 +286,15 @@ class Study:
             raise ValueError(f"--set: unknown preset setting(s) {unknown}; the {preset} preset has "
                              f"{', '.join(sorted(self.presets[preset]))}")
         self.preset_name, self.p = preset, {**self.presets[preset], **overrides}
+        for key in ("student_patience", "teacher_patience"):
+            value = self.p.get(key)
+            if value is not None and (not isinstance(value, int) or isinstance(value, bool) or value < 1):
+                raise ValueError(f"{key}={value!r}: give a number of epochs >= 1 without a better validation BLEU "
+                                 "before a stage stops, or None to train its fixed epochs")
+        if self.p.get("teacher_patience") is not None and self.p.get("teacher_study"):
+            raise ValueError(f"teacher_patience={self.p['teacher_patience']} with teacher_study="
+                             f"{self.p['teacher_study']!r}: this study reuses that study's teacher and trains none; "
+                             "set teacher_study=None to train its own")
         self.work_dir, self.data_dir = os.path.abspath(work_dir), data_dir
         self.stage_dir = os.path.join(self.work_dir, "stages")
         # a study may reuse another's tokenizer, teacher and Seq-KD corpus (``teacher_study``), running its own
@@ -655,8 +665,12 @@ class Study:
         return lines
 
     def extra_results(self) -> dict:
-        """More of the study's results for its JSON file (none here; the deploy study adds its measurements)."""
-        return {}
+        """More of the study's results for its JSON file: the training history (validation BLEU per epoch, the best,
+        the epochs trained) of each stage trained until validation BLEU stopped improving (the deploy study adds its
+        measurements)."""
+        stages = ["teacher"] + [name for name, _ in self.student_specs()]
+        histories = {stage: self.stage_result(stage) for stage in stages if self.done(stage)}
+        return {"training": {stage: r for stage, r in histories.items() if "validation_bleu_per_epoch" in (r or {})}}
 
     BEST = "seq_kd_seq_inter_word_kd"  # chosen in advance: the paper's best (and pruned) student
 

@@ -109,6 +109,10 @@ PRESETS = {
 VALIDATION_SPLIT = multi30k.VALIDATION_SPLIT
 
 
+class StageNotTrained(FileNotFoundError):
+    """A stage whose student is read (pruning, the probes) has not trained it yet."""
+
+
 def shape_name(shape) -> str:
     d_model, encoder, decoder, ffn, heads = shape
     return f"d{d_model}_e{encoder}_d{decoder}_f{ffn}_h{heads}"
@@ -389,10 +393,10 @@ class DeployStudy(multi30k.Study):
         return {"alpha": p["finetune_alpha"], "extra_args": ckd}
 
     def trained_student_dir(self, name: str) -> str:
-        """The folder of stage ``name``'s saved student; ``FileNotFoundError`` if there is none yet."""
+        """The folder of stage ``name``'s saved student; :class:`StageNotTrained` if there is none yet."""
         folder = self.student_dir(name)
         if not os.path.isfile(os.path.join(folder, "config.json")):
-            raise FileNotFoundError(f"{folder}: no trained student; run the stage {name} first (work folders from "
+            raise StageNotTrained(f"{folder}: no trained student; run the stage {name} first (work folders from "
                                     f"before 2026-12-07 name the fine-tune's student seq_inter_word_kd)")
         return folder
 

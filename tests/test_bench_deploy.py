@@ -120,6 +120,8 @@ def test_the_fine_tune_objective_is_the_presets_and_checked_against_the_chosen_s
     open(os.path.join(deeper.work_dir, "probes", "finetune_hybrid", "config.json"), "w").close()
     with pytest.raises(SystemExit, match="validate: .*no trained student; run the stage seq_inter_word_kd_ckd"):
         probe.main(["validate", "--variant", "hybrid", "--work_dir", deeper.work_dir, "--data_dir", "data"])
+    with pytest.raises(SystemExit, match="prune: .*no trained student; run the stage seq_inter_word_kd_ckd"):
+        probe.main(["prune", "--sparsity", "0.8", "--work_dir", deeper.work_dir, "--data_dir", "data"])
 
 
 def test_every_stage_runs_end_to_end_on_tiny_models(deploy, tmp_path, monkeypatch):

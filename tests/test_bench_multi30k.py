@@ -198,6 +198,12 @@ def test_with_student_patience_each_student_trains_until_validation_bleu_stops_i
     (tmp_path / "cpu_study" / "ctranslate2" / "teacher_float32" / "model.bin").write_bytes(b"")
     for preset in ("cpu_converged", "cpu5_sequence"):
         study = multi30k.Study(preset, str(tmp_path / preset), str(tmp_path / "data"), teacher_study)
+        # the trainer's state as a run with validation leaves it: the stage's result carries its history
+        state = tmp_path / preset / "students" / "baseline" / "checkpoint-9"
+        state.mkdir(parents=True)
+        (state / "trainer_state.json").write_text(json.dumps({
+            "epoch": 2.0, "best_metric": 25.5, "best_model_checkpoint": "checkpoint-6",
+            "log_history": [{"epoch": 1.0, "eval_bleu": 20.0}, {"loss": 3.0}, {"epoch": 2.0, "eval_bleu": 25.5}]}))
         result = dict(study.stages())["baseline"]()
         _, data_args, _, args = parse_args(arguments, calls[-1])  # as the recipe reads them
         parsed[preset] = (data_args, args, result)
@@ -207,6 +213,8 @@ def test_with_student_patience_each_student_trains_until_validation_bleu_stops_i
     assert args.load_best_model_at_end and args.metric_for_best_model == "bleu" and args.greater_is_better
     assert (args.early_stopping_patience, args.num_train_epochs) == (3, 30)
     assert result["patience"] == 3 and result["epochs"] == 30
+    assert (result["validation_bleu_per_epoch"], result["best_validation_bleu"], result["epochs_trained"]) == (
+        [(1.0, 20.0), (2.0, 25.5)], 25.5, 2.0)
     # the report lists each such student's validation BLEU per epoch (from its stage record)
     study = multi30k.Study("cpu_converged", str(tmp_path / "cpu_converged"), str(tmp_path / "data"), teacher_study)
     with open(study.marker("baseline"), "w") as f:
@@ -217,6 +225,14 @@ def test_with_student_patience_each_student_trains_until_validation_bleu_stops_i
     data_args, args, result = parsed["cpu5_sequence"]
     assert data_args.eval_split in ("", None) and args.eval_strategy == "no" and not args.load_best_model_at_end
     assert args.early_stopping_patience is None and args.num_train_epochs == 5 and "patience" not in result
+    assert "validation_bleu_per_epoch" not in result
+
+    # patience is a number of epochs >= 1, and a study that reuses another's teacher trains none
+    for bad in (0, -1, True, "3", 2.5):
+        with pytest.raises(ValueError, match=f"student_patience={bad!r}: give a number of epochs >= 1"):
+            multi30k.Study("cpu_converged", str(tmp_path / "bad"), "data", {"student_patience": bad})
+    with pytest.raises(ValueError, match="teacher_patience=3 with teacher_study=.*set teacher_study=None"):
+        multi30k.Study("cpu_converged", str(tmp_path / "bad"), "data", {"teacher_patience": 3})
 
     # cpu_converged_teacher: its own teacher, trained the same way (at most 40 epochs); the cpu preset's: 5 epochs
     own = multi30k.Study("cpu_converged_teacher", str(tmp_path / "own"), str(tmp_path / "data"))

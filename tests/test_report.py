@@ -470,6 +470,7 @@ def test_decode_speed_step_cost_splits_a_sentence_into_its_first_step_and_each_f
     first = [out for batch, limit, n, out in calls if (batch, limit) == (1, 1)]
     whole = [out for batch, limit, n, out in calls if (batch, limit) == (1, 16)]
     assert len(first) == len(whole) == 3
+    assert all(n == 4 for batch, limit, n, out in calls if batch == 1)  # the same --batch1_sentences
     assert all(k <= 1 for out in first for k in out["target_lengths"])  # one step: at most one token each
     row = result["rows"]["trained"]
     ms_whole = statistics.median(o["seconds"] for o in whole) * 1000 / 4
@@ -478,5 +479,7 @@ def test_decode_speed_step_cost_splits_a_sentence_into_its_first_step_and_each_f
     assert per_sentence > 1
     assert row["ms_per_sentence_batch1"] == pytest.approx(ms_whole)
     assert row["ms_first_step_batch1"] == pytest.approx(ms_first)
-    assert row["ms_per_further_step_batch1"] == pytest.approx((ms_whole - ms_first) / per_sentence)
-    assert "| trained | " in capsys.readouterr().out.split("ms per further step")[1]
+    # paired within each round: round r's whole translation less round r's first step
+    further = statistics.median((w["seconds"] - f["seconds"]) * 1000 / 4 / per_sentence for w, f in zip(whole, first))
+    assert row["ms_per_further_token_batch1"] == pytest.approx(further)
+    assert "| trained | " in capsys.readouterr().out.split("ms per further output token")[1]
