@@ -457,11 +457,10 @@ class Study:
                 "--disable_tqdm", "false"]
         if p["bf16"]:
             args += ["--bf16", "true"]
-        checkpoints = sorted(glob.glob(os.path.join(output_dir, "checkpoint-*")),
-                             key=lambda d: int(d.rsplit("-", 1)[-1]))
-        if checkpoints:  # a training stage cut off earlier continues from its last checkpoint
-            print(f"[multi30k] resuming from {checkpoints[-1]}", flush=True)
-            args += ["--resume_from_checkpoint", checkpoints[-1]]
+        last = latest_checkpoint(output_dir)
+        if last:  # a training stage cut off earlier continues from its last checkpoint
+            print(f"[multi30k] resuming from {last}", flush=True)
+            args += ["--resume_from_checkpoint", last]
         return args
 
     def test_sample_args(self) -> list[str]:
@@ -645,18 +644,24 @@ class Study:
             return json.load(f)["result"]
 
     def report_lines(self) -> list[str]:
-        """More Markdown for the report, after the stage times: the validation BLEU per epoch of the students trained
-        until it stopped improving (``student_patience``; the deploy study adds its measurements)."""
-        return self.validation_history_lines(["teacher"] + [name for name, _ in self.student_specs()])
+        """More Markdown for the report, after the stage times: the validation BLEU per epoch of the teacher and
+        students trained until it stopped improving (``*_patience``; the deploy study adds its measurements)."""
+        return self.validation_history_lines(self.training_stages())
+
+    def training_stages(self) -> list[str]:
+        """The stages that train a model: the teacher and the students."""
+        return ["teacher"] + [name for name, _ in self.student_specs()]
+
+    def validation_histories(self, stages) -> dict[str, dict]:
+        """The recorded results of the finished stages of ``stages`` that validated every epoch, by stage."""
+        results = {stage: self.stage_result(stage) for stage in stages if self.done(stage)}
+        return {stage: r for stage, r in results.items() if "validation_bleu_per_epoch" in (r or {})}
 
     def validation_history_lines(self, stages) -> list[str]:
         """For each finished stage of ``stages`` that validated every epoch: its validation BLEU per epoch, the best,
         the epochs trained (Markdown lines)."""
         lines = []
-        for stage in stages:
-            history = self.stage_result(stage) if self.done(stage) else {}
-            if "validation_bleu_per_epoch" not in (history or {}):
-                continue
+        for stage, history in self.validation_histories(stages).items():
             scores = ", ".join(f"{b:.2f}" for _, b in history["validation_bleu_per_epoch"])
             best, epochs = history.get("best_validation_bleu"), history.get("epochs_trained")
             lines += ["", f"`{stage}`: validation BLEU (greedy) per epoch {scores}; best "
@@ -668,9 +673,7 @@ class Study:
         """More of the study's results for its JSON file: the training history (validation BLEU per epoch, the best,
         the epochs trained) of each stage trained until validation BLEU stopped improving (the deploy study adds its
         measurements)."""
-        stages = ["teacher"] + [name for name, _ in self.student_specs()]
-        histories = {stage: self.stage_result(stage) for stage in stages if self.done(stage)}
-        return {"training": {stage: r for stage, r in histories.items() if "validation_bleu_per_epoch" in (r or {})}}
+        return {"training": self.validation_histories(self.training_stages())}
 
     BEST = "seq_kd_seq_inter_word_kd"  # chosen in advance: the paper's best (and pruned) student
 
@@ -1060,14 +1063,23 @@ def study_wall_seconds(records: list[dict]) -> float | None:
     return total + sum(r["seconds"] - r["seconds_last_attempt"] for r in records)
 
 
+def latest_checkpoint(output_dir: str, containing: str | None = None) -> str | None:
+    """The ``checkpoint-<step>`` folder of ``output_dir`` with the highest step (with ``containing``: among those
+    holding that file); ``None`` if there is none."""
+    found = glob.glob(os.path.join(output_dir, "checkpoint-*", containing or ""))
+    if not found:
+        return None
+    folders = [os.path.dirname(f) if containing else f.rstrip(os.sep) for f in found]
+    return max(folders, key=lambda d: int(d.rsplit("-", 1)[-1]))
+
+
 def training_history(output_dir: str) -> dict:
     """What a finished training run did: its epochs, the validation BLEU of each evaluation and the best one
     (from ``trainer_state.json`` of its last checkpoint)."""
-    states = sorted(glob.glob(os.path.join(output_dir, "checkpoint-*", "trainer_state.json")),
-                    key=lambda p: int(os.path.basename(os.path.dirname(p)).rsplit("-", 1)[-1]))
-    if not states:
+    last = latest_checkpoint(output_dir, containing="trainer_state.json")
+    if last is None:
         return {}
-    with open(states[-1]) as f:
+    with open(os.path.join(last, "trainer_state.json")) as f:
         state = json.load(f)
     bleu = [(e.get("epoch"), e["eval_bleu"]) for e in state.get("log_history", []) if "eval_bleu" in e]
     return {"epochs_trained": state.get("epoch"), "validation_bleu_per_epoch": bleu,

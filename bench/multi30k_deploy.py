@@ -578,11 +578,11 @@ def resuming(argv: list[str], checkpoints_in: str) -> list[str]:
 
 
 def last_checkpoint(output_dir: str) -> str:
-    """The latest ``checkpoint-<step>`` folder of a training run."""
-    found = glob.glob(os.path.join(output_dir, "checkpoint-*"))
-    if not found:
+    """The latest ``checkpoint-<step>`` folder of a training run (``RuntimeError`` if there is none)."""
+    last = multi30k.latest_checkpoint(output_dir)
+    if last is None:
         raise RuntimeError(f"{output_dir}: no checkpoint (the run saves one per epoch)")
-    return max(found, key=lambda d: int(d.rsplit("-", 1)[-1]))
+    return last
 
 
 def shapes_table(r: dict, num_beams: int) -> list[str]:
