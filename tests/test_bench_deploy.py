@@ -124,6 +124,23 @@ def test_the_fine_tune_objective_is_the_presets_and_checked_against_the_chosen_s
         probe.main(["prune", "--sparsity", "0.8", "--work_dir", deeper.work_dir, "--data_dir", "data"])
 
 
+def test_deploy_converged_trains_the_deploy_shape_on_the_converged_teachers_corpus(deploy, tmp_path):
+    multi30k = deploy.multi30k
+    study = deploy.DeployStudy("deploy_converged", str(tmp_path / "work"), "data")
+    assert study.teacher_study_dir == os.path.join(ROOT, "runs", "multi30k_cpu_converged_teacher")
+    # that study's tokenizer, teacher and corpus: the same corpus settings, so its students' cached corpus is read
+    teacher_study = multi30k.Study("cpu_converged_teacher", str(tmp_path / "teacher_study"), "data")
+    study = deploy.DeployStudy("deploy_converged", str(tmp_path / "work2"), "data",
+                               {"teacher_study": teacher_study.work_dir})
+    assert (study.teacher_dir, study.tokenizer_dir) == (teacher_study.teacher_dir, teacher_study.tokenizer_dir)
+    assert study.seqkd_args() == teacher_study.seqkd_args()
+    # the one candidate is the deploy study's winner, and the student is trained as the deploy preset trains it
+    deploy_preset, converged = deploy.PRESETS["deploy"], deploy.PRESETS["deploy_converged"]
+    assert converged["shapes"] == (deploy_preset["reference_shape"],) and converged["shape_trials"] == 1
+    assert {k: v for k, v in converged.items() if k not in ("teacher_study", "shapes", "shape_trials")} == {
+        k: v for k, v in deploy_preset.items() if k not in ("teacher_study", "shapes", "shape_trials")}
+
+
 def test_every_stage_runs_end_to_end_on_tiny_models(deploy, tmp_path, monkeypatch):
     from transformers import AutoModelForSeq2SeqLM
 
