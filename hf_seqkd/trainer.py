@@ -428,18 +428,32 @@ class DistillationTrainer(Seq2SeqTrainer):
         ``restore_callback_states_from_checkpoint``, which also brings back the checkpoint's patience), and without
         it early stopping's count of evaluations without improvement, so that a resumed run stops where the
         uninterrupted one would; patience and threshold stay this run's. (Transformers alone restarts the count: a run
-        resumed on a plateau trained up to ``early_stopping_patience`` evaluations more.)"""
+        resumed on a plateau trained up to ``early_stopping_patience`` evaluations more.) A checkpoint saved at the
+        evaluation that stopped the run (the count at the patience) trains no further: the resumed run goes straight
+        to its end (the best checkpoint loaded), where Transformers would train one more epoch or evaluation
+        interval first."""
         super()._load_callback_state()
         saved = self.state.stateful_callbacks.get(EarlyStoppingCallback.__name__)
         mine = [c for c in self.callback_handler.callbacks if type(c) is EarlyStoppingCallback]
-        if self.args.restore_callback_states_from_checkpoint or not saved or not mine:
-            return
-        # with several such callbacks Transformers appends their states at every save: the last ones are the newest
-        saved = saved[-len(mine):] if isinstance(saved, list) else [saved]
-        for callback, state in zip(mine, saved):
-            count = state.get("attributes", {}).get("early_stopping_patience_counter")
-            if count is not None:
-                callback.early_stopping_patience_counter = count
+        if not self.args.restore_callback_states_from_checkpoint and saved and mine:
+            # with several such callbacks Transformers appends their states at every save: the last ones are the
+            # newest
+            saved = saved[-len(mine):] if isinstance(saved, list) else [saved]
+            for callback, state in zip(mine, saved):
+                count = state.get("attributes", {}).get("early_stopping_patience_counter")
+                if count is not None:
+                    callback.early_stopping_patience_counter = count
+        self._stopped_before_resuming = any(c.early_stopping_patience_counter >= c.early_stopping_patience
+                                            for c in mine)
+
+    def _run_epoch(self, *args, **kwargs):
+        """``Trainer._run_epoch``, skipped when the checkpoint resumed from had already stopped the run
+        (:meth:`_load_callback_state`): Transformers' loop checks ``should_training_stop`` only after a step."""
+        if getattr(self, "_stopped_before_resuming", False):
+            self._stopped_before_resuming = False
+            self.control.should_training_stop = True
+            return None
+        return super()._run_epoch(*args, **kwargs)
 
     def _save_checkpoint(self, model, trial):
         """``Seq2SeqTrainer._save_checkpoint``, also when training resumed from a checkpoint of a run that had fewer

@@ -278,9 +278,9 @@ def test_a_resumed_run_stops_early_where_the_uninterrupted_run_stops(tmp_path, t
                                                                       user_callback):
     """Early stopping's count of evaluations without improvement survives resuming: with learning rate 0 (the
     validation loss never improves) and patience 3, the run stops after its fourth evaluation, and so does a run
-    cut after two and resumed (Transformers alone restarts the count on resuming and stops it after the fifth);
-    also beside a second early-stopping callback of the user's (patience 5), whose states Transformers stores as a
-    list that grows at every save."""
+    cut after two and resumed (Transformers alone restarts the count on resuming and stops it after the fifth), and
+    one resumed from its last checkpoint trains no further; also beside a second early-stopping callback of the
+    user's (patience 5), whose states Transformers stores as a list that grows at every save."""
     from transformers import EarlyStoppingCallback
 
     from hf_seqkd import DistillationDataCollator
@@ -303,6 +303,12 @@ def test_a_resumed_run_stops_early_where_the_uninterrupted_run_stops(tmp_path, t
     resumed.train(resume_from_checkpoint=str(tmp_path / "cut" / "checkpoint-2"))
     assert whole.state.global_step == 4
     assert resumed.state.global_step == whole.state.global_step
+    # resumed from the checkpoint of the evaluation that stopped it, the run trains no further (Transformers alone
+    # trains one more step) and ends as the uninterrupted one did: the best checkpoint's weights loaded
+    again = trainer(tmp_path / "whole", max_steps=40)
+    again.train(resume_from_checkpoint=str(tmp_path / "whole" / "checkpoint-4"))
+    assert again.state.global_step == 4 and not (tmp_path / "whole" / "checkpoint-5").exists()
+    assert again.state.best_model_checkpoint == whole.state.best_model_checkpoint
 
 
 def test_early_stopping_settings_are_checked(tmp_path):
