@@ -411,6 +411,7 @@ class DistillationTrainer(Seq2SeqTrainer):
         """``Seq2SeqTrainer.train`` with the auxiliary modules (CKD projections, learned gate) registered as a
         submodule of the student meanwhile: the loop zeroes, clips, synchronises, checkpoints and restores them with
         the student's parameters. The student it leaves behind is the plain student."""
+        self._stopped_before_resuming = False  # set on resuming by _load_callback_state
         with self.distillation_modules.attached_to(self.accelerator.unwrap_model(self.model)):
             return super().train(*args, **kwargs)
 
@@ -425,26 +426,29 @@ class DistillationTrainer(Seq2SeqTrainer):
 
     def _load_callback_state(self):
         """On resuming: Transformers' restore of the callbacks' states (only with
-        ``restore_callback_states_from_checkpoint``, which also brings back the checkpoint's patience), and without
-        it early stopping's count of evaluations without improvement, so that a resumed run stops where the
-        uninterrupted one would; patience and threshold stay this run's. (Transformers alone restarts the count: a run
-        resumed on a plateau trained up to ``early_stopping_patience`` evaluations more.) A checkpoint saved at the
-        evaluation that stopped the run (the count at the patience) trains no further: the resumed run goes straight
+        ``restore_callback_states_from_checkpoint``, which also brings back the checkpoint's patience), and in any
+        case early stopping's count of evaluations without improvement (``EarlyStoppingCallback`` and its
+        subclasses), so that a resumed run stops where the uninterrupted one would. (Transformers alone restarts the
+        count: a run resumed on a plateau trained up to ``early_stopping_patience`` evaluations more; and with several
+        such callbacks it restores the oldest of the states it appended at every save.) A checkpoint saved at the
+        evaluation that stopped the run (a count at its patience) trains no further: the resumed run goes straight
         to its end (the best checkpoint loaded), where Transformers would train one more epoch or evaluation
         interval first."""
         super()._load_callback_state()
-        saved = self.state.stateful_callbacks.get(EarlyStoppingCallback.__name__)
-        mine = [c for c in self.callback_handler.callbacks if type(c) is EarlyStoppingCallback]
-        if not self.args.restore_callback_states_from_checkpoint and saved and mine:
-            # with several such callbacks Transformers appends their states at every save: the last ones are the
-            # newest
+        stopping = [c for c in self.callback_handler.callbacks if isinstance(c, EarlyStoppingCallback)]
+        for name in dict.fromkeys(type(c).__name__ for c in stopping):
+            saved = self.state.stateful_callbacks.get(name)
+            if not saved:
+                continue
+            mine = [c for c in stopping if type(c).__name__ == name]
+            # several callbacks of a class: their states are appended at every save, the last ones the newest
             saved = saved[-len(mine):] if isinstance(saved, list) else [saved]
             for callback, state in zip(mine, saved):
                 count = state.get("attributes", {}).get("early_stopping_patience_counter")
                 if count is not None:
                     callback.early_stopping_patience_counter = count
         self._stopped_before_resuming = any(c.early_stopping_patience_counter >= c.early_stopping_patience
-                                            for c in mine)
+                                            for c in stopping)
 
     def _run_epoch(self, *args, **kwargs):
         """``Trainer._run_epoch``, skipped when the checkpoint resumed from had already stopped the run

@@ -6,7 +6,7 @@ import os
 import pytest
 import torch
 from safetensors.torch import load_file
-from transformers import Seq2SeqTrainer, Seq2SeqTrainingArguments
+from transformers import EarlyStoppingCallback, Seq2SeqTrainer, Seq2SeqTrainingArguments
 
 from hf_seqkd import (
     DistillationDataCollator,
@@ -273,27 +273,31 @@ def test_early_stopping_can_be_added_when_resuming(tmp_path, train_set, tiny_mar
     assert resumed.state.global_step == 4 and (tmp_path / "checkpoint-4" / "trainer_state.json").exists()
 
 
-@pytest.mark.parametrize("user_callback", [False, True])
+class _UserEarlyStopping(EarlyStoppingCallback):
+    """A user's subclass: Transformers stores its state under its own class name."""
+
+
+@pytest.mark.parametrize("user_callback, stops_at", [(None, 4), ("base", 4), ("subclass", 3)])
 def test_a_resumed_run_stops_early_where_the_uninterrupted_run_stops(tmp_path, train_set, tiny_marian, tokenizer,
-                                                                      user_callback):
+                                                                      user_callback, stops_at):
     """Early stopping's count of evaluations without improvement survives resuming: with learning rate 0 (the
     validation loss never improves) and patience 3, the run stops after its fourth evaluation, and so does a run
     cut after two and resumed (Transformers alone restarts the count on resuming and stops it after the fifth), and
-    one resumed from its last checkpoint trains no further; also beside a second early-stopping callback of the
-    user's (patience 5), whose states Transformers stores as a list that grows at every save."""
-    from transformers import EarlyStoppingCallback
-
+    one resumed from its last checkpoint trains no further, loading the best checkpoint as the uninterrupted run
+    did; also beside a second early-stopping callback of the user's (patience 5), whose states Transformers stores
+    as a list that grows at every save, and beside a user's subclass with patience 2, which stops the run itself."""
     from hf_seqkd import DistillationDataCollator
 
     settings = dict(alpha=0.0, learning_rate=0.0, num_train_epochs=10, eval_strategy="steps", eval_steps=1,
                     save_strategy="steps", save_steps=1, metric_for_best_model="loss", load_best_model_at_end=True,
                     early_stopping_patience=3)
+    user = {None: None, "base": lambda: EarlyStoppingCallback(5), "subclass": lambda: _UserEarlyStopping(2)}
 
     def trainer(out, **kw):
         return DistillationTrainer(model=copy.deepcopy(tiny_marian), train_dataset=train_set,
                                    eval_dataset=train_set.select(range(4)),
                                    data_collator=DistillationDataCollator(tokenizer, tiny_marian),
-                                   callbacks=[EarlyStoppingCallback(5)] if user_callback else None,
+                                   callbacks=[user[user_callback]()] if user_callback else None,
                                    args=_args(out, **{**settings, **kw}))
 
     whole = trainer(tmp_path / "whole", max_steps=40)
@@ -301,14 +305,24 @@ def test_a_resumed_run_stops_early_where_the_uninterrupted_run_stops(tmp_path, t
     trainer(tmp_path / "cut", max_steps=2).train()
     resumed = trainer(tmp_path / "cut", max_steps=40)
     resumed.train(resume_from_checkpoint=str(tmp_path / "cut" / "checkpoint-2"))
-    assert whole.state.global_step == 4
+    assert whole.state.global_step == stops_at
     assert resumed.state.global_step == whole.state.global_step
     # resumed from the checkpoint of the evaluation that stopped it, the run trains no further (Transformers alone
     # trains one more step) and ends as the uninterrupted one did: the best checkpoint's weights loaded
+    last = str(tmp_path / "whole" / f"checkpoint-{stops_at}")
     again = trainer(tmp_path / "whole", max_steps=40)
-    again.train(resume_from_checkpoint=str(tmp_path / "whole" / "checkpoint-4"))
-    assert again.state.global_step == 4 and not (tmp_path / "whole" / "checkpoint-5").exists()
-    assert again.state.best_model_checkpoint == whole.state.best_model_checkpoint
+    loaded = []
+    load_best = again._load_best_model
+    again._load_best_model = lambda: loaded.append(again.state.best_model_checkpoint) or load_best()
+    again.train(resume_from_checkpoint=last)
+    assert again.state.global_step == stops_at and not (tmp_path / "whole" / f"checkpoint-{stops_at + 1}").exists()
+    assert loaded == [str(tmp_path / "whole" / "checkpoint-1")]
+    # nothing left over for a later run on the same trainer: here the resumed run had no epoch left to skip
+    ended = trainer(tmp_path / "ended", max_steps=stops_at)
+    ended.train(resume_from_checkpoint=last)
+    assert ended.state.global_step == stops_at
+    ended.train()
+    assert ended.state.global_step == stops_at
 
 
 def test_early_stopping_settings_are_checked(tmp_path):
