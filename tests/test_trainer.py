@@ -277,7 +277,7 @@ class _UserEarlyStopping(EarlyStoppingCallback):
     """A user's subclass: Transformers stores its state under its own class name."""
 
 
-@pytest.mark.parametrize("user_callback, stops_at", [(None, 4), ("base", 4), ("subclass", 3)])
+@pytest.mark.parametrize("user_callback, stops_at", [(None, 4), ("base", 4), ("subclass", 3), ("base_restored", 4)])
 def test_a_resumed_run_stops_early_where_the_uninterrupted_run_stops(tmp_path, train_set, tiny_marian, tokenizer,
                                                                       user_callback, stops_at):
     """Early stopping's count of evaluations without improvement survives resuming: with learning rate 0 (the
@@ -291,7 +291,10 @@ def test_a_resumed_run_stops_early_where_the_uninterrupted_run_stops(tmp_path, t
     settings = dict(alpha=0.0, learning_rate=0.0, num_train_epochs=10, eval_strategy="steps", eval_steps=1,
                     save_strategy="steps", save_steps=1, metric_for_best_model="loss", load_best_model_at_end=True,
                     early_stopping_patience=3)
-    user = {None: None, "base": lambda: EarlyStoppingCallback(5), "subclass": lambda: _UserEarlyStopping(2)}
+    user = {None: None, "base": lambda: EarlyStoppingCallback(5), "subclass": lambda: _UserEarlyStopping(2),
+            "base_restored": lambda: EarlyStoppingCallback(5)}
+    if user_callback == "base_restored":  # Transformers' own restore, which pairs the callbacks with the oldest states
+        settings["restore_callback_states_from_checkpoint"] = True
 
     def trainer(out, **kw):
         return DistillationTrainer(model=copy.deepcopy(tiny_marian), train_dataset=train_set,
