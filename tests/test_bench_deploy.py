@@ -124,7 +124,7 @@ def test_the_fine_tune_objective_is_the_presets_and_checked_against_the_chosen_s
         probe.main(["prune", "--sparsity", "0.8", "--work_dir", deeper.work_dir, "--data_dir", "data"])
 
 
-def test_deploy_converged_trains_the_deploy_shape_on_the_converged_teachers_corpus(deploy, tmp_path):
+def test_deploy_converged_is_the_deploy_preset_on_the_converged_teachers_corpus(deploy, tmp_path):
     multi30k = deploy.multi30k
     study = deploy.DeployStudy("deploy_converged", str(tmp_path / "work"), "data")
     assert study.teacher_study_dir == os.path.join(ROOT, "runs", "multi30k_cpu_converged_teacher")
