@@ -455,6 +455,8 @@ class DistillationTrainer(Seq2SeqTrainer):
         (:meth:`_load_callback_state`): Transformers' loop checks ``should_training_stop`` only after a step."""
         if getattr(self, "_stopped_before_resuming", False):
             self._stopped_before_resuming = False
+            logger.info(f"The checkpoint resumed from (step {self.state.global_step}) was saved at the evaluation "
+                        "that stopped the run early: no further training")
             self.control.should_training_stop = True
             return None
         return super()._run_epoch(*args, **kwargs)
