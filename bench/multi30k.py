@@ -286,7 +286,7 @@ class Study:
             raise ValueError(f"--set: unknown preset setting(s) {unknown}; the {preset} preset has "
                              f"{', '.join(sorted(self.presets[preset]))}")
         self.preset_name, self.p = preset, {**self.presets[preset], **overrides}
-        for key in ("student_patience", "teacher_patience"):
+        for key in ("student_patience", "teacher_patience", "patience"):  # patience: the deploy study's stages
             value = self.p.get(key)
             if value is not None and (not isinstance(value, int) or isinstance(value, bool) or value < 1):
                 raise ValueError(f"{key}={value!r}: give a number of epochs >= 1 without a better validation BLEU "
@@ -327,7 +327,9 @@ class Study:
             raise SystemExit(f"preset {self.preset_name} needs the stages {', '.join(missing)} of the study in "
                              f"{self.teacher_study_dir} (teacher_study): run bench/multi30k.py --work_dir "
                              f"{self.teacher_study_dir} --stages tokenizer teacher teacher_ctranslate2 seqkd_corpus "
-                             "with its preset, or point --set teacher_study=DIR at a study that has them")
+                             "--preset P (the preset that study is made with: cpu for the deploy preset, "
+                             "cpu_converged_teacher for deploy_converged; --data_dir if the corpus is elsewhere), or "
+                             "point --set teacher_study=DIR at a study that has them")
 
     # ------------------------------------------------------------------------------------------ bookkeeping
     def marker(self, stage: str) -> str:
@@ -1095,7 +1097,9 @@ def machine() -> str:
 
 
 def main(argv=None, study_class=Study):
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+    # the description: the study's own script's (the deploy study's too)
+    doc = getattr(sys.modules.get(study_class.__module__), "__doc__", None) or __doc__
+    parser = argparse.ArgumentParser(description=doc.split("\n\n")[0],
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     presets = study_class.presets
     parser.add_argument("--preset", choices=sorted(presets), default=next(iter(presets)))

@@ -134,6 +134,9 @@ def test_deploy_converged_is_the_deploy_preset_on_the_converged_teachers_corpus(
                                {"teacher_study": teacher_study.work_dir})
     assert (study.teacher_dir, study.tokenizer_dir) == (teacher_study.teacher_dir, teacher_study.tokenizer_dir)
     assert study.seqkd_args() == teacher_study.seqkd_args()
+    # the patience of its stages is checked before anything runs
+    with pytest.raises(ValueError, match="patience=0: give a number of epochs >= 1"):
+        deploy.DeployStudy("deploy_converged", str(tmp_path / "bad"), "data", {"patience": 0})
     # the one candidate is the deploy study's winner, and the student is trained as the deploy preset trains it
     deploy_preset, converged = deploy.PRESETS["deploy"], deploy.PRESETS["deploy_converged"]
     assert converged["shapes"] == (deploy_preset["reference_shape"],) and converged["shape_trials"] == 1
