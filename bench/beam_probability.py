@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import argparse
 import os
-import platform
 import statistics
 import sys
 
@@ -26,7 +25,7 @@ from transformers import AutoModelForSeq2SeqLM, AutoTokenizer  # noqa: E402
 
 from hf_seqkd.data import load_parallel_data  # noqa: E402
 from hf_seqkd.evaluation import beam_output_probability  # noqa: E402
-from hf_seqkd.report import parse_model_specs  # noqa: E402
+from hf_seqkd.report import describe_machine, parse_model_specs  # noqa: E402
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -60,8 +59,7 @@ def main(argv=None) -> dict:
         stem, sep, seed = name.rpartition("_seed")
         groups.setdefault(stem if sep and seed.isdigit() else name, []).append(name)
     print(f"command: python {' '.join(sys.argv)}")
-    print(f"machine: {platform.node()} {platform.machine()}, {os.cpu_count()} CPUs, torch {torch.__version__} "
-          f"({torch.get_num_threads()} threads); {len(sources)} sentences of {args.split}, beam {args.num_beams}\n")
+    print(f"machine: {describe_machine()}; {len(sources)} sentences of {args.split}, beam {args.num_beams}\n")
     print("| model | seeds | mean p(beam output), % (per seed) | median, % |")
     print("| --- | ---: | --- | ---: |")
     out = {}

@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import argparse
 import os
-import platform
 import statistics
 import sys
 
@@ -34,7 +33,7 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 import torch  # noqa: E402
 
 from hf_seqkd.data import load_parallel_data  # noqa: E402
-from hf_seqkd.report import is_ctranslate2_dir, load_for_evaluation, parse_model_specs, timed_decode  # noqa: E402
+from hf_seqkd.report import describe_machine, is_ctranslate2_dir, load_for_evaluation, parse_model_specs, timed_decode  # noqa: E402
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 DEFAULT_DATA = os.path.join(os.path.dirname(REPO), "shared", "data", "multi30k")
@@ -129,8 +128,7 @@ def main(argv=None) -> dict:
 
     reference = specs[0][0]
     reference_beam = f"{reference}, beam {args.num_beams}" if reference in args.beam_models else None
-    print(f"Machine: {platform.node()} {platform.machine()}, {os.cpu_count()} CPUs, torch {torch.__version__} "
-          f"({torch.get_num_threads()} threads); {args.rounds} rounds, order rotated each round; greedy unless the "
+    print(f"Machine: {describe_machine()}; {args.rounds} rounds, order rotated each round; greedy unless the "
           f"row says beam; batch 1 on the first {args.batch1_sentences} sentences of {args.split}, batched "
           f"({args.batch_size} per call) on the first {args.batched_sentences}. Median over the rounds (min-max); "
           f"speed-ups over {reference} (greedy{' and beam search' if reference_beam else ''}) computed within each "

@@ -37,6 +37,10 @@ training on the same data to tell the candidate causes apart (results in ``bench
     # shapes timed as the study's shapes stage times them (random weights, batch 1, against the teacher's beam);
     # the table in probes/shapes.json (run it on a quiet machine)
     python bench/deploy_probe.py shapes --shapes 128,2,2,512,4 128,2,1,512,4 128,6,1,512,4
+    # the same against a teacher of the preset's teacher shape at random weights (a fixed number of tokens decodes as
+    # fast at any weights): the gpu twin's 6 x 512 teacher and shapes, timed on this machine before it is trained
+    python bench/deploy_probe.py shapes --random_teacher --preset deploy_gpu --teacher_study runs/multi30k_cpu \
+        --work_dir runs/multi30k_deploy_gpu_shapes --shapes 256,2,2,1024,4 256,6,1,1024,4
 
 Every probe reads the deploy study's work folder (``--work_dir``, ``--teacher_study``: the study's settings) and
 writes under ``<work_dir>/probes/``. One thread per probe (``--threads``).
@@ -190,6 +194,10 @@ def main(argv=None):
     parser.add_argument("--shapes", nargs="+", default=(),
                         help="trial, continue, gold, shapes, compare (and finetune: from the continued trial instead "
                              "of the study's seq_kd student): d_model,encoder,decoder,ffn,heads")
+    parser.add_argument("--random_teacher", action="store_true",
+                        help="shapes: time against a teacher of the preset's teacher shape at random weights (e.g. "
+                             "--preset deploy_gpu: its 6 x 512 teacher) instead of the teacher study's trained one; "
+                             "only the study's tokenizer is read; the table in probes/shapes_random_teacher.json")
     parser.add_argument("--sparsity", type=float, default=0.5, help="prune: the fraction of weights set to zero")
     parser.add_argument("--retrain", choices=sorted(RETRAIN_OBJECTIVES), default="study",
                         help="prune: the retraining objective (study: the prune_oneshot stage's; word_kd: Seq-Inter "
@@ -224,6 +232,9 @@ def run_probe(args, deploy) -> None:
     """The probe ``args.probe`` (``main``'s parsed arguments; ``deploy``: bench/multi30k_deploy.py)."""
     import torch
 
+    if args.random_teacher and args.probe != "shapes":
+        raise SystemExit(f"--random_teacher is an option of the shapes probe, not of {args.probe}: drop it, or run "
+                         "`shapes --random_teacher --shapes ...`")
     torch.set_num_threads(args.threads)
     work_dir = os.path.abspath(args.work_dir)
     recorded = deploy.multi30k.recorded_settings(work_dir) or {"preset": "deploy", "overrides": {}}
@@ -275,8 +286,17 @@ def run_probe(args, deploy) -> None:
         return
     if args.probe == "shapes":
         study.p["shapes"] = tuple(shapes.values())
-        result = study.measure_shapes(os.path.join(probes, "shapes"))
-        with open(os.path.join(probes, "shapes.json"), "w") as f:
+        name, teacher = "shapes", None
+        if args.random_teacher:  # the preset's teacher shape at random weights: only its tokenizer is needed
+            if not os.path.isfile(os.path.join(study.tokenizer_dir, "tokenizer_config.json")):
+                raise SystemExit(f"shapes --random_teacher: no tokenizer in {study.tokenizer_dir}; run bench/"
+                                 f"multi30k.py --work_dir {study.teacher_study_dir} --stages tokenizer, or point "
+                                 "--teacher_study at a study that has one")
+            name = "shapes_random_teacher"
+            teacher = os.path.join(probes, name, "teacher")
+            study.save_teacher_init(teacher)
+        result = study.measure_shapes(os.path.join(probes, name), teacher_dir=teacher)
+        with open(os.path.join(probes, f"{name}.json"), "w") as f:
             json.dump(result, f, indent=2)
         print("\n".join(deploy.shapes_table(result, study.p["num_beams"])), flush=True)
         return

@@ -53,6 +53,7 @@ import transformers  # noqa: E402
 from datasets import Dataset  # noqa: E402
 
 from hf_seqkd import tiny_seq2seq_model, train_tokenizer  # noqa: E402
+from hf_seqkd.report import describe_machine  # noqa: E402
 from hf_seqkd.seqkd import build_seqkd_dataset  # noqa: E402
 
 
@@ -483,8 +484,7 @@ def main():
     print()
     print(f"command: python {' '.join(sys.argv)}")
     gpu = f", {torch.cuda.get_device_name(ours_device)}" if ours_device.type == "cuda" else ""
-    print(f"machine: {platform.platform()}, {platform.processor() or platform.machine()}, {os.cpu_count()} CPUs, "
-          f"torch {torch.__version__} ({torch.get_num_threads()} threads), transformers {transformers.__version__}, "
+    print(f"machine: {describe_machine()}, {platform.platform()}, transformers {transformers.__version__}, "
           f"datasets {datasets.__version__}; teacher on {teacher.device}, build_seqkd_dataset on {ours_device}{gpu}")
     print(f"teacher: Marian d_model=256, 3+3 layers, ffn 1024, 4 heads, vocab {len(tokenizer)}, {teacher_note}")
     print(f"data: first {n} German sentences of Multi30k train; mean source {src_len:.1f} tokens, "

@@ -27,8 +27,6 @@ beforehand count as allocated before the step. Ratios are against ce_only, measu
 
 import argparse
 import json
-import os
-import platform
 import statistics
 import tempfile
 import time
@@ -38,6 +36,7 @@ import torch.nn.functional as F
 from transformers import MarianConfig, MarianMTModel
 
 from hf_seqkd.losses import distillation_loss, fused_ce_and_distillation_loss, sequence_cross_entropy
+from hf_seqkd.report import describe_machine
 
 
 def build(vocab, d_model, layers, ffn, heads, seed):
@@ -173,9 +172,8 @@ def main():
         fresh()
         rows.append({"mode": mode, "seconds": statistics.median(times), "peak_mb": peak_bytes(run, device) / 2**20})
     base = rows[0]
-    print(f"machine: {platform.node()} {platform.processor() or platform.machine()}, {os.cpu_count()} cores, "
-          f"device {device}{' ' + torch.cuda.get_device_name(device) if device.type == 'cuda' else ''}, torch "
-          f"{torch.__version__}{', bf16 (student autocast, teacher weights)' if args.bf16 else ', float32'}")
+    precision = "bf16 (student autocast, teacher weights)" if args.bf16 else "float32"
+    print(f"machine: {describe_machine()}, device {device}, {precision}")
     print(f"vocab {V}, batch {B} x source {S} / target {T} tokens ({int(labels.ne(-100).sum())} non-padding), "
           f"teacher {args.teacher}, student {args.student} (d_model,layers,ffn,heads), median of {args.steps} steps\n")
     print("| step | time (s) | time vs ce_only | peak memory (MiB) | peak vs ce_only |")

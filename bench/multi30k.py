@@ -487,22 +487,28 @@ class Study:
     def train_teacher(self):
         """The teacher is trained from scratch on the gold pairs: ``seq_kd.py --alpha 0`` with a random
         model of the teacher's shape as the starting point (``--student_init config`` keeps every size)."""
+        shape_dir = os.path.join(self.work_dir, "teacher_init")
+        shape = self.save_teacher_init(shape_dir)
+        load_recipe("seq_kd").main(self.teacher_args(shape_dir))
+        result = {"params": sum(x.numel() for x in shape.parameters())}
+        if self.p["teacher_patience"] is not None:
+            result.update(patience=self.p["teacher_patience"], **training_history(self.teacher_dir))
+        return result
+
+    def save_teacher_init(self, folder: str):
+        """A random Marian model of the preset's ``teacher`` shape (d_model, layers, ffn, heads) on the study's
+        tokenizer, saved with it to ``folder`` (the teacher stage's starting point); returns the model."""
         from transformers import AutoTokenizer
 
         from hf_seqkd import tiny_seq2seq_model
 
         tokenizer = AutoTokenizer.from_pretrained(self.tokenizer_dir)
         d_model, layers, ffn, heads = self.p["teacher"]
-        shape_dir = os.path.join(self.work_dir, "teacher_init")
-        shape = tiny_seq2seq_model(tokenizer, "marian", d_model=d_model, encoder_layers=layers, decoder_layers=layers,
+        model = tiny_seq2seq_model(tokenizer, "marian", d_model=d_model, encoder_layers=layers, decoder_layers=layers,
                                    ffn_dim=ffn, attention_heads=heads, dropout=0.1, seed=0)
-        shape.save_pretrained(shape_dir)
-        tokenizer.save_pretrained(shape_dir)
-        load_recipe("seq_kd").main(self.teacher_args(shape_dir))
-        result = {"params": sum(x.numel() for x in shape.parameters())}
-        if self.p["teacher_patience"] is not None:
-            result.update(patience=self.p["teacher_patience"], **training_history(self.teacher_dir))
-        return result
+        model.save_pretrained(folder)
+        tokenizer.save_pretrained(folder)
+        return model
 
     def teacher_args(self, shape_dir: str) -> list[str]:
         """The recipe's arguments for the teacher: a model of ``shape_dir``'s config trained on the gold pairs for
@@ -1089,11 +1095,9 @@ def training_history(output_dir: str) -> dict:
 
 
 def machine() -> str:
-    import torch
+    from hf_seqkd.report import describe_machine
 
-    gpu = f", {torch.cuda.get_device_name()}" if torch.cuda.is_available() else ", no GPU"
-    return (f"{platform.node()} {platform.machine()}, {os.cpu_count()} CPUs{gpu}, torch {torch.__version__} "
-            f"({torch.get_num_threads()} threads)")
+    return describe_machine()
 
 
 def main(argv=None, study_class=Study):

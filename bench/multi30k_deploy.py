@@ -183,25 +183,29 @@ class DeployStudy(multi30k.Study):
         return "seq_kd" if None not in (seq_kd, staged) and seq_kd > staged else self.STUDENT
 
     # 1. speed per shape -------------------------------------------------------------------------------------
-    def measure_shapes(self, shape_dir: str | None = None):
+    def measure_shapes(self, shape_dir: str | None = None, teacher_dir: str | None = None):
         """Each candidate shape, random, against the teacher's beam search: sentences/s at batch 1 decoding
         ``shape_tokens`` tokens per sentence, in Transformers and CTranslate2 int8, paired per round (median); the
-        models and exports in ``shape_dir`` (default ``<work_dir>/shapes``)."""
+        models and exports in ``shape_dir`` (default ``<work_dir>/shapes``). ``teacher_dir``: another teacher than
+        the teacher study's (``bench/deploy_probe.py shapes --random_teacher``: one of the preset's teacher shape at
+        random weights, which decodes the fixed number of tokens as fast as a trained one)."""
         from transformers import AutoModelForSeq2SeqLM, AutoTokenizer
 
         from hf_seqkd import load_parallel_data, make_student_from_config
         from hf_seqkd.export import to_ctranslate2
         from hf_seqkd.students import count_parameters
 
-        self.check_teacher_study()
+        if teacher_dir is None:
+            self.check_teacher_study()
+        teacher_dir = teacher_dir or self.teacher_dir
         p = self.p
         tokenizer = AutoTokenizer.from_pretrained(self.tokenizer_dir)
-        teacher = AutoModelForSeq2SeqLM.from_pretrained(self.teacher_dir).eval()
+        teacher = AutoModelForSeq2SeqLM.from_pretrained(teacher_dir).eval()
         teacher_params = count_parameters(teacher)
         budget = int(teacher_params * p["max_params_ratio"])
         shape_dir = shape_dir or os.path.join(self.work_dir, "shapes")
         ct2 = {"teacher": os.path.join(shape_dir, "teacher_ct2_int8")}
-        to_ctranslate2(self.teacher_dir, ct2["teacher"], quantization="int8", force=True)
+        to_ctranslate2(teacher_dir, ct2["teacher"], quantization="int8", force=True)
         models, rows = {"teacher": teacher}, []
         for shape in p["shapes"]:
             d_model, encoder, decoder, ffn, heads = shape
@@ -239,7 +243,10 @@ class DeployStudy(multi30k.Study):
                                   for e in targets}
         chosen, why = choose_shapes(rows, targets, p["shape_trials"])
         teacher_speed = {e: len(sources) / statistics.median(seconds[e]["teacher"]) for e in targets}
-        return {"teacher_params": teacher_params, "budget": budget, "teacher_sent_per_s_beam_batch1": teacher_speed,
+        c = teacher.config
+        return {"teacher": teacher_dir, "teacher_shape": [c.d_model, c.encoder_layers, c.decoder_layers,
+                                                          c.encoder_ffn_dim, c.encoder_attention_heads],
+                "teacher_params": teacher_params, "budget": budget, "teacher_sent_per_s_beam_batch1": teacher_speed,
                 "targets": targets, "rows": rows, "trial_shapes": [r["shape"] for r in chosen], "why": why,
                 "tokens_per_sentence": p["shape_tokens"], "sentences": len(sources), "rounds": p["shape_rounds"]}
 
@@ -596,7 +603,8 @@ def shapes_table(r: dict, num_beams: int) -> list[str]:
     teacher = r["teacher_sent_per_s_beam_batch1"]
     lines = [f"Shapes (random weights, {r['sentences']} validation sentences one at a time, "
              f"{r['tokens_per_sentence']} tokens each, {r['rounds']} interleaved rounds; the teacher "
-             f"({r['teacher_params']:,} parameters) with beam {num_beams}: "
+             + (f"{tuple(r['teacher_shape'])} " if r.get("teacher_shape") else "")
+             + f"({r['teacher_params']:,} parameters) with beam {num_beams}: "
              f"{teacher['transformers']:.1f} sentences/s in Transformers, {teacher['ctranslate2']:.1f} "
              f"in CTranslate2 int8; budget {r['budget']:,} parameters; targets: "
              f"{r['targets']['transformers']:g}x and {r['targets']['ctranslate2']:g}x):", "",

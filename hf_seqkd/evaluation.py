@@ -41,7 +41,7 @@ from .students import count_parameters
 
 __all__ = ["corpus_scores", "resolve_bleu_tokenize", "evaluate_translation", "make_compute_metrics",
            "EvaluationResult", "evaluate_model", "evaluate_models", "timed_decode", "add_speedup", "model_disk_size",
-           "ctranslate2_parameter_counts", "beam_output_probability"]
+           "ctranslate2_parameter_counts", "beam_output_probability", "describe_machine"]
 
 # Target languages written without spaces between words, and sacrebleu's tokenizer for them. Keys are the first
 # part of a language code ("zh" of "zh_CN", "zho" of NLLB's "zho_Hans"), two- and three-letter ISO 639 codes.
@@ -481,6 +481,25 @@ def _parameter_counts(model) -> tuple[int | None, int | None]:
 
 
 # ---------------------------------------------------------------------------------------------- the evaluator
+def describe_machine() -> str:
+    """The machine a speed is measured on, for a results record: host and architecture, the CPU's model and the
+    vector instructions PyTorch uses on it (``torch.backends.cpu.get_cpu_capability()``), the CPU count, the GPU,
+    the torch version and its threads, e.g. ``"vm x86_64, AMD EPYC (AVX512), 2 CPUs, no GPU, torch 2.13.0+cpu
+    (1 threads)"``. Speed-ups between models differ from one CPU model to another (``bench/RESULTS.md``), not only
+    their sentences/s."""
+    import platform
+
+    cpu = platform.processor()
+    try:
+        with open("/proc/cpuinfo") as f:  # Linux; platform.processor() there says only "x86_64" or nothing
+            cpu = next((line.split(":", 1)[1].strip() for line in f if line.startswith("model name")), cpu)
+    except OSError:
+        pass
+    gpu = torch.cuda.get_device_name() if torch.cuda.is_available() else "no GPU"
+    return (f"{platform.node()} {platform.machine()}, {cpu or 'CPU'} ({torch.backends.cpu.get_cpu_capability()}), "
+            f"{os.cpu_count()} CPUs, {gpu}, torch {torch.__version__} ({torch.get_num_threads()} threads)")
+
+
 def timed_decode(model, tokenizer, sources, references, *, num_beams: int = 1, batch_size: int = 32,
                  max_new_tokens: int = 128, source_prefix: str = "", bleu_tokenize: str = "13a",
                  show_progress: bool = False, **generate_kwargs) -> dict:

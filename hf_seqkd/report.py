@@ -23,6 +23,7 @@ from .evaluation import (
     EvaluationResult,
     add_speedup,
     ctranslate2_parameter_counts,
+    describe_machine,
     evaluate_model,
     local_folder,
     model_disk_size,
@@ -49,6 +50,7 @@ __all__ = [
     "add_speedup",
     "model_disk_size",
     "ctranslate2_parameter_counts",
+    "describe_machine",
 ]
 
 _HF_WEIGHTS = ("*.safetensors", "pytorch_model*.bin", "*.pt", "*.pth")

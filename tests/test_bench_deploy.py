@@ -230,6 +230,27 @@ def test_every_stage_runs_end_to_end_on_tiny_models(deploy, tmp_path, monkeypatc
     assert [r["name"] for r in timed["rows"]] == ["d32_e2_d1_f64_h4", "d32_e1_d1_f64_h4"]
     assert all(r["speedup"]["transformers"] > 0 and r["speedup"]["ctranslate2"] > 0 for r in timed["rows"])
     assert not (probe_dir / "shapes").exists()  # the study's own shape folder is not touched
+    # ... and against a teacher of the preset's teacher shape at random weights (only the tokenizer is read)
+    random_dir = tmp_path / "probe_random_teacher"
+    on_random = ["--work_dir", str(random_dir), "--data_dir", str(data), "--preset", "deploy_smoke",
+                 "--set", "teacher=(48,2,96,4)"]
+    with pytest.raises(SystemExit, match="no tokenizer in"):
+        probe.main(["shapes", "--random_teacher", "--shapes", "32,1,1,64,4", "--work_dir", str(tmp_path / "other"),
+                    "--data_dir", str(data), "--teacher_study", str(tmp_path / "no_study")])
+    with pytest.raises(SystemExit, match="an option of the shapes probe"):
+        probe.main(["trial", "--random_teacher", "--shapes", "32,1,1,64,4", *on_random])
+    probe.main(["shapes", "--random_teacher", "--shapes", "32,1,1,64,4", *on_random,
+                "--teacher_study", str(teacher_study)])
+    timed = json.loads((random_dir / "probes" / "shapes_random_teacher.json").read_text())
+    teacher = AutoModelForSeq2SeqLM.from_pretrained(random_dir / "probes" / "shapes_random_teacher" / "teacher")
+    c = teacher.config
+    assert timed["teacher_shape"] == [c.d_model, c.encoder_layers, c.decoder_layers, c.encoder_ffn_dim,
+                                      c.encoder_attention_heads] == [48, 2, 2, 96, 4]
+    params = sum(p.numel() for p in teacher.parameters())
+    trained = AutoModelForSeq2SeqLM.from_pretrained(study.teacher_dir)
+    assert timed["teacher_params"] == params != sum(p.numel() for p in trained.parameters())
+    assert timed["budget"] == params and [r["name"] for r in timed["rows"]] == ["d32_e1_d1_f64_h4"]
+    assert timed["rows"][0]["speedup"]["ctranslate2"] > 0
 
     # another shape through the study's recipe (trial, continued, fine-tuned), then compared with the teacher and the
     # deployed student in both engines, on the smoke study itself (its preset and settings)

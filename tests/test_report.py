@@ -483,3 +483,21 @@ def test_decode_speed_step_cost_splits_a_sentence_into_its_first_step_and_each_f
     further = statistics.median((w["seconds"] - f["seconds"]) * 1000 / 4 / per_sentence for w, f in zip(whole, first))
     assert row["ms_per_further_token_batch1"] == pytest.approx(further)
     assert "| trained | " in capsys.readouterr().out.split("ms per further output token")[1]
+
+
+def test_the_machine_description_names_the_cpu_model_and_its_vector_instructions(monkeypatch):
+    """Speed ratios differ between CPU models (bench/RESULTS.md), so the machine recorded beside them names it."""
+    import platform
+
+    from hf_seqkd.report import describe_machine
+
+    monkeypatch.setattr(torch, "get_num_threads", lambda: 3)
+    text = describe_machine()
+    if os.path.exists("/proc/cpuinfo"):
+        with open("/proc/cpuinfo") as f:
+            models = [line.split(":", 1)[1].strip() for line in f if line.startswith("model name")]
+        if models:
+            assert f", {models[0]} (" in text
+    assert f"({torch.backends.cpu.get_cpu_capability()})" in text
+    assert text.startswith(f"{platform.node()} {platform.machine()}, ")
+    assert f"{os.cpu_count()} CPUs" in text and text.endswith(f"torch {torch.__version__} (3 threads)")
