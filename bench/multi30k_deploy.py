@@ -248,7 +248,8 @@ class DeployStudy(multi30k.Study):
                                                           c.encoder_ffn_dim, c.encoder_attention_heads],
                 "teacher_params": teacher_params, "budget": budget, "teacher_sent_per_s_beam_batch1": teacher_speed,
                 "targets": targets, "rows": rows, "trial_shapes": [r["shape"] for r in chosen], "why": why,
-                "tokens_per_sentence": p["shape_tokens"], "sentences": len(sources), "rounds": p["shape_rounds"]}
+                "tokens_per_sentence": p["shape_tokens"], "sentences": len(sources), "rounds": p["shape_rounds"],
+                "machine": multi30k.machine()}
 
     # 2. quality of the fast shapes --------------------------------------------------------------------------------
     def shape_trials(self):

@@ -250,7 +250,7 @@ def test_every_stage_runs_end_to_end_on_tiny_models(deploy, tmp_path, monkeypatc
     trained = AutoModelForSeq2SeqLM.from_pretrained(study.teacher_dir)
     assert timed["teacher_params"] == params != sum(p.numel() for p in trained.parameters())
     assert timed["budget"] == params and [r["name"] for r in timed["rows"]] == ["d32_e1_d1_f64_h4"]
-    assert timed["rows"][0]["speedup"]["ctranslate2"] > 0
+    assert timed["rows"][0]["speedup"]["ctranslate2"] > 0 and timed["machine"] == deploy.multi30k.machine()
 
     # another shape through the study's recipe (trial, continued, fine-tuned), then compared with the teacher and the
     # deployed student in both engines, on the smoke study itself (its preset and settings)
