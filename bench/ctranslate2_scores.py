@@ -15,7 +15,6 @@ from __future__ import annotations
 import argparse
 import gzip
 import os
-import platform
 import statistics
 import sys
 
@@ -29,6 +28,7 @@ from transformers import AutoModelForSeq2SeqLM, AutoTokenizer  # noqa: E402
 
 from hf_seqkd import GenerationSettings, build_seqkd_dataset  # noqa: E402
 from hf_seqkd.export import CTranslate2Translator  # noqa: E402
+from hf_seqkd.report import describe_machine  # noqa: E402
 
 
 def main():
@@ -69,8 +69,7 @@ def main():
     diffs.sort()
 
     print(f"command: python {' '.join(sys.argv)}")
-    print(f"machine: {platform.platform()}, {os.cpu_count()} CPUs, torch {torch.__version__} ({args.threads} "
-          f"thread), transformers {transformers.__version__}")
+    print(f"machine: {describe_machine(threads=args.threads)}, transformers {transformers.__version__}")
     print(f"{len(sources)} sentences of {args.data}, beam {args.num_beams}, K = {args.num_return_sequences}; "
           f"{args.ctranslate2}")
     print()

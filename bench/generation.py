@@ -253,8 +253,7 @@ def throughput_main(args):
     torch.set_num_threads(args.threads or 1)
     ways = ("generate", "build_seqkd_dataset")
     print(f"command: python {' '.join(sys.argv)}")
-    print(f"machine: {platform.platform()}, {os.cpu_count()} CPUs, torch {torch.__version__} "
-          f"({args.threads or 1} thread), transformers {transformers.__version__}")
+    print(f"machine: {describe_machine(threads=args.threads or 1)}, transformers {transformers.__version__}")
     print(f"teacher: random Marian, d_model {args.memory_d_model}, 2+2 layers; {args.memory_sentences} sentences of "
           f"20 tokens in one batch, beam {args.num_beams}, max_new_tokens {args.max_new_tokens}; "
           f"{args.throughput_rounds} rounds in one process, the ways alternated")
@@ -310,8 +309,7 @@ def memory_main(args):
                       f"(+{(row['peak_kib'] - row['baseline_kib']) / 2**20:.2f}), {row['seconds']:.1f}s", flush=True)
     print()
     print(f"command: python {' '.join(sys.argv)}")
-    print(f"machine: {platform.platform()}, {os.cpu_count()} CPUs, torch {torch.__version__} "
-          f"({args.threads or 1} thread), transformers {transformers.__version__}")
+    print(f"machine: {describe_machine(threads=args.threads or 1)}, transformers {transformers.__version__}")
     print(f"teacher: random Marian, d_model {args.memory_d_model}, 2+2 layers; {args.memory_sentences} sentences of "
           f"20 tokens in one batch, beam {args.num_beams}, max_new_tokens {args.max_new_tokens}; "
           f"{args.repeats} rounds, each way in a fresh process (MALLOC_MMAP_THRESHOLD_=131072); peak: the highest "
@@ -483,9 +481,8 @@ def main():
 
     print()
     print(f"command: python {' '.join(sys.argv)}")
-    gpu = f", {torch.cuda.get_device_name(ours_device)}" if ours_device.type == "cuda" else ""
     print(f"machine: {describe_machine()}, {platform.platform()}, transformers {transformers.__version__}, "
-          f"datasets {datasets.__version__}; teacher on {teacher.device}, build_seqkd_dataset on {ours_device}{gpu}")
+          f"datasets {datasets.__version__}; teacher on {teacher.device}, build_seqkd_dataset on {ours_device}")
     print(f"teacher: Marian d_model=256, 3+3 layers, ffn 1024, 4 heads, vocab {len(tokenizer)}, {teacher_note}")
     print(f"data: first {n} German sentences of Multi30k train; mean source {src_len:.1f} tokens, "
           f"mean output {out_len:.1f} tokens ({capped} outputs hit max_new_tokens={args.max_new_tokens}); "

@@ -303,13 +303,14 @@ class Study:
         self.teacher_study_dir = self.work_dir if not teacher_study else (
             teacher_study if os.path.isabs(teacher_study) else os.path.join(REPO, teacher_study))
         os.makedirs(self.stage_dir, exist_ok=True)
-        # a work folder holds one study: resuming it with other settings would mix two studies' stages
+        # a work folder holds one study: resuming it with other settings would mix two studies' stages. A folder
+        # that holds nothing yet but its settings (a first run stopped by bad input) takes the new ones
         mine = json.loads(json.dumps({"preset": preset, "overrides": overrides}, default=str))
         earlier = recorded_settings(self.work_dir)
-        if earlier is not None:
-            if earlier != mine:
-                raise ValueError(f"{self.work_dir} holds a study with {earlier}, not {mine}: use another --work_dir")
-        elif os.listdir(self.stage_dir) == []:
+        empty = not os.listdir(self.stage_dir) and set(os.listdir(self.work_dir)) <= {"settings.json", "stages"}
+        if earlier is not None and earlier != mine and not empty:
+            raise ValueError(f"{self.work_dir} holds a study with {earlier}, not {mine}: use another --work_dir")
+        if earlier != mine and not os.listdir(self.stage_dir):
             _write_json(os.path.join(self.work_dir, "settings.json"), mine)
         self.tokenizer_dir = os.path.join(self.teacher_study_dir, "tokenizer")
         self.teacher_dir = os.path.join(self.teacher_study_dir, "teacher")

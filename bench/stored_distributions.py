@@ -29,7 +29,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import statistics
 import subprocess
 import sys
@@ -242,17 +241,17 @@ def main():
         print(json.dumps(records[-1]), flush=True)
     with open(os.path.join(args.out_dir, "results.json"), "w") as f:
         json.dump(records, f, indent=2)
-    import torch
     import transformers
+
+    from hf_seqkd.report import describe_machine
 
     records.sort(key=lambda r: (r["variant"] != "online", r["variant"].endswith("-uniform"),
                                 int(r["variant"].split("-k")[-1].split("-")[0]) if "-k" in r["variant"] else 0,
                                 r.get("seed", 0)))
     online = records[0]
     print(f"\ncommand: python {' '.join(sys.argv)}")
-    print(f"machine: {platform.platform()}, {os.cpu_count()} CPUs, torch {torch.__version__} ({args.threads} "
-          f"thread(s)), transformers {transformers.__version__}; {args.epochs} epoch(s) each, variants one after "
-          "the other in their own processes")
+    print(f"machine: {describe_machine(threads=args.threads)}, transformers {transformers.__version__}; "
+          f"{args.epochs} epoch(s) each, variants one after the other in their own processes")
     print()
     print("| variant | seed | build (s, once) | bytes / target token | training s / epoch | vs online | "
           "peak RSS training (GiB) | validation BLEU | test BLEU greedy | test BLEU beam 5 |")

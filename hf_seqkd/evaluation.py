@@ -481,12 +481,13 @@ def _parameter_counts(model) -> tuple[int | None, int | None]:
 
 
 # ---------------------------------------------------------------------------------------------- the evaluator
-def describe_machine() -> str:
+def describe_machine(threads: int | None = None) -> str:
     """The machine a speed is measured on, for a results record: host and architecture, the CPU's model and the
     vector instructions PyTorch uses on it (``torch.backends.cpu.get_cpu_capability()``), the CPU count, the GPU,
     the torch version and its threads, e.g. ``"vm x86_64, AMD EPYC (AVX512), 2 CPUs, no GPU, torch 2.13.0+cpu
     (1 threads)"``. Speed-ups between models differ from one CPU model to another (``bench/RESULTS.md``), not only
-    their sentences/s."""
+    their sentences/s. ``threads``: the threads the measured work used where not this process's
+    (default: ``torch.get_num_threads()``)."""
     import platform
 
     cpu = platform.processor()
@@ -497,7 +498,7 @@ def describe_machine() -> str:
         pass
     gpu = torch.cuda.get_device_name() if torch.cuda.is_available() else "no GPU"
     return (f"{platform.node()} {platform.machine()}, {cpu or 'CPU'} ({torch.backends.cpu.get_cpu_capability()}), "
-            f"{os.cpu_count()} CPUs, {gpu}, torch {torch.__version__} ({torch.get_num_threads()} threads)")
+            f"{os.cpu_count()} CPUs, {gpu}, torch {torch.__version__} ({threads or torch.get_num_threads()} threads)")
 
 
 def timed_decode(model, tokenizer, sources, references, *, num_beams: int = 1, batch_size: int = 32,

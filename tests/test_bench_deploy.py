@@ -230,19 +230,29 @@ def test_every_stage_runs_end_to_end_on_tiny_models(deploy, tmp_path, monkeypatc
     assert [r["name"] for r in timed["rows"]] == ["d32_e2_d1_f64_h4", "d32_e1_d1_f64_h4"]
     assert all(r["speedup"]["transformers"] > 0 and r["speedup"]["ctranslate2"] > 0 for r in timed["rows"])
     assert not (probe_dir / "shapes").exists()  # the study's own shape folder is not touched
-    # ... and against a teacher of the preset's teacher shape at random weights (only the tokenizer is read)
+    # ... and against a teacher of the preset's teacher shape at random weights: only the tokenizer is read
+    import shutil
+
+    from hf_seqkd.export import to_ctranslate2
+    from hf_seqkd.report import ctranslate2_parameter_counts
+
+    tokenizer_only = tmp_path / "tokenizer_only"
+    shutil.copytree(teacher_study / "tokenizer", tokenizer_only / "tokenizer")
     random_dir = tmp_path / "probe_random_teacher"
     on_random = ["--work_dir", str(random_dir), "--data_dir", str(data), "--preset", "deploy_smoke",
                  "--set", "teacher=(48,2,96,4)"]
-    with pytest.raises(SystemExit, match="no tokenizer in"):
-        probe.main(["shapes", "--random_teacher", "--shapes", "32,1,1,64,4", "--work_dir", str(tmp_path / "other"),
-                    "--data_dir", str(data), "--teacher_study", str(tmp_path / "no_study")])
-    with pytest.raises(SystemExit, match="an option of the shapes probe"):
+    with pytest.raises(SystemExit, match=r"no tokenizer in .*no_study.*--teacher_study"):
+        probe.main(["shapes", "--random_teacher", "--shapes", "32,1,1,64,4", *on_random,
+                    "--teacher_study", str(tmp_path / "no_study")])
+    with pytest.raises(SystemExit, match="an option of the shapes probe, not of trial"):
         probe.main(["trial", "--random_teacher", "--shapes", "32,1,1,64,4", *on_random])
+    # the same folder: the run stopped by the missing tokenizer left nothing but its settings
     probe.main(["shapes", "--random_teacher", "--shapes", "32,1,1,64,4", *on_random,
-                "--teacher_study", str(teacher_study)])
+                "--teacher_study", str(tokenizer_only)])
     timed = json.loads((random_dir / "probes" / "shapes_random_teacher.json").read_text())
-    teacher = AutoModelForSeq2SeqLM.from_pretrained(random_dir / "probes" / "shapes_random_teacher" / "teacher")
+    random_teacher = random_dir / "probes" / "shapes_random_teacher" / "teacher"
+    assert timed["teacher"] == str(random_teacher)
+    teacher = AutoModelForSeq2SeqLM.from_pretrained(random_teacher)
     c = teacher.config
     assert timed["teacher_shape"] == [c.d_model, c.encoder_layers, c.decoder_layers, c.encoder_ffn_dim,
                                       c.encoder_attention_heads] == [48, 2, 2, 96, 4]
@@ -251,6 +261,11 @@ def test_every_stage_runs_end_to_end_on_tiny_models(deploy, tmp_path, monkeypatc
     assert timed["teacher_params"] == params != sum(p.numel() for p in trained.parameters())
     assert timed["budget"] == params and [r["name"] for r in timed["rows"]] == ["d32_e1_d1_f64_h4"]
     assert timed["rows"][0]["speedup"]["ctranslate2"] > 0 and timed["machine"] == deploy.multi30k.machine()
+    # the CTranslate2 timing's teacher is the random one too (its export, not the trained teacher's)
+    to_ctranslate2(str(random_teacher), str(tmp_path / "random_teacher_ct2"), quantization="int8")
+    timed_ct2 = ctranslate2_parameter_counts(random_dir / "probes" / "shapes_random_teacher" / "teacher_ct2_int8")
+    assert timed_ct2[0] == ctranslate2_parameter_counts(tmp_path / "random_teacher_ct2")[0]
+    assert timed_ct2[0] != ctranslate2_parameter_counts(work / "shapes" / "teacher_ct2_int8")[0]
 
     # another shape through the study's recipe (trial, continued, fine-tuned), then compared with the teacher and the
     # deployed student in both engines, on the smoke study itself (its preset and settings)

@@ -56,8 +56,17 @@ def test_preset_overrides_are_checked_and_a_work_folder_keeps_its_settings(multi
     study = multi30k.Study("smoke", str(tmp_path / "b"), "data", {"split_punctuation": False})
     assert study.p["split_punctuation"] is False and study.p["vocab_size"] == multi30k.PRESETS["smoke"]["vocab_size"]
     multi30k.Study("smoke", str(tmp_path / "b"), "data", {"split_punctuation": False})  # the same settings: fine
+    # a folder that holds nothing but its settings (a first run stopped by bad input) takes other settings ...
+    assert multi30k.Study("smoke", str(tmp_path / "b"), "data").p["split_punctuation"] is True
+    assert multi30k.recorded_settings(str(tmp_path / "b")) == {"preset": "smoke", "overrides": {}}
+    # ... and once a stage (or anything else) is in it, it keeps them
+    (tmp_path / "b" / "stages" / "tokenizer.json").write_text("{}")
     with pytest.raises(ValueError, match="use another --work_dir"):
-        multi30k.Study("smoke", str(tmp_path / "b"), "data")
+        multi30k.Study("smoke", str(tmp_path / "b"), "data", {"split_punctuation": False})
+    (tmp_path / "c" / "probes").mkdir(parents=True)  # a probe's output, no stage
+    multi30k.Study("smoke", str(tmp_path / "c"), "data")
+    with pytest.raises(ValueError, match="use another --work_dir"):
+        multi30k.Study("smoke", str(tmp_path / "c"), "data", {"split_punctuation": False})
 
 
 def _fake_stage(tmp_path, name, seconds, rc=0):

@@ -501,3 +501,4 @@ def test_the_machine_description_names_the_cpu_model_and_its_vector_instructions
     assert f"({torch.backends.cpu.get_cpu_capability()})" in text
     assert text.startswith(f"{platform.node()} {platform.machine()}, ")
     assert f"{os.cpu_count()} CPUs" in text and text.endswith(f"torch {torch.__version__} (3 threads)")
+    assert describe_machine(threads=2) == text.replace("(3 threads)", "(2 threads)")  # a subprocess's threads
