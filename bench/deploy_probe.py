@@ -237,6 +237,7 @@ def run_probe(args, deploy) -> None:
                          "`shapes --random_teacher --shapes ...`")
     torch.set_num_threads(args.threads)
     work_dir = os.path.abspath(args.work_dir)
+    had_record = deploy.multi30k.recorded_settings(work_dir) is not None
     recorded = deploy.multi30k.recorded_settings(work_dir) or {"preset": "deploy", "overrides": {}}
     overrides = {**recorded["overrides"], **deploy.multi30k.parse_overrides(args.overrides)}
     if args.teacher_study:
@@ -244,6 +245,10 @@ def run_probe(args, deploy) -> None:
     # settings other than the recorded ones are refused by the study ("holds a study with ...")
     study = deploy.DeployStudy(args.preset or recorded["preset"], work_dir,
                                args.data_dir or deploy.multi30k.DEFAULT_DATA, overrides)
+    # a new work folder records no preset: say which one the probe took (deploy, unless --preset)
+    source = "--preset" if args.preset else ("the work folder's record" if had_record else
+                                             "the default: the work folder records none; --preset to choose")
+    print(f"[probe] preset {study.preset_name} ({source}), teacher study {study.teacher_study_dir}", flush=True)
     if args.probe == "gold" and args.embedding_std == "fairseq":
         import hf_seqkd.cli
 
@@ -290,8 +295,9 @@ def run_probe(args, deploy) -> None:
         if args.random_teacher:  # the preset's teacher shape at random weights: only its tokenizer is needed
             if not os.path.isfile(os.path.join(study.tokenizer_dir, "tokenizer_config.json")):
                 raise SystemExit(f"shapes --random_teacher: no tokenizer in {study.tokenizer_dir}; run bench/"
-                                 f"multi30k.py --work_dir {study.teacher_study_dir} --stages tokenizer, or point "
-                                 "--teacher_study at a study that has one")
+                                 f"multi30k.py --preset P --work_dir {study.teacher_study_dir} --stages tokenizer "
+                                 "(P: that study's preset, e.g. cpu; minutes), or point --teacher_study at a study "
+                                 "that has one")
             name = "shapes_random_teacher"
             teacher = os.path.join(probes, name, "teacher")
             study.save_teacher_init(teacher)
