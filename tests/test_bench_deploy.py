@@ -144,7 +144,7 @@ def test_deploy_converged_is_the_deploy_preset_on_the_converged_teachers_corpus(
         k: v for k, v in deploy_preset.items() if k not in ("teacher_study", "shapes", "shape_trials")}
 
 
-def test_every_stage_runs_end_to_end_on_tiny_models(deploy, tmp_path, monkeypatch):
+def test_every_stage_runs_end_to_end_on_tiny_models(deploy, tmp_path, monkeypatch, capsys):
     from transformers import AutoModelForSeq2SeqLM
 
     from hf_seqkd.pruning import pruned_sparsity, sparsity_report
@@ -221,11 +221,16 @@ def test_every_stage_runs_end_to_end_on_tiny_models(deploy, tmp_path, monkeypatc
     spec.loader.exec_module(probe)
     probe_dir = tmp_path / "probe_study"
     common = ["--work_dir", str(probe_dir), "--teacher_study", str(teacher_study), "--data_dir", str(data)]
+    capsys.readouterr()
     with pytest.raises(SystemExit, match="5 positive integers"):
         probe.main(["shapes", "--shapes", "32,1,1,64", *common])
+    # a new work folder records no preset: the probe says it took the default one
+    assert (f"[probe] preset deploy (the default: the work folder records none; --preset to choose), teacher study "
+            f"{teacher_study}") in capsys.readouterr().out
     with pytest.raises(ValueError, match=r"no shape is within the parameter budget .*d512_e6_d6_f2048_h8: .*--shapes"):
         probe.main(["shapes", "--shapes", "512,6,6,2048,8", *common])  # larger than the tiny teacher
     probe.main(["shapes", "--shapes", "32,2,1,64,4", "32,1,1,64,4", *common])
+    assert "[probe] preset deploy (the work folder's record)" in capsys.readouterr().out
     timed = json.loads((probe_dir / "probes" / "shapes.json").read_text())
     assert [r["name"] for r in timed["rows"]] == ["d32_e2_d1_f64_h4", "d32_e1_d1_f64_h4"]
     assert all(r["speedup"]["transformers"] > 0 and r["speedup"]["ctranslate2"] > 0 for r in timed["rows"])
