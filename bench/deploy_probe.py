@@ -237,8 +237,8 @@ def run_probe(args, deploy) -> None:
                          "`shapes --random_teacher --shapes ...`")
     torch.set_num_threads(args.threads)
     work_dir = os.path.abspath(args.work_dir)
-    had_record = deploy.multi30k.recorded_settings(work_dir) is not None
-    recorded = deploy.multi30k.recorded_settings(work_dir) or {"preset": "deploy", "overrides": {}}
+    earlier = deploy.multi30k.recorded_settings(work_dir)
+    recorded = earlier or {"preset": "deploy", "overrides": {}}
     overrides = {**recorded["overrides"], **deploy.multi30k.parse_overrides(args.overrides)}
     if args.teacher_study:
         overrides["teacher_study"] = os.path.abspath(args.teacher_study)
@@ -246,7 +246,7 @@ def run_probe(args, deploy) -> None:
     study = deploy.DeployStudy(args.preset or recorded["preset"], work_dir,
                                args.data_dir or deploy.multi30k.DEFAULT_DATA, overrides)
     # a new work folder records no preset: say which one the probe took (deploy, unless --preset)
-    source = "--preset" if args.preset else ("the work folder's record" if had_record else
+    source = "--preset" if args.preset else ("the work folder's record" if earlier else
                                              "the default: the work folder records none; --preset to choose")
     print(f"[probe] preset {study.preset_name} ({source}), teacher study {study.teacher_study_dir}", flush=True)
     if args.probe == "gold" and args.embedding_std == "fairseq":

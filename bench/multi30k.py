@@ -307,10 +307,11 @@ class Study:
         # that holds nothing yet but its settings (a first run stopped by bad input) takes the new ones
         mine = json.loads(json.dumps({"preset": preset, "overrides": overrides}, default=str))
         earlier = recorded_settings(self.work_dir)
-        empty = not os.listdir(self.stage_dir) and set(os.listdir(self.work_dir)) <= {"settings.json", "stages"}
-        if earlier is not None and earlier != mine and not empty:
+        no_stage = not os.listdir(self.stage_dir)
+        only_settings = no_stage and set(os.listdir(self.work_dir)) <= {"settings.json", "stages"}
+        if earlier is not None and earlier != mine and not only_settings:
             raise ValueError(f"{self.work_dir} holds a study with {earlier}, not {mine}: use another --work_dir")
-        if earlier != mine and not os.listdir(self.stage_dir):
+        if earlier != mine and no_stage:
             _write_json(os.path.join(self.work_dir, "settings.json"), mine)
         self.tokenizer_dir = os.path.join(self.teacher_study_dir, "tokenizer")
         self.teacher_dir = os.path.join(self.teacher_study_dir, "teacher")
@@ -345,6 +346,8 @@ class Study:
         return os.path.exists(self.marker(stage))
 
     def run_stage(self, stage: str, fn):
+        from hf_seqkd.report import describe_machine
+
         if self.done(stage):
             print(f"[multi30k] {stage}: done earlier, skipped", flush=True)
             return
@@ -380,7 +383,7 @@ class Study:
                   "attempts": attempts, "result": result,
                   "started": time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(started_at)),
                   "finished": time.strftime("%Y-%m-%d %H:%M:%S"), "started_at": started_at, "finished_at": time.time(),
-                  "machine": machine(), "settings": self.outcome_settings(stage),
+                  "machine": describe_machine(), "settings": self.outcome_settings(stage),
                   # a stage run side by side records the command of the study that started it
                   "command": os.environ.get(STUDY_COMMAND_ENV)
                   or " ".join(["python"] + [os.path.relpath(sys.argv[0], REPO)] + sys.argv[1:])}
@@ -1095,12 +1098,6 @@ def training_history(output_dir: str) -> dict:
             "best_validation_bleu": state.get("best_metric"), "best_checkpoint": state.get("best_model_checkpoint")}
 
 
-def machine() -> str:
-    from hf_seqkd.report import describe_machine
-
-    return describe_machine()
-
-
 def main(argv=None, study_class=Study):
     # the description: the study's own script's (the deploy study's too)
     doc = getattr(sys.modules.get(study_class.__module__), "__doc__", None) or __doc__
@@ -1154,7 +1151,9 @@ def main(argv=None, study_class=Study):
         if study.done(name):
             os.remove(study.marker(name))
     study.check_teacher_study()
-    print(f"[multi30k] preset {args.preset}, work dir {study.work_dir}, {machine()}")
+    from hf_seqkd.report import describe_machine  # after the arguments: --help stays quick
+
+    print(f"[multi30k] preset {args.preset}, work dir {study.work_dir}, {describe_machine()}")
     print(f"[multi30k] command: {' '.join([os.path.basename(sys.executable)] + sys.argv)}", flush=True)
     start = time.perf_counter()
     selected = [(name, fn) for name, fn in stages if args.stages is None or name in args.stages]

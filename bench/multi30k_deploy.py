@@ -196,6 +196,7 @@ class DeployStudy(multi30k.Study):
 
         from hf_seqkd import load_parallel_data, make_student_from_config
         from hf_seqkd.export import to_ctranslate2
+        from hf_seqkd.report import describe_machine
         from hf_seqkd.students import count_parameters
 
         if teacher_dir is None:
@@ -252,7 +253,7 @@ class DeployStudy(multi30k.Study):
                 "teacher_params": teacher_params, "budget": budget, "teacher_sent_per_s_beam_batch1": teacher_speed,
                 "targets": targets, "rows": rows, "trial_shapes": [r["shape"] for r in chosen], "why": why,
                 "tokens_per_sentence": p["shape_tokens"], "sentences": len(sources), "rounds": p["shape_rounds"],
-                "machine": multi30k.machine()}
+                "machine": describe_machine()}
 
     # 2. quality of the fast shapes --------------------------------------------------------------------------------
     def shape_trials(self):

@@ -239,7 +239,7 @@ def test_every_stage_runs_end_to_end_on_tiny_models(deploy, tmp_path, monkeypatc
     import shutil
 
     from hf_seqkd.export import to_ctranslate2
-    from hf_seqkd.report import ctranslate2_parameter_counts
+    from hf_seqkd.report import ctranslate2_parameter_counts, describe_machine
 
     tokenizer_only = tmp_path / "tokenizer_only"
     shutil.copytree(teacher_study / "tokenizer", tokenizer_only / "tokenizer")
@@ -265,7 +265,7 @@ def test_every_stage_runs_end_to_end_on_tiny_models(deploy, tmp_path, monkeypatc
     trained = AutoModelForSeq2SeqLM.from_pretrained(study.teacher_dir)
     assert timed["teacher_params"] == params != sum(p.numel() for p in trained.parameters())
     assert timed["budget"] == params and [r["name"] for r in timed["rows"]] == ["d32_e1_d1_f64_h4"]
-    assert timed["rows"][0]["speedup"]["ctranslate2"] > 0 and timed["machine"] == deploy.multi30k.machine()
+    assert timed["rows"][0]["speedup"]["ctranslate2"] > 0 and timed["machine"] == describe_machine()
     # the CTranslate2 timing's teacher is the random one too (its export, not the trained teacher's)
     to_ctranslate2(str(random_teacher), str(tmp_path / "random_teacher_ct2"), quantization="int8")
     timed_ct2 = ctranslate2_parameter_counts(random_dir / "probes" / "shapes_random_teacher" / "teacher_ct2_int8")
