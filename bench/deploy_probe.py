@@ -152,14 +152,20 @@ def validate_variant(study, deploy, variant_dir: str, out: str) -> dict:
 
 def compare_shapes(study, deploy, students: list[str], out: str) -> dict:
     """Test BLEU (the study's evaluation) and decoding speed (its ``decode_speed``, both engines, the teacher's beam
-    search as the reference) of ``students`` (folders) beside the teacher and the deployed student; written to
+    search as the reference) of ``students`` (folders) beside the teacher and the deployed student (left out, and
+    said so, while the study has not trained its own student: a work folder of probes alone); written to
     ``<out>.json``."""
     missing = [s for s in students if not os.path.isfile(os.path.join(s, "config.json"))]
     if missing:
         raise SystemExit(f"compare: no trained student in {', '.join(missing)}; run `finetune --shapes ...` (with "
                          "the same --variant and --learning_rate) first")
+    models = [("teacher", study.teacher_dir)]
     deployed = study.deployed_student()
-    models = [("teacher", study.teacher_dir), (deployed, study.trained_student_dir(deployed))]
+    try:
+        models.append((deployed, study.trained_student_dir(deployed)))
+    except deploy.StageNotTrained:
+        print(f"[probe] compare: the study has not trained its own student ({deployed}; bench/multi30k_deploy.py "
+              f"--work_dir {study.work_dir}): the shapes against the teacher alone", flush=True)
     models += [(os.path.basename(s), s) for s in students]
 
     def ct2_dir(name):

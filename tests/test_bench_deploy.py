@@ -291,6 +291,17 @@ def test_every_stage_runs_end_to_end_on_tiny_models(deploy, tmp_path, monkeypatc
         "speedup_over_reference_beam_batch1"] > 0
     assert {r["model"] for r in compared["evaluation"]} >= {name, f"{name}_ct2_int8", "teacher"}
     finetuned = json.loads((work / "probes" / name / "probe.json").read_text())
+    # a work folder of probes alone (no stages of its own): the shapes against the teacher, the deployed student left
+    # out and said so
+    probes_only = tmp_path / "probes_only"
+    shutil.copytree(work / "probes" / name, probes_only / "probes" / name)
+    probe.main(["compare", "--shapes", "32,2,1,64,4", "--work_dir", str(probes_only), "--data_dir", str(data),
+                "--preset", "deploy_smoke", "--set", "train_samples=None", f"teacher_study={teacher_study}"])
+    assert f"has not trained its own student ({study.STUDENT}" in capsys.readouterr().out
+    alone = json.loads((probes_only / "probes" / "compare.json").read_text())
+    assert list(alone["models"]) == ["teacher", name]
+    assert {r["model"] for r in alone["evaluation"]} == {"teacher", name, "teacher_ct2_int8", f"{name}_ct2_int8"}
+    assert alone["decode_speed"]["transformers"]["rows"][name]["speedup_over_reference_beam_batch1"] > 0
 
     # a fine-tune variant against the study's own fine-tune on the validation split, with the paired test's p-value
     with pytest.raises(SystemExit, match="no finished fine-tune in .*finetune_hybrid"):
