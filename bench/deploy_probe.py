@@ -7,7 +7,7 @@ training on the same data to tell the candidate causes apart (results in ``bench
     # more shapes through the study's 3-epoch trial (its arguments: Seq-KD, lr 1e-3, warmup 300, ...)
     python bench/deploy_probe.py trial --shapes 128,6,2,512,4 128,2,1,512,4
     python bench/deploy_probe.py trial --shapes 128,4,1,512,4 --learning_rate 3e-4   # a smaller learning rate
-    # a trial continued with the study's early stopping (patience 3) up to --epochs: does it learn later?
+    # a trial continued with the study's early stopping (its patience) up to --epochs: does it learn later?
     python bench/deploy_probe.py continue --shapes 128,6,1,512,4 --epochs 10
     # the same for a trial at another learning rate (continues that trial's run)
     python bench/deploy_probe.py trial --shapes 128,6,1,512,4 --learning_rate 3e-4
