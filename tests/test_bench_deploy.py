@@ -290,6 +290,9 @@ def test_every_stage_runs_end_to_end_on_tiny_models(deploy, tmp_path, monkeypatc
     assert compared["decode_speed"]["ctranslate2_int8"]["rows"][f"{name}_ct2_int8"][
         "speedup_over_reference_beam_batch1"] > 0
     assert {r["model"] for r in compared["evaluation"]} >= {name, f"{name}_ct2_int8", "teacher"}
+    full = json.loads((work / "probes" / "compare" / "report" / "results.json").read_text())
+    assert [r["bleu_greedy"] for r in compared["evaluation"]] == [r["bleu_greedy"] for r in full]
+    assert "hypotheses_greedy" in full[0] and not any("hypotheses_greedy" in r for r in compared["evaluation"])
     finetuned = json.loads((work / "probes" / name / "probe.json").read_text())
     # a work folder of probes alone (no stages of its own): the shapes against the teacher, the deployed student left
     # out and said so
