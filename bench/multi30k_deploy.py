@@ -84,7 +84,7 @@ DEPLOY = dict(
     # fine-tune and retraining after pruning were still improving at a cap of 10. Patience 5 since 2026-12-08 (3
     # before): greedy validation BLEU swings about 2 points from epoch to epoch, and on the AMD EPYC machine patience 3
     # ended the Seq-KD stage in such a dip (best 33.30 at epoch 7 of 10), where the same run resumed with patience 5
-    # went on improving (36.05 at epoch 20; bench/RESULTS.md, runs/multi30k_deploy_epyc_p5)
+    # went on improving (36.46 at epoch 24; bench/RESULTS.md, runs/multi30k_deploy_epyc_p5)
     max_epochs=30, patience=5, finetune_max_epochs=30, prune_max_epochs=30,
     # stage 4's objective: 0.35 CE + 0.35 Word-KD + 0.3 L_ckd (skip map), chosen on the validation split over Word-KD
     # alone (0.5 CE + 0.5 Word-KD: 37.31 against 38.38, paired p = 0.029; bench/deploy_probe.py, bench/RESULTS.md)
