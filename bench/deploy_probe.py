@@ -155,6 +155,8 @@ def compare_shapes(study, deploy, students: list[str], out: str) -> dict:
     search as the reference) of ``students`` (folders) beside the teacher and the deployed student (left out, and
     said so, while the study has not trained its own student: a work folder of probes alone); written to
     ``<out>.json``."""
+    from hf_seqkd.report import describe_machine
+
     missing = [s for s in students if not os.path.isfile(os.path.join(s, "config.json"))]
     if missing:
         raise SystemExit(f"compare: no trained student in {', '.join(missing)}; run `finetune --shapes ...` (with "
@@ -171,8 +173,6 @@ def compare_shapes(study, deploy, students: list[str], out: str) -> dict:
     def ct2_dir(name):
         return os.path.join(out, "ctranslate2", name)
 
-    from hf_seqkd.report import describe_machine
-
     study.export_ctranslate2(models, ct2_dir=ct2_dir)
     speed = study.decode_speed(models, ct2_dir=ct2_dir)
     rows = study.evaluate(models + [(f"{n}_ct2_int8", ct2_dir(n)) for n, _ in models],
@@ -180,7 +180,7 @@ def compare_shapes(study, deploy, students: list[str], out: str) -> dict:
     # the rows as the study's results JSON has them (its hypotheses stay in <out>/report/results.json), so that the
     # file is small enough to commit under bench/results/
     result = {"machine": describe_machine(), "models": dict(models), "decode_speed": speed,
-              "evaluation": [{k: r.get(k) for k in deploy.multi30k.RESULT_FIELDS} for r in rows]}
+              "evaluation": [deploy.multi30k.result_fields(r) for r in rows]}
     with open(out + ".json", "w") as f:
         json.dump(result, f, indent=2, default=str)
     print(f"[probe] compare: {out}.json", flush=True)

@@ -999,6 +999,11 @@ RESULT_FIELDS = ("model", "kind", "params", "nonzero_params", "bleu_greedy", "bl
                  "sent_per_s_greedy_batched", "sent_per_s_beam_batched", "threads", "test_sentences")
 
 
+def result_fields(row: dict) -> dict:
+    """A results row as programs read it (``RESULT_FIELDS``; the hypotheses and signatures left out)."""
+    return {k: row.get(k) for k in RESULT_FIELDS}
+
+
 def write_results_json(study: "Study", records: list[dict], claims: list[str], directory: str | None = None) -> str:
     """``<directory>/multi30k_<preset>.json`` (default ``bench/results``): the study's results for programs (per
     model the sizes, BLEU and chrF with their confidence intervals, speeds in its engine; the stage times and
@@ -1006,7 +1011,7 @@ def write_results_json(study: "Study", records: list[dict], claims: list[str], d
     results = os.path.join(study.work_dir, "report", "results.json")
     rows = json.load(open(results)) if os.path.exists(results) else []
     out = {"study": "multi30k", "preset": study.preset_name, "settings": study.p,
-           "models": [{k: r.get(k) for k in RESULT_FIELDS} for r in rows],
+           "models": [result_fields(r) for r in rows],
            "stages": [{k: r.get(k) for k in ("stage", "seconds", "attempts", "started", "finished", "machine",
                                               "settings")} for r in records],
            "claims": claims, **study.extra_results()}
